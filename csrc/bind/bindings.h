@@ -1,0 +1,10 @@
+// One registration function per kernel family; each lives in csrc/bind/<family>.cpp.
+// `cuda` holds launchers for real GPUs (present only when built with nvcc), `simt` the same kernel
+// sources compiled for the CPU under the SIMT emulator (tests), `host` plain host C++ (planner, ...).
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace magi::bind {
+namespace py = pybind11;
+void norm_rope(py::module_& m, py::module_& cuda, py::module_& simt);
+}  // namespace magi::bind

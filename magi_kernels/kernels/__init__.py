@@ -1,0 +1,1 @@
+"""Kernel launchers: ``triton/`` (Triton JIT kernels) and ``cuda/`` (wrappers over magi_kernels._C)."""

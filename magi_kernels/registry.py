@@ -1,0 +1,203 @@
+"""The one place that decides which implementation of an op runs.
+
+Backends, in the order auto-selection tries them on a CUDA device (each op may narrow the list):
+
+- ``cuda``   hand-written CUDA kernels in ``magi_kernels._C`` (only where CUDA earns its place);
+- ``triton`` Triton kernels;
+- ``torch``  the reference path: plain PyTorch, any device, CPU included; it defines the semantics.
+
+Selection, per call: an explicit ``backend=`` argument wins, then the environment variable
+``MAGI_KERNELS_BACKEND`` (``torch`` for every op, or ``op=backend,op=backend``), then auto-selection:
+the first backend in the op's preference list whose ``supports`` check accepts the call.
+An explicit request (argument or environment) that cannot run raises with the reason; it never
+silently falls back to another backend.
+
+On CPU tensors auto-selection always picks ``torch``. The other two can still be requested
+explicitly for testing: ``triton`` runs under the Triton interpreter (``TRITON_INTERPRET=1`` must be
+set before ``magi_kernels`` is imported), and ``cuda`` runs the CUDA kernel source under the SIMT
+emulator compiled into ``_C.simt``; both are slow and exist to make device code testable on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+ENV_VAR = "MAGI_KERNELS_BACKEND"
+
+
+@dataclasses.dataclass(frozen=True)
+class CallInfo:
+    """What backend selection looks at; ops fill ``extra`` with op-specific facts (e.g. head_dim)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def capability(self) -> tuple[int, int] | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.get_device_capability(self.device)
+
+
+# A supports-check returns None when the backend can run the call, else a short reason.
+SupportsFn = Callable[[CallInfo], "str | None"]
+
+
+@dataclasses.dataclass
+class Impl:
+    op: str
+    backend: str
+    fn: Callable
+    supports: SupportsFn
+
+
+_OPS: dict[str, dict[str, Impl]] = {}
+_PREFERENCE: dict[str, tuple[str, ...]] = {}
+
+
+def register_op(op: str, preference: tuple[str, ...] = BACKENDS) -> None:
+    """Declare an op and the order auto-selection tries its backends on CUDA devices."""
+    bad = [b for b in preference if b not in BACKENDS]
+    if bad:
+        raise ValueError(f"register_op({op!r}): unknown backends {bad}; known: {BACKENDS}")
+    _OPS.setdefault(op, {})
+    _PREFERENCE[op] = tuple(preference)
+
+
+def register_impl(op: str, backend: str, supports: SupportsFn | None = None):
+    """Decorator: register ``fn`` as ``op``'s implementation on ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"register_impl({op!r}): unknown backend {backend!r}; known: {BACKENDS}")
+
+    def deco(fn: Callable) -> Callable:
+        if op not in _OPS:
+            register_op(op)
+        _OPS[op][backend] = Impl(op, backend, fn, supports or (lambda info: None))
+        return fn
+
+    return deco
+
+
+def ops() -> list[str]:
+    return sorted(_OPS)
+
+
+def implementations(op: str) -> dict[str, Impl]:
+    _load_impls()
+    if op not in _OPS:
+        raise KeyError(f"unknown op {op!r}; registered ops: {ops()}")
+    return dict(_OPS[op])
+
+
+def _env_request(op: str) -> str | None:
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if not raw:
+        return None
+    if "=" not in raw:
+        req = raw
+    else:
+        req = None
+        for part in raw.split(","):
+            name, _, b = part.partition("=")
+            if name.strip() == op:
+                req = b.strip()
+        if req is None:
+            return None
+    if req not in BACKENDS and req != "auto":
+        raise ValueError(f"{ENV_VAR}={raw!r}: backend {req!r} is not one of {BACKENDS} or 'auto'")
+    return None if req == "auto" else req
+
+
+def _host_gate(backend: str, info: CallInfo) -> str | None:
+    """Generic device rules every backend shares; op-specific rules live in each Impl.supports."""
+    dev = info.device.type
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        from magi_kernels.kernels.triton import triton_available, triton_interpreting
+
+        if not triton_available():
+            return "Triton is not installed"
+        if dev == "cpu":
+            return None if triton_interpreting() else (
+                "Triton on CPU tensors needs the interpreter: set TRITON_INTERPRET=1 before importing magi_kernels"
+            )
+        if dev != "cuda":
+            return f"Triton kernels run on CUDA devices, not {dev}"
+        if triton_interpreting():
+            return "TRITON_INTERPRET=1 is set, so Triton kernels run only on CPU tensors"
+        cap = info.capability
+        if cap is not None and cap < (8, 0):
+            return f"Triton kernels need sm_80 or newer, device is sm_{cap[0]}{cap[1]}"
+        return None
+    if backend == "cuda":
+        from magi_kernels._ext import build_info, cuda_archs
+
+        bi = build_info()
+        if dev == "cpu":
+            return None if bi["simt"] else "the SIMT emulator needs magi_kernels._C, which is not built"
+        if dev != "cuda":
+            return f"CUDA kernels run on CUDA devices, not {dev}"
+        if not bi["cuda"]:
+            return "magi_kernels._C was built without nvcc, so it has no CUDA kernels"
+        cap = info.capability
+        cc = cap[0] * 10 + cap[1]
+        archs = cuda_archs()
+        # SASS for sm_XY runs on sm_XZ with Z >= Y (same major); "90a" SASS runs only on sm_90.
+        if not any(a // 10 == cc // 10 and a <= cc for a in archs):
+            return f"_C has SASS for sm {archs}, none of which runs on sm_{cc}; rebuild with MAGI_CUDA_ARCHS"
+        return None
+    return f"unknown backend {backend!r}"
+
+
+def why_not(op: str, backend: str, info: CallInfo) -> str | None:
+    """None if ``backend`` can run this call of ``op``, else the reason it cannot."""
+    impls = implementations(op)
+    if backend not in impls:
+        return f"op {op!r} has no {backend!r} implementation (it has {sorted(impls)})"
+    reason = _host_gate(backend, info)
+    if reason is None:
+        reason = impls[backend].supports(info)
+    return reason
+
+
+def select(op: str, info: CallInfo, requested: str | None = None) -> Impl:
+    """Pick the implementation of ``op`` for this call (see module docstring for the rules)."""
+    impls = implementations(op)
+    source = "backend="
+    if requested is None:
+        requested, source = _env_request(op), f"{ENV_VAR}"
+    if requested is not None and requested != "auto":
+        if requested not in BACKENDS:
+            raise ValueError(f"backend={requested!r} is not one of {BACKENDS} (or None/'auto')")
+        reason = why_not(op, requested, info)
+        if reason is not None:
+            raise RuntimeError(f"{op}: {source}{requested!r} cannot run this call: {reason}")
+        return impls[requested]
+    if info.device.type != "cuda":
+        return impls["torch"]
+    reasons = []
+    for b in _PREFERENCE[op]:
+        reason = why_not(op, b, info)
+        if reason is None:
+            return impls[b]
+        reasons.append(f"{b}: {reason}")
+    raise RuntimeError(f"{op}: no backend can run this call ({'; '.join(reasons)})")
+
+
+_LOADED = False
+
+
+def _load_impls() -> None:
+    """Import every module that registers implementations (idempotent)."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    import magi_kernels.ops  # noqa: F401  (registers everything)

@@ -1,0 +1,61 @@
+"""Argument validation shared by every op. Errors name the argument and the rule it broke."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class MagiArgumentError(ValueError):
+    """Bad input to a magi_kernels op (subclass of ValueError)."""
+
+
+def fail(op: str, arg: str, rule: str) -> None:
+    raise MagiArgumentError(f"{op}: argument '{arg}' {rule}")
+
+
+def check_tensor(op: str, arg: str, t, *, dtypes: Iterable[torch.dtype] | None = None,
+                 ndim: int | Sequence[int] | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        fail(op, arg, f"must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            fail(op, arg, f"must have dtype in {[str(d).replace('torch.', '') for d in dtypes]}, got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            fail(op, arg, f"must have {' or '.join(map(str, allowed))} dims, got shape {tuple(t.shape)}")
+
+
+def check_shape(op: str, arg: str, t: torch.Tensor, shape: Sequence[int | None]) -> None:
+    """``None`` entries in ``shape`` match any size."""
+    ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
+    if not ok:
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        fail(op, arg, f"must have shape {want}, got {list(t.shape)}")
+
+
+def check_same_device(op: str, ref_arg: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            fail(op, name, f"must be on {ref_arg}'s device {ref.device}, got {t.device}")
+
+
+def check_last_dim_contiguous(op: str, arg: str, t: torch.Tensor) -> None:
+    if t.dim() and t.stride(-1) != 1:
+        fail(op, arg, f"must have a contiguous last dim (stride 1), got strides {t.stride()}")
+
+
+def check_contiguous(op: str, arg: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        fail(op, arg, f"must be contiguous, got shape {list(t.shape)} with strides {list(t.stride())}")
+
+
+def check_choice(op: str, arg: str, value, choices: Iterable) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        fail(op, arg, f"must be one of {list(choices)}, got {value!r}")
