@@ -1,0 +1,113 @@
+"""One command to validate every op on a real GPU at production shapes.
+
+    python benchmarks/gpu_validate.py [--backends cuda,triton] [--json F]
+
+For each op x backend that can run on this GPU: run it, compare with the torch reference backend
+(fp32 math) on the same inputs, time both with do_bench, print a pass/fail + timing table, and exit 1
+if anything fails. On a machine without a GPU it says so and exits 0 without claiming anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench, device_label, print_table, write_results  # noqa: E402
+
+
+def _qk_cases(device):
+    import magi_kernels as mk
+
+    for name, (t, hq, hk, d, norm, scope, rot) in {
+        "magi1-24B 720p": (21600, 48, 8, 128, "layernorm", "head", 96),
+        "wan hidden rms": (8190, 40, 40, 128, "rmsnorm", "hidden", 128),
+        "hd64 interleaved": (4099, 16, 4, 64, "layernorm", "head", 64),
+    }.items():
+        q = torch.randn(t, hq, d, device=device, dtype=torch.bfloat16) * 2 + 0.5
+        k = torch.randn(t, hk, d, device=device, dtype=torch.bfloat16)
+        ang = torch.rand(t, rot // 2, device=device) * 6.28
+        n_q = d if scope == "head" else hq * d
+        n_k = d if scope == "head" else hk * d
+        kw = dict(q_weight=torch.randn(n_q, device=device) * 0.2, k_weight=torch.randn(n_k, device=device) * 0.2,
+                  norm=norm, norm_scope=scope, weight_offset=1.0, interleaved=name.endswith("interleaved"))
+        info = {"head_dim": d, "norm_scope": scope, "hq": hq, "hk": hk}
+        yield ("qk_norm_rope", name, info, torch.bfloat16,
+               lambda b, q=q, k=k, c=torch.cos(ang), s=torch.sin(ang), kw=kw: mk.qk_norm_rope(q, k, c, s, backend=b, **kw))
+
+
+def _gate_cases(device):
+    import magi_kernels as mk
+
+    for name, (t, h, g) in {"magi1-24B post-norm": (21600, 6144, 1), "magi1-4.5B 4 chunks": (86400, 3072, 4),
+                            "odd hidden": (1001, 1000, 3)}.items():
+        x = torch.randn(t, h, device=device)
+        res = torch.randn(t, h, device=device, dtype=torch.bfloat16)
+        gate = torch.randn(g, h, device=device, dtype=torch.bfloat16)
+        gi = (torch.arange(t, device=device) * g // t).to(torch.int32)
+        w, b = torch.randn(h, device=device) * 0.1, torch.randn(h, device=device) * 0.1
+        yield ("gated_post_norm_residual", name, {"hidden": h}, torch.float32,
+               lambda be, x=x, gate=gate, res=res, w=w, b=b, gi=gi:
+               mk.gated_post_norm_residual(x, gate, res, w, b, gate_index=gi, backend=be))
+
+
+CASE_SOURCES = [_qk_cases, _gate_cases]
+
+
+def _max_rel_err(out, ref) -> float:
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    worst = 0.0
+    for o, r in zip(outs, refs):
+        o, r = o.float(), r.float()
+        if torch.isnan(o).any():
+            return float("inf")
+        worst = max(worst, ((o - r).abs() / (r.abs() + 1e-2)).max().item())
+    return worst
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backends", default="cuda,triton")
+    ap.add_argument("--tol", type=float, default=2e-2, help="max relative error vs the torch backend (bf16 ulp ~ 8e-3)")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_validate: no CUDA GPU on this machine; nothing validated (run it on a GPU host).")
+        return 0
+
+    from magi_kernels import registry
+
+    device = torch.device("cuda")
+    rows, failed = [], False
+    for source in CASE_SOURCES:
+        for op, name, extra, dtype, run in source(device):
+            info = registry.CallInfo(device, dtype, extra)
+            ref = run("torch")
+            t_ref = bench(lambda: run("torch"), device)
+            for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+                reason = registry.why_not(op, backend, info)
+                if reason is not None:
+                    rows.append({"op": op, "case": name, "backend": backend, "result": f"n/a ({reason})",
+                                 "max rel err": "", "us": "", "torch us": t_ref * 1e6, "speedup": ""})
+                    continue
+                try:
+                    err = _max_rel_err(run(backend), ref)
+                    ok = err <= args.tol
+                    sec = bench(lambda: run(backend), device)
+                except Exception as e:  # report every failure, keep validating the rest
+                    ok, err, sec = False, float("nan"), float("nan")
+                    print(f"{op}/{name}/{backend}: {type(e).__name__}: {e}")
+                failed |= not ok
+                rows.append({"op": op, "case": name, "backend": backend, "result": "PASS" if ok else "FAIL",
+                             "max rel err": err, "us": sec * 1e6, "torch us": t_ref * 1e6, "speedup": t_ref / sec})
+    print_table(f"gpu_validate on {device_label()} (vs the torch backend)", rows)
+    write_results(rows, None, args.json)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

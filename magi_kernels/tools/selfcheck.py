@@ -1,0 +1,125 @@
+"""Self-check: run every op on every backend this machine can execute and compare with float64.
+
+    python -m magi_kernels.tools.selfcheck
+
+On a CPU-only machine this still exercises all three backends: ``torch`` natively, ``triton`` under
+the Triton interpreter (the process re-executes itself with TRITON_INTERPRET=1), and ``cuda`` as the
+CUDA kernel source compiled for the host and run by the SIMT emulator in ``magi_kernels._C.simt``.
+Exits 1 if any backend disagrees with the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _maybe_reexec_for_interpreter() -> None:
+    import torch
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        os.execv(sys.executable, [sys.executable, "-m", "magi_kernels.tools.selfcheck", *sys.argv[1:]])
+
+
+def _cases(device):
+    """(op, label, CallInfo extra, input dtype, run(backend) -> outputs, float64 reference outputs)."""
+    import torch
+
+    import magi_kernels as mk
+    from magi_kernels.reference import gated_post_norm_residual_ref, qk_norm_rope_ref
+
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device)
+
+    # MAGI-1's QK-norm + rope: per-head LayerNorm-1p, rotary on 96 of 128 dims, from the 3D table.
+    t, h, w = 2, 3, 5
+    cos, sin = mk.magi_rope_table(mk.magi_rope_bands_init(16).to(device), t, h, w)
+    for dtype in (torch.float32, torch.float16):
+        q, k = rnd(t * h * w, 3, 128, scale=2, shift=0.5).to(dtype), rnd(t * h * w, 1, 128).to(dtype)
+        wq, wk = rnd(128, scale=0.2), rnd(128, scale=0.2)
+        ref = qk_norm_rope_ref(q.double(), k.double(), cos, sin, wq, None, wk, None, weight_offset=1.0, rotary_dim=96,
+                               out_dtype=torch.float64, compute_dtype=torch.float64)
+        yield ("qk_norm_rope", f"MAGI-1 head LN-1p + rope96, {str(dtype)[6:]}",
+               {"head_dim": 128, "norm_scope": "head", "hq": 3, "hk": 1}, dtype,
+               lambda b, q=q, k=k, wq=wq, wk=wk: mk.qk_norm_rope(q, k, cos, sin, q_weight=wq, k_weight=wk,
+                                                                 weight_offset=1.0, backend=b), ref)
+    # Wan-style RMSNorm over the hidden size, full rotary.
+    q, k = rnd(9, 4, 64), rnd(9, 4, 64)
+    ang = rnd(9, 32)
+    wq, wk = rnd(256), rnd(256)
+    ref = qk_norm_rope_ref(q.double(), k.double(), ang.cos(), ang.sin(), wq, None, wk, None, norm="rmsnorm",
+                           norm_scope="hidden", rotary_dim=64, out_dtype=torch.float64, compute_dtype=torch.float64)
+    yield ("qk_norm_rope", "hidden RMSNorm + rope64, float32", {"head_dim": 64, "norm_scope": "hidden", "hq": 4,
+                                                                 "hk": 4}, torch.float32,
+           lambda b: mk.qk_norm_rope(q, k, ang.cos(), ang.sin(), q_weight=wq, k_weight=wk, norm="rmsnorm",
+                                     norm_scope="hidden", backend=b), ref)
+    # MAGI-1's gated sandwich post-norm: fp32 x, bf16 gate rows per chunk, bf16 residual.
+    x, res = rnd(30, 96), rnd(30, 96).bfloat16()
+    gate = rnd(3, 96).bfloat16()
+    gi = (torch.arange(30, device=device) // 10).to(torch.int32)
+    wn, bn = rnd(96, scale=0.1), rnd(96, scale=0.1)
+    ref = gated_post_norm_residual_ref(x.double(), gate.double(), res.double(), wn, bn, gi, out_dtype=torch.float64,
+                                       compute_dtype=torch.float64)
+    yield ("gated_post_norm_residual", "MAGI-1 post-norm, fp32 x / bf16 out", {"hidden": 96}, torch.float32,
+           lambda b: mk.gated_post_norm_residual(x, gate, res, wn, bn, gate_index=gi, backend=b), ref)
+
+
+def main() -> int:
+    _maybe_reexec_for_interpreter()
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    import magi_kernels
+    from magi_kernels import registry
+    from magi_kernels._ext import build_info
+    from magi_kernels.kernels.triton import triton_available, triton_interpreting
+
+    console = Console(width=160)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bi = build_info()
+    tver = "not installed"
+    if triton_available():
+        import triton
+
+        tver = triton.__version__ + (" (interpreter)" if triton_interpreting() else "")
+    console.print(f"magi-kernels {magi_kernels.__version__} | torch {torch.__version__} | triton {tver} | device: "
+                  f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (no GPU)'}")
+    console.print(f"_C: {'built' if bi['native'] else 'NOT built'}; CUDA kernels: "
+                  f"{'sm ' + bi['cuda_archs'] + ' (nvcc ' + bi['nvcc_version'] + ')' if bi['cuda'] else 'none'}; "
+                  f"SIMT emulator: {'yes' if bi['simt'] else 'no'}")
+    if device.type == "cpu":
+        console.print("On CPU: 'triton' runs in the Triton interpreter and 'cuda' runs the CUDA source under the "
+                      "SIMT emulator; both check correctness, not speed.")
+
+    table = Table(title="self-check vs float64 reference")
+    for col in ("op", "case", "backend", "max |err|", "bound", "result"):
+        table.add_column(col)
+    failures = 0
+    for op, label, extra, dtype, run, ref in _cases(device):
+        info = registry.CallInfo(device, dtype, extra)
+        refs = ref if isinstance(ref, tuple) else (ref,)
+        for backend in registry.BACKENDS:
+            reason = registry.why_not(op, backend, info)
+            if reason is not None:
+                table.add_row(op, label, backend, "-", "-", f"skipped: {reason}")
+                continue
+            outs = run(backend)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            err = max((o.double().cpu() - r.cpu()).abs().max().item() for o, r in zip(outs, refs))
+            # One ulp of the output dtype relative to the largest value, plus fp32 rounding noise.
+            bound = max(torch.finfo(o.dtype).eps * r.abs().max().item() + 1e-5 for o, r in zip(outs, refs))
+            ok = err <= bound and all(not torch.isnan(o).any() for o in outs)
+            failures += not ok
+            table.add_row(op, label, backend, f"{err:.2e}", f"{bound:.2e}", "[green]ok" if ok else "[red]FAIL")
+    console.print(table)
+    console.print("[green]all checks passed" if not failures else f"[red]{failures} check(s) failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
