@@ -25,13 +25,12 @@ Design (bandwidth-bound: x, residual and the gate row are read once, out written
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from magi_kernels.kernels.triton._io import Plan, check_i32, dummy, erase, load_f32, store_f32
 from magi_kernels.kernels.triton.aot import AotConfig, register_aot
 
 OP = "gated_post_norm_residual"
@@ -45,7 +44,6 @@ MAX_HIDDEN = 8192
 # Short rows are packed BLOCK_T = ROW_TILE // BLOCK_N to a program (8 elements per thread at 4 warps).
 ROW_TILE = 1024
 ELEMS_PER_THREAD = 8
-_INT32_MAX = 2**31 - 1
 
 
 def _num_warps(tile_elems: int) -> int:
@@ -63,38 +61,10 @@ def _num_warps(tile_elems: int) -> int:
 
 
 @triton.jit
-def _load_f32(base, offs, mask, kind):
-    """Load base[offs] (a uint8 pointer reinterpreted as fp32/fp16/bf16 per `kind`) as fp32; 0 where masked.
-
-    Upcasting right at the load also keeps the Triton interpreter exact: it cannot do bf16 arithmetic.
-    """
-    if kind == 0:
-        v = tl.load(base.to(tl.pointer_type(tl.float32), bitcast=True) + offs, mask=mask, other=0.0)
-    elif kind == 1:
-        v = tl.load(base.to(tl.pointer_type(tl.float16), bitcast=True) + offs, mask=mask, other=0.0)
-        v = v.to(tl.float32)
-    else:
-        v = tl.load(base.to(tl.pointer_type(tl.bfloat16), bitcast=True) + offs, mask=mask, other=0.0)
-        v = v.to(tl.float32)
-    return v
-
-
-@triton.jit
-def _store_f32(base, offs, val, mask, kind):
-    """Round the fp32 `val` to the dtype coded by `kind` (round-to-nearest-even) and store it."""
-    if kind == 0:
-        tl.store(base.to(tl.pointer_type(tl.float32), bitcast=True) + offs, val, mask=mask)
-    elif kind == 1:
-        tl.store(base.to(tl.pointer_type(tl.float16), bitcast=True) + offs, val.to(tl.float16), mask=mask)
-    else:
-        tl.store(base.to(tl.pointer_type(tl.bfloat16), bitcast=True) + offs, val.to(tl.bfloat16), mask=mask)
-
-
-@triton.jit
 def _gated_rows(x, gate, rows, g, g_ok, cols, mask, x_stride, gate_stride, x_kind, gate_kind):
     """y = x[rows] * gate[g] in fp32 (0 where masked; the gate load is also masked for a bad index g)."""
-    xv = _load_f32(x, rows.to(tl.int64) * x_stride + cols, mask, x_kind)
-    gv = _load_f32(gate, g.to(tl.int64) * gate_stride + cols, mask & g_ok, gate_kind)
+    xv = load_f32(x, rows.to(tl.int64) * x_stride + cols, mask, x_kind)
+    gv = load_f32(gate, g.to(tl.int64) * gate_stride + cols, mask & g_ok, gate_kind)
     return xv * gv
 
 
@@ -108,10 +78,10 @@ def _finish(y, mean, rstd, residual, out, w, b, rows, g_ok, cols, col_ok, mask, 
     beta = tl.load(b + cols, mask=tl.where(has_b != 0, col_ok, False), other=0.0)
     # The residual is loaded only now: it is not needed for the statistics, so it never has to stay
     # live in registers across the reductions.
-    res = _load_f32(residual, rows.to(tl.int64) * res_stride + cols, mask, res_kind)
+    res = load_f32(residual, rows.to(tl.int64) * res_stride + cols, mask, res_kind)
     o = res + ((y - mean) * rstd * gamma + beta)
     o = tl.where(g_ok, o, float("nan"))
-    _store_f32(out, rows.to(tl.int64) * H + cols, o, mask, out_kind)
+    store_f32(out, rows.to(tl.int64) * H + cols, o, mask, out_kind)
 
 
 @triton.jit
@@ -221,33 +191,6 @@ def supports(info) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A valid pointer for absent optional tensors; the kernel never dereferences it (masked loads)."""
-    return torch.zeros(1, dtype=dtype, device=device)
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """Everything one launch needs: the shipped config, the grid, and the runtime args in kernel order."""
-
-    config: AotConfig
-    grid: tuple[int, ...]
-    args: tuple
-
-
-def _erase(t: torch.Tensor) -> torch.Tensor:
-    # The same bytes as uint8, so the kernel's pointer type does not depend on the tensor dtype.
-    return t.view(torch.uint8)
-
-
-def _check_i32(**vals: int) -> None:
-    for name, v in vals.items():
-        if not -_INT32_MAX - 1 <= v <= _INT32_MAX:
-            raise ValueError(f"{OP}: {name} = {v} does not fit in int32, which the Triton kernel's shipped "
-                             f"signature uses")
-
-
 def make_plan(a, out: torch.Tensor) -> Plan:
     """Map validated GatedPostNormArgs (+ a contiguous [T, H] output) to a shipped config, grid, and args."""
     T, H = a.x.shape
@@ -260,16 +203,16 @@ def make_plan(a, out: torch.Tensor) -> Plan:
         raise ValueError(f"{OP}: gate_index must be int32 (make_args converts it), got {a.gate_index.dtype}")
     cfg = select_config(H)
     tiles = triton.cdiv(T, cfg.constexprs["BLOCK_T"])
-    _check_i32(tokens=T + cfg.constexprs["BLOCK_T"], gate_rows=a.gate.shape[0], x_row_stride=a.x.stride(0),
+    check_i32(OP, tokens=T + cfg.constexprs["BLOCK_T"], gate_rows=a.gate.shape[0], x_row_stride=a.x.stride(0),
                gate_row_stride=a.gate.stride(0), residual_row_stride=a.residual.stride(0), programs=tiles)
 
     dev = a.x.device
     gamma_offset = a.weight_offset if (a.weight is not None or a.weight_offset != 0.0) else 1.0
     args = (
-        _erase(a.x), _erase(a.gate), _erase(a.residual), _erase(out),
-        a.gate_index if a.gate_index is not None else _dummy(dev, torch.int32),
-        a.weight if a.weight is not None else _dummy(dev, torch.float32),
-        a.bias if a.bias is not None else _dummy(dev, torch.float32),
+        erase(a.x), erase(a.gate), erase(a.residual), erase(out),
+        a.gate_index if a.gate_index is not None else dummy(dev, torch.int32),
+        a.weight if a.weight is not None else dummy(dev, torch.float32),
+        a.bias if a.bias is not None else dummy(dev, torch.float32),
         T, H, a.gate.shape[0], a.x.stride(0), a.gate.stride(0), a.residual.stride(0),
         _DTYPE_CODE[a.x.dtype], _DTYPE_CODE[a.gate.dtype], _DTYPE_CODE[a.residual.dtype], _DTYPE_CODE[out.dtype],
         int(a.gate_index is not None), int(a.weight is not None), int(a.bias is not None), int(a.norm == "rmsnorm"),

@@ -32,18 +32,17 @@ Design (a bandwidth-bound kernel: every input element is read once from HBM, eve
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from magi_kernels.kernels.triton._io import Plan, check_i32, dummy, erase, load_f32, store_f32
 from magi_kernels.kernels.triton.aot import AotConfig, register_aot
 
 OP = "qk_norm_rope"
 
-# Runtime dtype codes understood by _load_f32 / _store_f32.
+# Runtime dtype codes understood by load_f32 / store_f32.
 FP32, FP16, BF16 = 0, 1, 2
 _DTYPE_CODE = {torch.float32: FP32, torch.float16: FP16, torch.bfloat16: BF16}
 
@@ -58,7 +57,6 @@ HEAD_WARPS = 4
 HIDDEN_MIN_TILE = 1024
 HIDDEN_MAX_TILE = 8192
 ELEMS_PER_THREAD = 8
-_INT32_MAX = 2**31 - 1
 
 
 def _hidden_warps(row_tile: int) -> int:
@@ -69,38 +67,6 @@ def _hidden_warps(row_tile: int) -> int:
         return 8
     return 16
 
-
-# --------------------------------------------------------------------------------------------------
-# dtype-erased loads and stores (a copy of these two helpers lives in gated_post_norm_residual.py;
-# kernel modules are kept self-contained)
-
-
-@triton.jit
-def _load_f32(base, offs, mask, kind):
-    """Load base[offs] (a uint8 pointer reinterpreted as fp32/fp16/bf16 per `kind`) as fp32; 0 where masked.
-
-    Upcasting right at the load also keeps the Triton interpreter exact: it cannot do bf16 arithmetic.
-    """
-    if kind == 0:
-        v = tl.load(base.to(tl.pointer_type(tl.float32), bitcast=True) + offs, mask=mask, other=0.0)
-    elif kind == 1:
-        v = tl.load(base.to(tl.pointer_type(tl.float16), bitcast=True) + offs, mask=mask, other=0.0)
-        v = v.to(tl.float32)
-    else:
-        v = tl.load(base.to(tl.pointer_type(tl.bfloat16), bitcast=True) + offs, mask=mask, other=0.0)
-        v = v.to(tl.float32)
-    return v
-
-
-@triton.jit
-def _store_f32(base, offs, val, mask, kind):
-    """Round the fp32 `val` to the dtype coded by `kind` (round-to-nearest-even) and store it."""
-    if kind == 0:
-        tl.store(base.to(tl.pointer_type(tl.float32), bitcast=True) + offs, val, mask=mask)
-    elif kind == 1:
-        tl.store(base.to(tl.pointer_type(tl.float16), bitcast=True) + offs, val.to(tl.float16), mask=mask)
-    else:
-        tl.store(base.to(tl.pointer_type(tl.bfloat16), bitcast=True) + offs, val.to(tl.bfloat16), mask=mask)
 
 
 @triton.jit
@@ -141,7 +107,7 @@ def _normalize_rotate_store(x, xv, head_base, out_off, t, h, d, mask, mean, rstd
     cs_col = tl.where(inter, d // 2, tl.where(lo, d, d - half))
     rot = mask & (d < rotary_dim)
     # The partner's raw value again (an L1 hit: the same lines as xv), normalized with the same stats.
-    xp = _load_f32(x, head_base + partner, rot, in_kind)
+    xp = load_f32(x, head_base + partner, rot, in_kind)
     p_idx = h * w_head_stride + partner
     gamma_p = tl.load(w + p_idx, mask=tl.where(has_w != 0, rot, False), other=0.0) + gamma_offset
     beta_p = tl.load(b + p_idx, mask=tl.where(has_b != 0, rot, False), other=0.0)
@@ -150,7 +116,7 @@ def _normalize_rotate_store(x, xv, head_base, out_off, t, h, d, mask, mean, rstd
     c = tl.load(cos + cs_idx, mask=rot, other=1.0)
     s = tl.load(sin + cs_idx, mask=rot, other=0.0)
     y = tl.where(rot, y * c + tl.where(lo, -yp, yp) * s, y)
-    _store_f32(out, out_off, y, mask, out_kind)
+    store_f32(out, out_off, y, mask, out_kind)
 
 
 @triton.jit
@@ -182,14 +148,14 @@ def _qk_norm_rope_kernel(q, k, q_out, k_out, cos, sin, q_w, q_b, k_w, k_b,
         n = H * D
         row_base = t.to(tl.int64) * x_stride_t
         e_all = tl.arange(0, BLOCK_D)[None, :]
-        mean, rstd = _row_stats(_load_f32(x, row_base + e_all, e_all < n, in_kind), e_all < n, n, is_rms, eps)
+        mean, rstd = _row_stats(load_f32(x, row_base + e_all, e_all < n, in_kind), e_all < n, n, is_rms, eps)
         # Normalize + rotate + store CHUNK elements at a time; x comes back from L1/L2, not HBM.
         for c0 in range(0, BLOCK_D, CHUNK):
             e = c0 + tl.arange(0, CHUNK)[None, :]
             h = e // D
             d = e % D
             mask = e < n
-            xv = _load_f32(x, row_base + e, mask, in_kind)
+            xv = load_f32(x, row_base + e, mask, in_kind)
             _normalize_rotate_store(x, xv, row_base + h * D, t.to(tl.int64) * n + e, t, h, d, mask, mean, rstd,
                                     out, w, b, has_w, has_b, gamma_offset, D, cos, sin, R, in_kind, out_kind,
                                     rotary_dim, interleaved)
@@ -202,7 +168,7 @@ def _qk_norm_rope_kernel(q, k, q_out, k_out, cos, sin, q_w, q_b, k_w, k_b,
         mask = (row < T * H) & (d < D)
         # Token offsets in int64: T * stride can exceed 2^31 elements for long videos.
         head_base = t.to(tl.int64) * x_stride_t + h * D
-        xv = _load_f32(x, head_base + d, mask, in_kind)
+        xv = load_f32(x, head_base + d, mask, in_kind)
         mean, rstd = _row_stats(xv, mask, D, is_rms, eps)
         # Outputs are contiguous [T, H, D]: row * D + d.
         _normalize_rotate_store(x, xv, head_base, row.to(tl.int64) * D + d, t, h, d, mask, mean, rstd,
@@ -291,33 +257,6 @@ def supports(info) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _dummy(device: torch.device) -> torch.Tensor:
-    """A valid fp32 pointer for absent optional tensors; the kernel never dereferences it (masked loads)."""
-    return torch.zeros(1, dtype=torch.float32, device=device)
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """Everything one launch needs: the shipped config, the grid, and the runtime args in kernel order."""
-
-    config: AotConfig
-    grid: tuple[int, ...]
-    args: tuple
-
-
-def _erase(t: torch.Tensor) -> torch.Tensor:
-    # The same bytes as uint8, so the kernel's pointer type does not depend on the tensor dtype.
-    return t.view(torch.uint8)
-
-
-def _check_i32(**vals: int) -> None:
-    for name, v in vals.items():
-        if not -_INT32_MAX - 1 <= v <= _INT32_MAX:
-            raise ValueError(f"{OP}: {name} = {v} does not fit in int32, which the Triton kernel's shipped "
-                             f"signature uses")
-
-
 def make_plan(a, q_out: torch.Tensor, k_out: torch.Tensor) -> Plan:
     """Map validated QkNormRopeArgs (+ contiguous outputs) to a shipped config, grid, and kernel args."""
     T, hq, d = a.q.shape
@@ -335,13 +274,13 @@ def make_plan(a, q_out: torch.Tensor, k_out: torch.Tensor) -> Plan:
         q_tiles, k_tiles = T, T
     else:
         q_tiles, k_tiles = triton.cdiv(T * hq, bh), triton.cdiv(T * hk, bh)
-    _check_i32(rows=T * max(hq, hk), q_token_stride=a.q.stride(0), k_token_stride=a.k.stride(0),
+    check_i32(OP, rows=T * max(hq, hk), q_token_stride=a.q.stride(0), k_token_stride=a.k.stride(0),
                programs=q_tiles + k_tiles)
 
-    dummy = _dummy(a.q.device)
+    absent = dummy(a.q.device)
     rope = a.rotary_dim > 0
-    cos = a.cos if rope else dummy
-    sin = a.sin if rope else dummy
+    cos = a.cos if rope else absent
+    sin = a.sin if rope else absent
     R = a.cos.shape[0] if rope else 1
 
     def gamma_offset(w):
@@ -349,9 +288,9 @@ def make_plan(a, q_out: torch.Tensor, k_out: torch.Tensor) -> Plan:
         return a.weight_offset if (w is not None or a.weight_offset != 0.0) else 1.0
 
     args = (
-        _erase(a.q), _erase(a.k), _erase(q_out), _erase(k_out), cos, sin,
-        a.q_weight if a.q_weight is not None else dummy, a.q_bias if a.q_bias is not None else dummy,
-        a.k_weight if a.k_weight is not None else dummy, a.k_bias if a.k_bias is not None else dummy,
+        erase(a.q), erase(a.k), erase(q_out), erase(k_out), cos, sin,
+        a.q_weight if a.q_weight is not None else absent, a.q_bias if a.q_bias is not None else absent,
+        a.k_weight if a.k_weight is not None else absent, a.k_bias if a.k_bias is not None else absent,
         int(a.q_weight is not None), int(a.q_bias is not None), int(a.k_weight is not None), int(a.k_bias is not None),
         float(gamma_offset(a.q_weight)), float(gamma_offset(a.k_weight)),
         T, hq, hk, d, R, a.q.stride(0), a.k.stride(0), q_tiles,

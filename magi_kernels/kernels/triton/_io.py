@@ -1,0 +1,76 @@
+"""Helpers shared by the Triton kernels: dtype-erased loads/stores and launch plumbing.
+
+The fused norm kernels take every tensor as a uint8 pointer plus a runtime dtype code (0 fp32,
+1 fp16, 2 bf16) and reinterpret it in the kernel. That keeps the compiled-config set to tile shapes
+only (the AOT check compiles every shipped config for three architectures), at the cost of one
+uniform branch per load, which the compiler hoists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from magi_kernels.kernels.triton.aot import AotConfig
+
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+INT32_MAX = 2**31 - 1
+
+
+@triton.jit
+def load_f32(base, offs, mask, kind):
+    """Load base[offs] (a uint8 pointer reinterpreted as fp32/fp16/bf16 per `kind`) as fp32; 0 where masked.
+
+    Upcasting right at the load also keeps the Triton interpreter exact: it cannot do bf16 arithmetic.
+    """
+    if kind == 0:
+        v = tl.load(base.to(tl.pointer_type(tl.float32), bitcast=True) + offs, mask=mask, other=0.0)
+    elif kind == 1:
+        v = tl.load(base.to(tl.pointer_type(tl.float16), bitcast=True) + offs, mask=mask, other=0.0)
+        v = v.to(tl.float32)
+    else:
+        v = tl.load(base.to(tl.pointer_type(tl.bfloat16), bitcast=True) + offs, mask=mask, other=0.0)
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def store_f32(base, offs, val, mask, kind):
+    """Round the fp32 `val` to the dtype coded by `kind` (round-to-nearest-even) and store it."""
+    if kind == 0:
+        tl.store(base.to(tl.pointer_type(tl.float32), bitcast=True) + offs, val, mask=mask)
+    elif kind == 1:
+        tl.store(base.to(tl.pointer_type(tl.float16), bitcast=True) + offs, val.to(tl.float16), mask=mask)
+    else:
+        tl.store(base.to(tl.pointer_type(tl.bfloat16), bitcast=True) + offs, val.to(tl.bfloat16), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def dummy(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A valid pointer for absent optional tensors; the kernel never dereferences it (masked loads)."""
+    return torch.zeros(1, dtype=dtype, device=device)
+
+
+def erase(t: torch.Tensor) -> torch.Tensor:
+    """The same bytes as uint8, so the kernel's pointer type does not depend on the tensor dtype."""
+    return t.view(torch.uint8)
+
+
+def check_i32(op: str, **vals: int) -> None:
+    for name, v in vals.items():
+        if not -INT32_MAX - 1 <= v <= INT32_MAX:
+            raise ValueError(f"{op}: {name} = {v} does not fit in int32, which the Triton kernel's shipped "
+                             f"signature uses")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything one launch needs: the shipped config, the grid, and the runtime args in kernel order."""
+
+    config: AotConfig
+    grid: tuple[int, ...]
+    args: tuple
