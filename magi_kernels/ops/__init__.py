@@ -1,6 +1,8 @@
 """Ops: validated public functions, registered as torch custom ops, dispatched through the registry."""
 
+from .fp8_gemm import fp8_gemm
+from .fp8_quantize import fp8_quantize
 from .gated_post_norm_residual import gated_post_norm_residual
 from .qk_norm_rope import qk_norm_rope
 
-__all__ = ["qk_norm_rope", "gated_post_norm_residual"]
+__all__ = ["qk_norm_rope", "gated_post_norm_residual", "fp8_quantize", "fp8_gemm"]

@@ -142,7 +142,8 @@ def check_config(cfg: AotConfig, arch: int) -> CheckResult:
             raise TypeError(f"{cfg.kernel} is a {type(fn).__name__}, not a @triton.jit function"
                             + (" (TRITON_INTERPRET was set when it was imported)"
                                if type(fn).__name__ == "InterpretedFunction" else ""))
-        kernel = triton.compile(ASTSource(fn=fn, signature=dict(cfg.signature), constexprs=dict(cfg.constexprs)),
+        kernel = triton.compile(ASTSource(fn=fn, signature=dict(cfg.signature), constexprs=dict(cfg.constexprs),
+                                          attrs=cfg.attrs()),
                                 target=GPUTarget("cuda", arch, 32),
                                 options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
         resources, ops = sass_counts(kernel.asm["cubin"])

@@ -24,7 +24,7 @@ def _maybe_reexec_for_interpreter() -> None:
 
 
 def _cases(device):
-    """(op, label, CallInfo extra, input dtype, run(backend) -> outputs, float64 reference outputs)."""
+    """(op, label, CallInfo extra, input dtype, run(backend) -> outputs, float64 reference[, bound(out, ref)])."""
     import torch
 
     import magi_kernels as mk
@@ -67,6 +67,24 @@ def _cases(device):
     yield ("gated_post_norm_residual", "MAGI-1 post-norm, fp32 x / bf16 out", {"hidden": 96}, torch.float32,
            lambda b: mk.gated_post_norm_residual(x, gate, res, wn, bn, gate_index=gi, backend=b), ref)
 
+    # fp8: dynamic per-token quantization must land within half an e4m3 ulp (2^-4 relative) of x.
+    xq = rnd(37, 200, scale=3.0)
+    yield ("fp8_quantize", "per-token e4m3, dequantized", {"granularity": "row"}, torch.float32,
+           lambda b: _dequant(*mk.fp8_quantize(xq, "row", backend=b)), xq.double(),
+           lambda out, ref: 2.0**-4 * ref.abs().amax(-1, keepdim=True).max().item())
+    # fp8 GEMM on e4m3-exact operands with per-row x per-column scales and a bias + GELU epilogue.
+    a8, b8 = rnd(33, 160).to(torch.float8_e4m3fn), rnd(72, 160).to(torch.float8_e4m3fn)
+    sa, sb = rnd(33).abs() + 0.5, rnd(72).abs() * 0.01 + 0.01
+    bias = rnd(72, scale=0.1)
+    ref = torch.nn.functional.gelu((a8.double() * sa.double()[:, None]) @ (b8.double() * sb.double()[:, None]).T
+                                   + bias.double())
+    yield ("fp8_gemm", "row x col scales, bias+GELU, bf16 out", {"m": 33, "n": 72, "k": 160}, torch.float8_e4m3fn,
+           lambda b: mk.fp8_gemm(a8, b8, sa, sb, bias=bias, epilogue="gelu", backend=b), ref)
+
+
+def _dequant(q, scale):
+    return q.float() * scale
+
 
 def main() -> int:
     _maybe_reexec_for_interpreter()
@@ -100,7 +118,7 @@ def main() -> int:
     for col in ("op", "case", "backend", "max |err|", "bound", "result"):
         table.add_column(col)
     failures = 0
-    for op, label, extra, dtype, run, ref in _cases(device):
+    for op, label, extra, dtype, run, ref, *custom_bound in _cases(device):
         info = registry.CallInfo(device, dtype, extra)
         refs = ref if isinstance(ref, tuple) else (ref,)
         for backend in registry.BACKENDS:
@@ -111,8 +129,11 @@ def main() -> int:
             outs = run(backend)
             outs = outs if isinstance(outs, tuple) else (outs,)
             err = max((o.double().cpu() - r.cpu()).abs().max().item() for o, r in zip(outs, refs))
-            # One ulp of the output dtype relative to the largest value, plus fp32 rounding noise.
-            bound = max(torch.finfo(o.dtype).eps * r.abs().max().item() + 1e-5 for o, r in zip(outs, refs))
+            if custom_bound:
+                bound = custom_bound[0](outs[0], refs[0])
+            else:
+                # One ulp of the output dtype relative to the largest value, plus fp32 rounding noise.
+                bound = max(torch.finfo(o.dtype).eps * r.abs().max().item() + 1e-5 for o, r in zip(outs, refs))
             ok = err <= bound and all(not torch.isnan(o).any() for o in outs)
             failures += not ok
             table.add_row(op, label, backend, f"{err:.2e}", f"{bound:.2e}", "[green]ok" if ok else "[red]FAIL")

@@ -30,15 +30,27 @@ class AotConfig:
     num_stages: int = 2
     archs: tuple[int, ...] = (80, 89, 90)
     mma: str | None = None
+    # Arguments compiled as divisible by 16 (tt.divisibility): pointers the launcher guarantees 16-byte
+    # aligned and ints it guarantees multiples of 16. Triton's JIT applies the same specialization at
+    # run time when the actual arguments qualify, so this makes the check see the binary that runs.
+    divisible_by_16: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mma not in MMA_CLASSES:
             raise ValueError(f"AotConfig {self.name}: mma must be one of {MMA_CLASSES}, got {self.mma!r}")
         if self.mma == "fp8" and 80 in self.archs:
             raise ValueError(f"AotConfig {self.name}: fp8 tensor cores need sm_89+, drop 80 from archs")
+        unknown = [k for k in self.divisible_by_16 if self.signature.get(k, "constexpr") == "constexpr"]
+        if unknown:
+            raise ValueError(f"AotConfig {self.name}: divisible_by_16 names non-runtime args {unknown}")
         missing = [k for k, v in self.signature.items() if v == "constexpr" and k not in self.constexprs]
         if missing:
             raise ValueError(f"AotConfig {self.name}: constexpr args without values: {missing}")
+
+    def attrs(self) -> dict:
+        """ASTSource attrs for the divisibility hints, keyed by argument position."""
+        names = list(self.signature)
+        return {(names.index(k),): [["tt.divisibility", 16]] for k in self.divisible_by_16}
 
     @property
     def key(self) -> str:

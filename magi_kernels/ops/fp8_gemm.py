@@ -1,0 +1,219 @@
+"""fp8_gemm: out = epilogue(dequant(a) @ dequant(b)^T + bias), e4m3 operands, fp32 accumulation.
+
+Layout: a [..., K] (activations, rows K-contiguous), b [N, K] (the nn.Linear weight layout, K-contiguous),
+i.e. an "NT" GEMM; out [..., N] (or [..., N/2] for SwiGLU). Any K >= 1 is handled (a ragged last 128-group
+is zero-padded by the kernel; block scales then cover the partial group).
+
+Scales are fp32 and their layout is read from their shapes (M = rows of a after flattening):
+  a_scale: 1 value -> per-tensor; (M,) or (M, 1) -> per-row; (M, ceil(K/128)) with ceil(K/128) > 1 -> 1x128 blocks
+  b_scale: 1 value -> per-tensor; (N,) or (N, 1) or (1, N) -> per-column;
+           (ceil(N/128), ceil(K/128)) -> 128x128 blocks (checked first, so pass (N,) when ambiguous)
+Any a layout combines with any b layout; (M, 1) with K <= 128 is both "row" and "block" and means the same.
+
+Epilogue (fp32, in this order): bias [N] -> activation ("gelu" exact erf | "swiglu": silu(y[:, :N/2]) *
+y[:, N/2:]) -> * gate ([M, N_out] or [N_out], any float dtype), then cast to out_dtype. Pass
+epilogue="gelu", "swiglu", "gate", "gelu+gate" or "swiglu+gate"; "gate" needs gate=.
+
+Numerics: the Triton kernel promotes the tensor-core accumulator into fp32 every <= 128 of K (see
+kernels/triton/fp8_gemm.py). NaN in a or in a scale propagates to the affected outputs; e4m3 has no inf, so
+overflow can only come from scales / bias / epilogue in fp32 and then saturates to inf in out_dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from magi_kernels import registry
+from magi_kernels.ops._common import dispatch
+from magi_kernels.reference.fp8 import BLOCK, E4M3, cdiv, fp8_gemm_ref
+from magi_kernels.utils.checks import FLOAT_DTYPES, check_tensor, fail
+
+OP = "fp8_gemm"
+EPILOGUES = (None, "gelu", "swiglu", "gate", "gelu+gate", "swiglu+gate")
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclasses.dataclass
+class Fp8GemmArgs:
+    """Kernel-ready: a [M, K] e4m3 (stride(-1) == 1), b [N, K] e4m3 (stride(-1) == 1); scales fp32 contiguous
+    in their canonical shapes ((1,), (M,), (M, KB) / (1,), (N,), (NB, KB)); bias fp32-or-half [N] contiguous;
+    gate [M, N_out] with stride(-1) == 1 (row stride 0 = one row broadcast)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    a_scale: torch.Tensor
+    b_scale: torch.Tensor
+    a_mode: str
+    b_mode: str
+    bias: Optional[torch.Tensor]
+    act: Optional[str]
+    gate: Optional[torch.Tensor]
+
+    @property
+    def n_out(self) -> int:
+        return self.b.shape[0] // 2 if self.act == "swiglu" else self.b.shape[0]
+
+
+def _scale_tensor(name: str, s) -> torch.Tensor:
+    check_tensor(OP, name, s, dtypes=(torch.float32,))
+    return s
+
+
+def classify_a_scale(s: torch.Tensor, m: int, k: int) -> str:
+    kb = cdiv(k, BLOCK)
+    if s.numel() == 1 and not (s.dim() == 2 and s.shape[0] == m and m > 1):
+        return "tensor"
+    if s.dim() == 2 and tuple(s.shape) == (m, kb) and kb > 1:
+        return "block"
+    if (s.dim() == 1 and s.shape[0] == m) or (s.dim() == 2 and tuple(s.shape) == (m, 1)):
+        return "row"
+    fail(OP, "a_scale", f"must be per-tensor (1 value), per-row ({m},) / ({m}, 1), or 1x128 blocks ({m}, {kb}) "
+                        f"for a with M={m}, K={k}; got shape {list(s.shape)}")
+
+
+def classify_b_scale(s: torch.Tensor, n: int, k: int) -> str:
+    nb, kb = cdiv(n, BLOCK), cdiv(k, BLOCK)
+    if s.numel() == 1:
+        return "tensor"
+    if s.dim() == 2 and tuple(s.shape) == (nb, kb):
+        return "block"
+    if (s.dim() == 1 and s.shape[0] == n) or (s.dim() == 2 and tuple(s.shape) in ((n, 1), (1, n))):
+        return "col"
+    fail(OP, "b_scale", f"must be per-tensor (1 value), per-column ({n},), or 128x128 blocks ({nb}, {kb}) for b "
+                        f"with N={n}, K={k}; got shape {list(s.shape)}")
+
+
+def make_args(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype) -> Fp8GemmArgs:
+    check_tensor(OP, "a", a, dtypes=(E4M3,))
+    check_tensor(OP, "b", b, dtypes=(E4M3,), ndim=2)
+    if a.dim() < 1:
+        fail(OP, "a", "must have at least 1 dim [..., K]")
+    if out_dtype not in OUT_DTYPES:
+        fail(OP, "out_dtype", f"must be one of {[str(d).replace('torch.', '') for d in OUT_DTYPES]}, got {out_dtype}")
+    if epilogue not in EPILOGUES:
+        fail(OP, "epilogue", f"must be one of {list(EPILOGUES)}, got {epilogue!r}")
+    k = a.shape[-1]
+    n = b.shape[0]
+    if k == 0 or n == 0:
+        fail(OP, "b", f"must have N >= 1 and K >= 1, got a {list(a.shape)}, b {list(b.shape)}")
+    if b.shape[1] != k:
+        fail(OP, "b", f"must be [N, K] (nn.Linear weight layout) with a's K={k}, got shape {list(b.shape)}")
+    for name, t in (("a", a), ("b", b)):
+        if t.stride(-1) != 1:
+            fail(OP, name, f"must be K-contiguous (stride(-1) == 1; b is [N, K] like an nn.Linear weight), "
+                           f"got strides {list(t.stride())}")
+    try:
+        a2 = a.view(-1, k)
+    except RuntimeError:
+        fail(OP, "a", f"must have leading dims that flatten to rows without a copy; got shape {list(a.shape)} "
+                      f"strides {list(a.stride())}")
+    m = a2.shape[0]
+    dev = a.device
+    for name, t in (("b", b), ("a_scale", a_scale), ("b_scale", b_scale), ("bias", bias), ("gate", gate)):
+        if isinstance(t, torch.Tensor) and t.device != dev:
+            fail(OP, name, f"must be on a's device {dev}, got {t.device}")
+    _scale_tensor("a_scale", a_scale)
+    _scale_tensor("b_scale", b_scale)
+    a_mode = classify_a_scale(a_scale, m, k)
+    b_mode = classify_b_scale(b_scale, n, k)
+    a_scale = {"tensor": lambda s: s.reshape(1), "row": lambda s: s.reshape(m),
+               "block": lambda s: s}[a_mode](a_scale).contiguous()
+    b_scale = {"tensor": lambda s: s.reshape(1), "col": lambda s: s.reshape(n),
+               "block": lambda s: s}[b_mode](b_scale).contiguous()
+    act, use_gate = None, False
+    if epilogue is not None:
+        parts = epilogue.split("+")
+        use_gate = "gate" in parts
+        act = next((p for p in parts if p != "gate"), None)
+    if act == "swiglu" and n % 2:
+        fail(OP, "b", f"must have an even N for epilogue 'swiglu' (paired halves), got N={n}")
+    n_out = n // 2 if act == "swiglu" else n
+    if bias is not None:
+        check_tensor(OP, "bias", bias, dtypes=FLOAT_DTYPES)
+        if bias.numel() != n or bias.dim() != 1:
+            fail(OP, "bias", f"must be 1-D with N={n} elements (before any SwiGLU halving), got {list(bias.shape)}")
+        bias = bias.contiguous()
+    if use_gate:
+        if gate is None:
+            fail(OP, "gate", f"is required for epilogue {epilogue!r}")
+        check_tensor(OP, "gate", gate, dtypes=FLOAT_DTYPES)
+        lead = tuple(a.shape[:-1])
+        if gate.dim() == 1 and gate.shape[0] == n_out:
+            gate = gate.contiguous().view(1, n_out).expand(m, n_out)  # row stride 0: one row for every token
+        elif tuple(gate.shape) == lead + (n_out,) or tuple(gate.shape) == (m, n_out):
+            gate = gate.reshape(m, n_out)
+            if gate.stride(-1) != 1:
+                gate = gate.contiguous()
+        else:
+            fail(OP, "gate", f"must have shape [{n_out}] or the output's shape {list(lead) + [n_out]}, "
+                             f"got {list(gate.shape)}")
+    elif gate is not None:
+        fail(OP, "gate", f"was given but epilogue {epilogue!r} does not multiply by a gate (use '...+gate')")
+    return Fp8GemmArgs(a=a2, b=b, a_scale=a_scale, b_scale=b_scale, a_mode=a_mode, b_mode=b_mode, bias=bias,
+                       act=act, gate=gate)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends: each writes out [M, N_out]. (torch._scaled_mm is a benchmark baseline, not a backend: the
+# registry's "cuda" slot means magi_kernels._C, and cuBLAS fast-accum does not promote.)
+
+registry.register_op(OP, preference=("triton", "torch"))
+
+
+@registry.register_impl(OP, "torch")
+def _torch_impl(a: Fp8GemmArgs, out: torch.Tensor) -> None:
+    out.copy_(fp8_gemm_ref(a.a, a.b, a.a_scale, a.b_scale, a.a_mode, a.b_mode, bias=a.bias, act=a.act,
+                           gate=a.gate, out_dtype=out.dtype))
+
+
+def _triton_supports(info: registry.CallInfo) -> str | None:
+    from magi_kernels.kernels.triton import fp8_gemm as kern
+
+    return kern.supports(info)
+
+
+@registry.register_impl(OP, "triton", supports=_triton_supports)
+def _triton_impl(a: Fp8GemmArgs, out: torch.Tensor) -> None:
+    from magi_kernels.kernels.triton import fp8_gemm as kern
+
+    kern.launch(a, out)
+
+
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("magi_kernels::fp8_gemm", mutates_args=())
+def _fp8_gemm_op(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                 bias: Optional[torch.Tensor], epilogue: Optional[str], gate: Optional[torch.Tensor],
+                 out_dtype: torch.dtype, backend: Optional[str]) -> torch.Tensor:
+    args = make_args(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype)
+    out = torch.empty(*a.shape[:-1], args.n_out, dtype=out_dtype, device=a.device)
+    info = registry.CallInfo(a.device, a.dtype, {"m": args.a.shape[0], "n": b.shape[0], "k": b.shape[1],
+                                                 "a_mode": args.a_mode, "b_mode": args.b_mode})
+    dispatch(OP, info, backend, args, (out.view(args.a.shape[0], args.n_out),))
+    return out
+
+
+@_fp8_gemm_op.register_fake
+def _(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype, backend):
+    n = b.shape[0]
+    n_out = n // 2 if epilogue is not None and "swiglu" in epilogue else n
+    return a.new_empty(*a.shape[:-1], n_out, dtype=out_dtype)
+
+
+def fp8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, *,
+             bias: torch.Tensor | None = None, epilogue: str | None = None, gate: torch.Tensor | None = None,
+             out_dtype: torch.dtype = torch.bfloat16, backend: str | None = None) -> torch.Tensor:
+    """Scaled fp8 GEMM ``epilogue(dq(a) @ dq(b).T + bias)``; see the module docstring for layouts and rules.
+
+    Args:
+        a: [..., K] float8_e4m3fn, K-contiguous. b: [N, K] float8_e4m3fn (nn.Linear weight layout).
+        a_scale, b_scale: fp32 scales (per-tensor, per-row/column, or 1x128 / 128x128 blocks).
+        bias: [N] (applied before the activation). epilogue: None | "gelu" | "swiglu" | "gate" |
+        "gelu+gate" | "swiglu+gate". gate: [..., N_out] or [N_out]. out_dtype: bf16 | fp16 | fp32.
+        backend: "triton" | "torch" | None (auto).
+    """
+    make_args(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype)
+    return _fp8_gemm_op(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype, backend)

@@ -1,0 +1,141 @@
+"""fp8_quantize: float -> e4m3fn with a static or dynamic fp32 scale (semantics: magi_kernels.reference.fp8).
+
+    q, scale = fp8_quantize(x, "channel", scale=input_scale)     # MAGI-1: divide by a per-channel vector,
+                                                                  # clamp +-448, round to bf16, then e4m3
+    q, scale = fp8_quantize(x, "row")                             # dynamic per-token amax
+    q, scale = fp8_quantize(w, "block128x128")                    # dynamic weight blocks
+
+x: [..., K] (float32 / float16 / bfloat16, last dim contiguous); q has x's shape; scale shapes (leading dims of
+x flattened to M): "tensor" (1,), "channel" (K,), "row" (M, 1), "block1x128" (M, ceil(K/128)),
+"block128x128" (ceil(M/128), ceil(K/128)) with x 2-D. Static scales ("tensor", "channel") are returned as
+given (fp32); they must be positive (not checked: it would need a device sync).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from magi_kernels import registry
+from magi_kernels.ops._common import dispatch
+from magi_kernels.reference.fp8 import BLOCK, E4M3, GRANULARITIES, cdiv, quantize_ref
+from magi_kernels.utils.checks import FLOAT_DTYPES, check_choice, check_tensor, fail
+
+OP = "fp8_quantize"
+STATIC = ("tensor", "channel")
+
+
+@dataclasses.dataclass
+class Fp8QuantizeArgs:
+    """x: [M, K] view, stride(-1) == 1 (any row stride). scale: fp32 contiguous (1,) / (K,) or None (dynamic)."""
+
+    x: torch.Tensor
+    granularity: str
+    scale: Optional[torch.Tensor]
+    bf16_round: bool
+
+
+def scale_shape(granularity: str, m: int, k: int) -> tuple[int, ...]:
+    return {"tensor": (1,), "channel": (k,), "row": (m, 1), "block1x128": (m, cdiv(k, BLOCK)),
+            "block128x128": (cdiv(m, BLOCK), cdiv(k, BLOCK))}[granularity]
+
+
+def make_args(x, granularity, scale, bf16_round) -> Fp8QuantizeArgs:
+    check_tensor(OP, "x", x, dtypes=FLOAT_DTYPES)
+    check_choice(OP, "granularity", granularity, GRANULARITIES)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        fail(OP, "x", f"must have a non-empty last (channel) dim, got shape {list(x.shape)}")
+    if granularity == "block128x128" and x.dim() != 2:
+        fail(OP, "x", f"must be 2-D [rows, K] for 128x128 blocks (a weight), got shape {list(x.shape)}")
+    if x.stride(-1) != 1:
+        fail(OP, "x", f"must have a contiguous last dim (stride 1), got strides {list(x.stride())}")
+    k = x.shape[-1]
+    try:
+        x2 = x.view(-1, k)
+    except RuntimeError:
+        fail(OP, "x", f"must have leading dims that flatten to rows without a copy; got shape {list(x.shape)} "
+                      f"strides {list(x.stride())}")
+    if granularity in STATIC:
+        if scale is None:
+            if granularity == "channel":
+                fail(OP, "scale", "is required for granularity 'channel' (a static per-input-channel divisor)")
+        else:
+            check_tensor(OP, "scale", scale, dtypes=FLOAT_DTYPES)
+            want = 1 if granularity == "tensor" else k
+            if scale.numel() != want or (granularity == "channel" and scale.shape[-1] != k):
+                fail(OP, "scale", f"must hold {want} value(s) for granularity {granularity!r} "
+                                  f"(shape (1,) or (K,) / (1, K)), got shape {list(scale.shape)}")
+            if scale.device != x.device:
+                fail(OP, "scale", f"must be on x's device {x.device}, got {scale.device}")
+            scale = scale.reshape(want).to(torch.float32).contiguous()
+    elif scale is not None:
+        fail(OP, "scale", f"must be None for granularity {granularity!r} (its scale is computed from x)")
+    if bf16_round is None:
+        bf16_round = granularity == "channel"
+    return Fp8QuantizeArgs(x=x2, granularity=granularity, scale=scale, bf16_round=bool(bf16_round))
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends: each writes q [M, K] (e4m3) and scale_out (fp32, scale_shape).
+
+registry.register_op(OP, preference=("triton", "torch"))
+
+
+@registry.register_impl(OP, "torch")
+def _torch_impl(a: Fp8QuantizeArgs, q: torch.Tensor, scale_out: torch.Tensor) -> None:
+    qr, s = quantize_ref(a.x, a.granularity, a.scale, a.bf16_round)
+    q.copy_(qr)
+    scale_out.copy_(s.reshape(scale_out.shape))
+
+
+def _triton_supports(info: registry.CallInfo) -> str | None:
+    from magi_kernels.kernels.triton import fp8_quant as kern
+
+    return kern.supports(info)
+
+
+@registry.register_impl(OP, "triton", supports=_triton_supports)
+def _triton_impl(a: Fp8QuantizeArgs, q: torch.Tensor, scale_out: torch.Tensor) -> None:
+    from magi_kernels.kernels.triton import fp8_quant as kern
+
+    kern.launch(a, q, scale_out)
+
+
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("magi_kernels::fp8_quantize", mutates_args=())
+def _fp8_quantize_op(x: torch.Tensor, granularity: str, scale: Optional[torch.Tensor], bf16_round: bool,
+                     backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    args = make_args(x, granularity, scale, bf16_round)
+    m, k = args.x.shape
+    q = torch.empty(x.shape, dtype=E4M3, device=x.device)
+    scale_out = torch.empty(scale_shape(granularity, m, k), dtype=torch.float32, device=x.device)
+    info = registry.CallInfo(x.device, x.dtype, {"granularity": granularity})
+    dispatch(OP, info, backend, args, (q.view(m, k), scale_out))
+    return q, scale_out
+
+
+@_fp8_quantize_op.register_fake
+def _(x, granularity, scale, bf16_round, backend):
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    return x.new_empty(x.shape, dtype=E4M3), x.new_empty(scale_shape(granularity, m, k), dtype=torch.float32)
+
+
+def fp8_quantize(x: torch.Tensor, granularity: str = "row", *, scale: torch.Tensor | None = None,
+                 bf16_round: bool | None = None, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize x to float8_e4m3fn. Returns (q with x's shape, fp32 scale); dequantize as q * scale.
+
+    Args:
+        x: [..., K] fp32/fp16/bf16 with a contiguous last dim ([rows, K] for "block128x128").
+        granularity: "tensor" | "channel" | "row" | "block1x128" | "block128x128" (see module docstring).
+        scale: static scale: (1,) for "tensor", (K,) or (1, K) divisor for "channel"; None = dynamic.
+        bf16_round: round to bf16 before e4m3 (MAGI-1's double rounding); default True only for "channel".
+        backend: "triton" | "torch" | None (auto).
+    """
+    make_args(x, granularity, scale, bf16_round)
+    if bf16_round is None:
+        bf16_round = granularity == "channel"
+    return _fp8_quantize_op(x, granularity, scale, bool(bf16_round), backend)

@@ -1,0 +1,110 @@
+"""fp8 modules: MAGI-1's quantized linears reproduce its forward on checkpoint-shaped tensors; Fp8Linear and
+quantize_linear_weights on a toy DiT block."""
+
+import pytest
+import torch
+from torch import nn
+
+from magi_kernels.modules import (Fp8Linear, PerChannelQuantizedFp8Linear, PerTensorQuantizedFp8Linear,
+                                  quantize_linear_weights)
+
+from ._util import E4M3, need
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def _magi_forward_f64(x, weight, weight_scale, divisor, input_scale):
+    """MAGI-1 spec §8 written out: xq = fp8(bf16(clamp(x.float() / divisor, ±448))); y = (xq @ W^T) *
+    input_scale.flatten()[0] * weight_scale[0], evaluated in float64 (bf16 output)."""
+    xq = (x.float() / divisor).clamp(-448, 448).to(torch.bfloat16).to(E4M3)
+    y = xq.double().reshape(-1, x.shape[-1]) @ weight[0].double().t()
+    y = y * input_scale.flatten()[0].double() * weight_scale[0].double()
+    return y.reshape(*x.shape[:-1], -1)
+
+
+def _checkpoint(in_f, out_f, per_channel):
+    sd = {"weight": (torch.randn(1, out_f, in_f) * 40).clamp(-448, 448).to(E4M3),
+          "weight_scale": torch.rand(1) * 0.01 + 1e-3}
+    if per_channel:
+        sd["input_scale"] = torch.rand(1) * 0.05 + 1e-2
+        sd["smooth_scale"] = torch.rand(1, in_f) * 2 + 0.1
+    else:
+        sd["input_scale"] = torch.rand(in_f) * 0.05 + 1e-2
+    return sd
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("cls", [PerTensorQuantizedFp8Linear, PerChannelQuantizedFp8Linear])
+def test_magi1_modules_reproduce_forward(cls, backend):
+    need("fp8_gemm", backend)
+    per_channel = cls is PerChannelQuantizedFp8Linear
+    in_f, out_f = 192, 72  # checkpoint-shaped (1, out, in) at a CPU-friendly size; K not a multiple of 128
+    mod = cls(in_f, out_f, backend=backend)
+    sd = _checkpoint(in_f, out_f, per_channel)
+    mod.load_state_dict(sd, strict=True)  # exact key names and shapes of MAGI-1's checkpoints
+    assert set(mod.state_dict()) == set(sd)
+    x = (torch.randn(3, 11, in_f) * 2).bfloat16()  # (S, N, H) bf16 activations
+    y = mod(x)
+    divisor = sd["smooth_scale"][0] if per_channel else sd["input_scale"]
+    ref = _magi_forward_f64(x, sd["weight"], sd["weight_scale"], divisor, sd["input_scale"])
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 11, out_f)
+    # Only difference allowed: the final bf16 rounding (1 ulp; fp32 accumulation order below that).
+    err = (y.double() - ref).abs()
+    assert (err <= ref.abs() * 2.0 ** -7 + 1e-6).all(), err.max()
+
+
+def test_per_tensor_dequantizes_with_first_input_scale_only():
+    mod = PerTensorQuantizedFp8Linear(64, 16)
+    sd = _checkpoint(64, 16, False)
+    mod.load_state_dict(sd)
+    x = torch.randn(5, 64).bfloat16()
+    y1 = mod(x)
+    # Changing input_scale[1:] changes the quantized x but not the dequant factor; doubling input_scale[0]
+    # alone doubles only channel 0's divisor and the whole output's factor.
+    mod.input_scale.data[0] *= 2
+    ref = _magi_forward_f64(x, sd["weight"], sd["weight_scale"], mod.input_scale, mod.input_scale)
+    torch.testing.assert_close(mod(x).double(), ref, rtol=2.0 ** -7, atol=1e-6)
+    assert not torch.allclose(mod(x), y1)
+
+
+@pytest.mark.parametrize("recipe", ["tensor", "channel", "block"])
+def test_fp8_linear_close_to_float_linear(recipe):
+    lin = nn.Linear(256, 96)
+    x = torch.randn(4, 7, 256)
+    f8 = Fp8Linear.from_linear(lin, recipe)
+    y = f8(x)
+    ref = lin(x)
+    rel = (y - ref).norm() / ref.norm()
+    assert y.dtype == x.dtype and y.shape == ref.shape and rel < 0.06, rel
+    need("fp8_gemm", "triton")
+    f8.backend = "triton"
+    torch.testing.assert_close(f8(x), y, rtol=1e-4, atol=1e-4)
+
+
+class _ToyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ada_modulate_layer = nn.Sequential(nn.SiLU(), nn.Linear(32, 128))
+        self.qkv = nn.Linear(64, 192, bias=False)
+        self.proj = nn.Linear(64, 64)
+        self.mlp = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+        self.tiny = nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.mlp(self.proj(self.qkv(x)[..., :64])) + self.tiny(x).sum(-1, keepdim=True)
+
+
+def test_quantize_linear_weights_converts_and_reports():
+    model = _ToyBlock()
+    x = torch.randn(10, 64)
+    ref = model(x)
+    report = quantize_linear_weights(model, "block", skip=("ada_modulate_layer.*",))
+    assert [n for n, _, _ in report.converted] == ["qkv", "proj", "mlp.0", "mlp.2"]
+    assert dict(report.skipped) == {"ada_modulate_layer.1": "matches the skip list",
+                                    "tiny": "smaller than min_features=16"}
+    assert isinstance(model.mlp[0], Fp8Linear) and isinstance(model.ada_modulate_layer[1], nn.Linear)
+    assert "converted 4 linears" in str(report)
+    y = model(x)
+    assert ((y - ref).norm() / ref.norm()) < 0.1
+    with pytest.raises(ValueError, match="recipe"):
+        quantize_linear_weights(model, "int4")
