@@ -31,4 +31,5 @@ PYBIND11_MODULE(_C, m) {
   py::module_ host = m.def_submodule("host", "host-side C++ (planning)");
   (void)host;
   magi::bind::norm_rope(m, cuda, simt);
+  magi::bind::attn_plan(host);
 }

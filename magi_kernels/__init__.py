@@ -5,9 +5,13 @@ Layering (each layer uses only the ones before it):
 """
 
 from magi_kernels import registry
-from magi_kernels.ops import fp8_gemm, fp8_quantize, gated_post_norm_residual, qk_norm_rope
+from magi_kernels.ops import (flex_attn_func, fp8_gemm, fp8_quantize, gated_post_norm_residual, merge_attn_states,
+                              qk_norm_rope)
+from magi_kernels.ranges import AttnMaskType, BlockCausal, Magi1WindowMask, SlidingWindow, VarlenCausal, VarlenFull
 from magi_kernels.reference.rope3d import magi_rope_bands_init, magi_rope_table
 
 __version__ = "0.1.0"
 
-__all__ = ["qk_norm_rope", "gated_post_norm_residual", "fp8_quantize", "fp8_gemm", "magi_rope_table", "magi_rope_bands_init", "registry"]
+__all__ = ["qk_norm_rope", "gated_post_norm_residual", "fp8_quantize", "fp8_gemm", "flex_attn_func",
+           "merge_attn_states", "AttnMaskType", "VarlenFull", "VarlenCausal", "BlockCausal", "SlidingWindow",
+           "Magi1WindowMask", "magi_rope_table", "magi_rope_bands_init", "registry"]

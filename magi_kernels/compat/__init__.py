@@ -1,0 +1,1 @@
+"""Drop-in replacements for other libraries' call forms, backed by magi_kernels ops."""

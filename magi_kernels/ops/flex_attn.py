@@ -1,0 +1,283 @@
+"""flex_attn: varlen attention over MagiAttention-style slices (union mask), forward and backward.
+
+    out, lse = flex_attn_func(q, k, v, q_ranges, k_ranges, attn_type_map)
+
+q [total_q, Hq, D], k/v [total_k, Hk, D] (packed THD, last dim contiguous, Hq % Hk == 0, q head h
+uses kv head h // (Hq/Hk)); q_ranges/k_ranges int32 [n, 2] half-open global token indices;
+attn_type_map int32 [n] (0 FULL, 1 CAUSAL bottom-right, 2 INV_CAUSAL top-left, 3 BI_CAUSAL;
+None = all FULL). The mask is the union of the slices (a cell two slices cover counts once; one
+softmax per row over every key it sees). Rows no slice covers: out 0, lse -inf. out has q's dtype,
+lse is fp32 natural-log [total_q, Hq]. softcap > 0 applies FA3's tanh(s*scale/softcap)*softcap.
+
+Backends (registry ops ``flex_attn`` and ``flex_attn_bwd``): ``torch`` (walks the block-sparse plan
+tile by tile; any device) and ``triton`` (magi_kernels/kernels/triton/flex_attn.py; reports itself
+unavailable until that module exists). Both read :class:`FlexAttnArgs`, whose ``plan(block_m, block_n)`` returns the
+cached plan for any tile shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from magi_kernels import registry
+from magi_kernels.plan.planner import AttnPlan, get_plan
+from magi_kernels.ranges.validate import check_ranges_meta, check_ranges_values
+from magi_kernels.reference import flex_attn as ref
+from magi_kernels.utils.checks import check_last_dim_contiguous, check_tensor, fail
+
+OP = "flex_attn"
+OP_BWD = "flex_attn_bwd"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: torch backend only
+TORCH_TILE = (128, 128)  # the torch path's plan tile: big enough to keep Python overhead per tile small
+
+
+@dataclasses.dataclass
+class FlexAttnArgs:
+    """Validated, kernel-ready arguments shared by every backend.
+
+    q [Tq, Hq, D], k/v [Tk, Hk, D] with stride(-1) == 1 (other strides arbitrary). Host copies of the
+    validated ranges live in qr/kr/types (numpy int32); ``plan(bm, bn)`` is LRU-cached by content.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    qr: np.ndarray
+    kr: np.ndarray
+    types: np.ndarray
+    softmax_scale: float
+    softcap: float
+    deterministic: bool
+
+    @property
+    def total_q(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def total_k(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def groups(self) -> int:
+        return self.q.shape[1] // self.k.shape[1]
+
+    def plan(self, block_m: int, block_n: int) -> AttnPlan:
+        return get_plan(self.qr, self.kr, self.types, self.total_q, self.total_k, block_m, block_n)
+
+
+def check_qkv(q, k, v, op: str = OP) -> None:
+    """Metadata checks on q/k/v (no value reads, safe while tracing)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, t, dtypes=DTYPES, ndim=3)
+        check_last_dim_contiguous(op, name, t)
+    if k.dtype != q.dtype:
+        fail(op, "k", f"must have q's dtype {q.dtype}, got {k.dtype}")
+    if v.dtype != q.dtype:
+        fail(op, "v", f"must have q's dtype {q.dtype}, got {v.dtype}")
+    if k.device != q.device:
+        fail(op, "k", f"must be on q's device {q.device}, got {k.device}")
+    if v.device != q.device:
+        fail(op, "v", f"must be on q's device {q.device}, got {v.device}")
+    if k.shape[2] != q.shape[2]:
+        fail(op, "k", f"must have q's head_dim {q.shape[2]}, got shape {list(k.shape)}")
+    if v.shape != k.shape:
+        fail(op, "v", f"must have k's shape {list(k.shape)} [total_k, nh_kv, head_dim], got {list(v.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        fail(op, "k", f"must have a number of heads dividing q's ({q.shape[1]}) for GQA, got {k.shape[1]}")
+
+
+def check_scalars(softmax_scale, softcap, op: str = OP) -> None:
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
+        fail(op, "softmax_scale", f"must be a finite float or None, got {softmax_scale!r}")
+    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
+        fail(op, "softcap", f"must be a finite float >= 0 (0 disables it), got {softcap!r}")
+
+
+def make_args(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, deterministic) -> FlexAttnArgs:
+    check_qkv(q, k, v)
+    check_scalars(softmax_scale, softcap)
+    check_ranges_meta(OP, q_ranges, k_ranges, attn_type_map, q.device)
+    qr, kr, ty = check_ranges_values(OP, q_ranges, k_ranges, attn_type_map, q.shape[0], k.shape[0])
+    scale = ref.default_scale(q.shape[2]) if softmax_scale is None else float(softmax_scale)
+    return FlexAttnArgs(q, k, v, qr, kr, ty, scale, float(softcap), bool(deterministic))
+
+
+def _info(a: FlexAttnArgs) -> registry.CallInfo:
+    return registry.CallInfo(a.q.device, a.q.dtype, {"head_dim": a.q.shape[2], "hq": a.q.shape[1],
+                                                     "hk": a.k.shape[1], "softcap": a.softcap,
+                                                     "deterministic": a.deterministic})
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends. Forward writes out [Tq, Hq, D] (q dtype) and lse [Tq, Hq] fp32; backward writes dq, dk, dv.
+
+registry.register_op(OP, preference=("triton", "torch"))
+registry.register_op(OP_BWD, preference=("triton", "torch"))
+
+
+@registry.register_impl(OP, "torch")
+def _torch_fwd(a: FlexAttnArgs, out: torch.Tensor, lse: torch.Tensor) -> None:
+    plan = a.plan(*TORCH_TILE)
+    ref.flex_attn_fwd(a.q, a.k, a.v, plan, a.softmax_scale, a.softcap, out=out, lse=lse)
+
+
+@registry.register_impl(OP_BWD, "torch")
+def _torch_bwd(a: FlexAttnArgs, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+               dlse: Optional[torch.Tensor], dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    # Deterministic regardless of a.deterministic: one q-major pass in a fixed order, no atomics.
+    plan = a.plan(*TORCH_TILE)
+    ref.flex_attn_bwd(dout, a.q, a.k, a.v, out, lse, plan, a.softmax_scale, a.softcap, dlse=dlse, dq=dq, dk=dk,
+                      dv=dv)
+
+
+# Triton backend: kernels live in magi_kernels/kernels/triton/flex_attn.py (kernel engineer), which must
+# expose supports(info), launch_fwd(args, out, lse), supports_bwd(info) and
+# launch_bwd(args, dout, out, lse, dlse, dq, dk, dv); dlse may be None. Until that module exists the
+# backend reports itself unavailable and auto-selection uses torch.
+
+def _triton_module():
+    import importlib.util
+
+    if importlib.util.find_spec("magi_kernels.kernels.triton.flex_attn") is None:
+        return None
+    from magi_kernels.kernels.triton import flex_attn as kern
+
+    return kern
+
+
+def _triton_supports(info: registry.CallInfo) -> str | None:
+    kern = _triton_module()
+    return "the Triton flex_attn kernels are not written yet" if kern is None else kern.supports(info)
+
+
+def _triton_supports_bwd(info: registry.CallInfo) -> str | None:
+    kern = _triton_module()
+    return "the Triton flex_attn kernels are not written yet" if kern is None else kern.supports_bwd(info)
+
+
+@registry.register_impl(OP, "triton", supports=_triton_supports)
+def _triton_fwd(a: FlexAttnArgs, out: torch.Tensor, lse: torch.Tensor) -> None:
+    _triton_module().launch_fwd(a, out, lse)
+
+
+@registry.register_impl(OP_BWD, "triton", supports=_triton_supports_bwd)
+def _triton_bwd(a: FlexAttnArgs, dout, out, lse, dlse, dq, dk, dv) -> None:
+    _triton_module().launch_bwd(a, dout, out, lse, dlse, dq, dk, dv)
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops (torch.compile sees opaque nodes; planning happens inside, at run time).
+
+@torch.library.custom_op("magi_kernels::flex_attn", mutates_args=())
+def _flex_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: torch.Tensor, k_ranges: torch.Tensor,
+                  attn_type_map: Optional[torch.Tensor], softmax_scale: Optional[float], softcap: float,
+                  deterministic: bool, backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    a = make_args(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, deterministic)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    registry.select(OP, _info(a), backend).fn(a, out, lse)
+    return out, lse
+
+
+@_flex_attn_op.register_fake
+def _(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, deterministic, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("magi_kernels::flex_attn_bwd", mutates_args=())
+def _flex_attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, dlse: Optional[torch.Tensor], q_ranges: torch.Tensor, k_ranges: torch.Tensor,
+                      attn_type_map: Optional[torch.Tensor], softmax_scale: Optional[float], softcap: float,
+                      deterministic: bool, backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a = make_args(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, deterministic)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    registry.select(OP_BWD, _info(a), backend).fn(a, dout, out, lse, dlse, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_flex_attn_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, dlse, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, deterministic,
+      backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, deterministic, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, q_ranges, k_ranges, attn_type_map, out, lse)
+    ctx.cfg = (softmax_scale, softcap, deterministic, backend)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, q_ranges, k_ranges, attn_type_map, out, lse = ctx.saved_tensors
+    softmax_scale, softcap, deterministic, backend = ctx.cfg
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _flex_attn_bwd_op(dout.contiguous(), q, k, v, out, lse, dlse, q_ranges, k_ranges, attn_type_map,
+                                   softmax_scale, softcap, deterministic, backend)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_flex_attn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flex_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: torch.Tensor, k_ranges: torch.Tensor,
+                   attn_type_map: Optional[torch.Tensor] = None, *, softmax_scale: Optional[float] = None,
+                   softcap: float = 0.0, deterministic: bool = False,
+                   backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of slices ``(q_ranges[i], k_ranges[i], attn_type_map[i])``.
+
+    Args:
+        q: [total_q, Hq, D]; k, v: [total_k, Hk, D]; fp16/bf16/fp32 (fp64 on the torch backend), same dtype,
+            last dim contiguous, Hq % Hk == 0.
+        q_ranges, k_ranges: int32 [n, 2], half-open [start, end) global token indices; on q's device or CPU.
+        attn_type_map: int32 [n] mask types (0 FULL, 1 CAUSAL, 2 INV_CAUSAL, 3 BI_CAUSAL), None = all FULL.
+        softmax_scale: default 1/sqrt(D). softcap: FA3 soft-capping (0 = off).
+        deterministic: bitwise-repeatable gradients (the torch backend always is).
+        backend: "triton" | "torch" | None (auto).
+    Returns:
+        (out [total_q, Hq, D] in q's dtype, lse fp32 [total_q, Hq], natural log; -inf for rows that see no key).
+    """
+    # Metadata checks run eagerly (also under torch.compile tracing); value checks run inside the op.
+    check_qkv(q, k, v)
+    check_scalars(softmax_scale, softcap)
+    check_ranges_meta(OP, q_ranges, k_ranges, attn_type_map, q.device)
+    return _flex_attn_op(q, k, v, q_ranges, k_ranges, attn_type_map,
+                         None if softmax_scale is None else float(softmax_scale), float(softcap), bool(deterministic),
+                         backend)
+
+
+def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                      lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial attention results over disjoint key sets (e.g. context-parallel shards).
+
+    out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse), lse = log(exp(lse_a) + exp(lse_b)), in fp32;
+    out in out_a's dtype, lse fp32. Rows where both sides are -inf give out 0, lse -inf. Differentiable.
+    """
+    op = "merge_attn_states"
+    check_tensor(op, "out_a", out_a, dtypes=DTYPES, ndim=3)
+    check_tensor(op, "out_b", out_b, dtypes=DTYPES, ndim=3)
+    check_tensor(op, "lse_a", lse_a, ndim=2)
+    check_tensor(op, "lse_b", lse_b, ndim=2)
+    if out_b.shape != out_a.shape:
+        fail(op, "out_b", f"must have out_a's shape {list(out_a.shape)}, got {list(out_b.shape)}")
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if tuple(t.shape) != tuple(out_a.shape[:2]):
+            fail(op, name, f"must have shape {list(out_a.shape[:2])} (out's [tokens, heads]), got {list(t.shape)}")
+        if not t.is_floating_point():
+            fail(op, name, f"must be floating point, got {t.dtype}")
+    for name, t in (("out_b", out_b), ("lse_a", lse_a), ("lse_b", lse_b)):
+        if t.device != out_a.device:
+            fail(op, name, f"must be on out_a's device {out_a.device}, got {t.device}")
+    cd = torch.float64 if out_a.dtype == torch.float64 else torch.float32
+    la, lb = lse_a.to(cd), lse_b.to(cd)
+    lse = torch.logaddexp(la, lb)
+    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)  # both -inf: weights exp(-inf) = 0
+    wa, wb = torch.exp(la - safe), torch.exp(lb - safe)
+    out = out_a.to(cd) * wa[..., None] + out_b.to(cd) * wb[..., None]
+    return out.to(out_a.dtype), lse.to(torch.float32)
