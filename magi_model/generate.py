@@ -1,0 +1,271 @@
+"""MAGI-1 video generation CLI (spec §10), accepting MAGI-1's config.json files unchanged.
+
+    python -m magi_model.generate --config_file example/4.5B/4.5B_base_config.json --mode t2v \
+        --prompt "Good Boy" --output_path out.mp4
+    python -m magi_model.generate --preset tiny --mode t2v --prompt "a red ball" --output_path tiny.mp4
+
+``--preset tiny`` (also ``tiny_distill``, ``tiny_distill_quant``) runs the whole pipeline on seeded
+RANDOM weights (DiT, VAE and a hashing stand-in for T5): no downloads, minutes on a laptop CPU, and
+a video of structured noise -- it demonstrates the machinery, not the model.
+
+Repeat ``--prompt`` for chunk-wise prompting (prompt i conditions chunk i of 24 frames; the last
+one continues). ``--text_embeddings FILE`` replaces T5 with precomputed features.
+Environment variables as MAGI-1: SPECIAL_TOKEN_PATH, PAD_* / NEG_PROMPT (special tokens; PAD_HQ and
+PAD_DURATION default to on as in MAGI-1's run.sh), prev_chunks_scale (distill blend, 0.7).
+Chunks are decoded and appended to the mp4 (H.264, yuv420p, fps from the config) as they finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from magi_model import schedule
+from magi_model.config import PRESETS, ConfigError, MagiConfig, load_config, preset
+
+PREFIX_VIDEO_FRAMES = 32  # V2V uses the first 32 frames of the prefix video (spec §4.9)
+
+
+class CLIError(ValueError):
+    """Bad command-line input; the message names the argument and the rule."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Video I/O (PyAV: pip-installable, bundles FFmpeg with libx264)
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise CLIError("output_path: writing mp4 needs PyAV ('pip install av')") from None
+    return av
+
+
+class Mp4Writer:
+    """Appends uint8 (T, H, W, 3) frames to an H.264 / yuv420p mp4 as they arrive."""
+
+    def __init__(self, path: str, width: int, height: int, fps: int):
+        av = _av()
+        self.container = av.open(path, mode="w")
+        self.stream = self.container.add_stream("libx264", rate=int(fps))
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+        self.frames = 0
+
+    def write(self, frames: torch.Tensor) -> None:
+        av = _av()
+        for f in frames.cpu().numpy():
+            for packet in self.stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                self.container.mux(packet)
+            self.frames += 1
+
+    def close(self) -> None:
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+        self.container.close()
+
+
+def _scaled_rgb(frame, width: int, height: int) -> torch.Tensor:
+    # ffmpeg's "scale=WxH" (stretch, bicubic by default) as MAGI-1's loaders use it.
+    return torch.from_numpy(frame.reformat(width=width, height=height, format="rgb24",
+                                           interpolation="BICUBIC").to_ndarray())
+
+
+def read_image(path: str, width: int, height: int) -> torch.Tensor:
+    """uint8 (H, W, 3): the first frame of an image file, stretched to W x H."""
+    av = _av()
+    try:
+        with av.open(path) as c:
+            for frame in c.decode(video=0):
+                return _scaled_rgb(frame, width, height)
+    except av.error.FFmpegError as e:
+        raise CLIError(f"image_path: cannot decode {path!r} as an image ({e})") from None
+    raise CLIError(f"image_path: {path!r} holds no image")
+
+
+def read_video(path: str, width: int, height: int, fps: int, max_frames: int) -> torch.Tensor:
+    """uint8 (T, H, W, 3): the first ``max_frames`` frames resampled to ``fps`` (for each output tick
+    the decoded frame nearest in time, as ffmpeg's fps filter) and stretched to W x H."""
+    av = _av()
+    times: list[float] = []
+    frames: list[torch.Tensor] = []
+    try:
+        with av.open(path) as c:
+            stream = c.streams.video[0]
+            for frame in c.decode(stream):
+                ts = float(frame.time) if frame.time is not None else len(frames) / fps
+                times.append(ts)
+                frames.append(_scaled_rgb(frame, width, height))
+                if ts - times[0] > (max_frames + 1) / fps:  # enough to cover every tick
+                    break
+    except av.error.FFmpegError as e:
+        raise CLIError(f"prefix_video_path: cannot decode {path!r} as a video ({e})") from None
+    if not frames:
+        raise CLIError(f"prefix_video_path: {path!r} holds no video frames")
+    rel = torch.tensor(times, dtype=torch.float64) - times[0]
+    n_out = min(max_frames, int(float(rel[-1]) * fps + 0.5) + 1)
+    picks = [int(torch.argmin((rel - i / fps).abs())) for i in range(n_out)]
+    return torch.stack([frames[i] for i in picks])
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m magi_model.generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config_file", help="MAGI-1 config.json (used unchanged)")
+    src.add_argument("--preset", choices=[n for n in PRESETS if n.startswith("tiny")],
+                     help="random-weight demo configuration (no downloads)")
+    p.add_argument("--mode", choices=("t2v", "i2v", "v2v"), default="t2v")
+    p.add_argument("--prompt", action="append", help="text prompt; repeat for chunk-wise prompts (one per 24 frames)")
+    p.add_argument("--text_embeddings", help="precomputed prompt features (.safetensors/.pt/.npz: 'embeddings' "
+                   "(P, L, 4096), optional 'mask' (P, L)) instead of T5")
+    p.add_argument("--image_path", help="i2v: the first frame")
+    p.add_argument("--prefix_video_path", help="v2v: the video to continue (its first 32 frames)")
+    p.add_argument("--output_path", required=True, help="output .mp4")
+    p.add_argument("--seed", type=int, default=None, help="override runtime_config.seed")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def _check_args(a: argparse.Namespace, cfg: MagiConfig) -> None:
+    if not a.prompt and not a.text_embeddings:
+        raise CLIError("prompt: give --prompt (repeat for chunk-wise prompts) or --text_embeddings")
+    if a.mode == "i2v":
+        if not a.image_path:
+            raise CLIError("image_path: --mode i2v needs --image_path")
+        if not os.path.isfile(a.image_path):
+            raise CLIError(f"image_path: {a.image_path!r} does not exist")
+    elif a.image_path:
+        raise CLIError(f"image_path: only used with --mode i2v, got --mode {a.mode}")
+    if a.mode == "v2v":
+        if not a.prefix_video_path:
+            raise CLIError("prefix_video_path: --mode v2v needs --prefix_video_path")
+        if not os.path.isfile(a.prefix_video_path):
+            raise CLIError(f"prefix_video_path: {a.prefix_video_path!r} does not exist")
+    elif a.prefix_video_path:
+        raise CLIError(f"prefix_video_path: only used with --mode v2v, got --mode {a.mode}")
+    if not a.output_path.lower().endswith(".mp4"):
+        raise CLIError(f"output_path: must end in .mp4 (H.264 mp4 is written), got {a.output_path!r}")
+    parent = os.path.dirname(os.path.abspath(a.output_path))
+    if not os.path.isdir(parent):
+        raise CLIError(f"output_path: folder {parent!r} does not exist")
+    r = cfg.runtime
+    if r.video_size_h is None or r.video_size_w is None:
+        raise CLIError("config_file: runtime_config.video_size_h / video_size_w must be set")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(a: argparse.Namespace) -> dict:
+    from magi_model import text as text_mod
+    from magi_model import vae as vae_mod
+    from magi_model.dit import build_dit
+    from magi_model.pipeline import generate_latents
+
+    t_start = time.time()
+    cfg = preset(a.preset) if a.preset else load_config(a.config_file)
+    _check_args(a, cfg)
+    r, m = cfg.runtime, cfg.model
+    seed = r.seed if a.seed is None else a.seed
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    random_weights = a.preset is not None
+    if random_weights:
+        _say(f"NOTE: preset '{a.preset}' uses RANDOM weights (DiT, VAE and text encoder): the video shows "
+             f"structured noise, not the prompt. It demonstrates the pipeline; no downloads happen.")
+
+    # --- models
+    if random_weights:
+        model = build_dit(cfg, device=device, seed=seed)
+        vae = vae_mod.tiny_vae(seed, dtype=torch.float32, tile_sample_min_length=r.fps // 2).to(device)
+    else:
+        from magi_model.loading import load_dit
+        if r.vae_pretrained is None:
+            raise CLIError("config_file: runtime_config.vae_pretrained must name MAGI-1-VAE's folder")
+        model = load_dit(cfg, device=device, progress=not a.no_progress)
+        vae = vae_mod.load_vae(r.vae_pretrained, device=device, tile_sample_min_length=r.fps // 2)
+
+    # --- prefix latents
+    w, h = r.video_size_w, r.video_size_h
+    prefix = None
+    if a.mode == "i2v":
+        prefix = vae_mod.encode_image(vae, read_image(a.image_path, w, h).to(device), r.scale_factor)
+    elif a.mode == "v2v":
+        frames = read_video(a.prefix_video_path, w, h, r.fps, PREFIX_VIDEO_FRAMES)
+        prefix = vae_mod.encode_video(vae, frames.to(device), r.scale_factor)
+    P = 0 if prefix is None else prefix.shape[2]
+    plan = schedule.chunk_plan(r.num_frames, mode=a.mode, prefix_latent_frames=P, chunk_width=r.chunk_width,
+                               temporal_downsample_factor=r.temporal_downsample_factor)
+
+    # --- text
+    L, Cc = m.caption_max_length, m.caption_channels
+    if a.text_embeddings:
+        prompts = text_mod.load_text_embeddings(a.text_embeddings, dim=Cc, max_length=L)
+    else:
+        if random_weights:
+            enc = text_mod.RandomTextEncoder(Cc, L, seed=seed)
+        else:
+            enc = text_mod.T5TextEncoder(r.t5_pretrained or "", device=r.t5_device if torch.cuda.is_available()
+                                         else "cpu", max_length=L)
+        prompts = [enc(p) for p in a.prompt]
+    tok_path = os.environ.get("SPECIAL_TOKEN_PATH", text_mod.DEFAULT_SPECIAL_TOKEN_PATH)
+    if random_weights and not os.path.isfile(tok_path):
+        special = text_mod.random_special_tokens(Cc, seed)
+    else:
+        special = text_mod.load_special_tokens(tok_path)
+    null, null_mask = model.null_caption(plan.infer_chunk_num)
+    captions = text_mod.build_captions(prompts, num_chunks=plan.infer_chunk_num, chunk_offset=plan.chunk_offset,
+                                       null=null[0, 0].cpu(), null_mask=null_mask[0, 0].cpu(),
+                                       special_tokens=special)
+    captions = type(captions)(*(t.to(device) for t in (captions.cond, captions.cond_mask, captions.null,
+                                                         captions.null_mask)))
+
+    # --- denoise, decoding and writing each chunk as soon as it is done
+    writer = Mp4Writer(a.output_path, w, h, r.fps)
+
+    def on_chunk(_index: int, latents: torch.Tensor) -> None:
+        writer.write(vae_mod.decode_latents(vae, latents, r.scale_factor))
+
+    try:
+        generate_latents(model, cfg, captions, mode=a.mode, prefix_latent=prefix, seed=seed, on_chunk=on_chunk,
+                         progress=not a.no_progress)
+    finally:
+        writer.close()
+    info = {"frames": writer.frames, "expected_frames": plan.output_frames, "path": a.output_path,
+            "seconds": time.time() - t_start, "random_weights": random_weights}
+    _say(f"wrote {writer.frames} frames ({w}x{h} @ {r.fps} fps) to {a.output_path} in {info['seconds']:.1f} s"
+         + (" [RANDOM weights]" if random_weights else ""))
+    return info
+
+
+def _input_errors() -> tuple:
+    from magi_model.loading import CheckpointError
+    from magi_model.text import TextError
+    from magi_model.vae import VAEError
+    return (CLIError, ConfigError, CheckpointError, TextError, VAEError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = parse_args(argv)
+    INPUT_ERRORS = _input_errors()
+    try:
+        run(a)
+    except INPUT_ERRORS as e:
+        # Input problems get one clear line, not a traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
