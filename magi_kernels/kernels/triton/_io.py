@@ -21,6 +21,15 @@ DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 INT32_MAX = 2**31 - 1
 
 
+def row_warps(tile_elems: int) -> int:
+    """Warps for a row-statistics kernel: keep <= 16 fp32 values of the row per thread in registers."""
+    if tile_elems <= 2048:
+        return 4
+    if tile_elems <= 4096:
+        return 8
+    return 16
+
+
 @triton.jit
 def load_f32(base, offs, mask, kind):
     """Load base[offs] (a uint8 pointer reinterpreted as fp32/fp16/bf16 per `kind`) as fp32; 0 where masked.

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from magi_kernels.kernels.triton._io import Plan, check_i32, dummy, erase, load_f32, store_f32
+from magi_kernels.kernels.triton._io import Plan, check_i32, dummy, erase, load_f32, row_warps, store_f32
 from magi_kernels.kernels.triton.aot import AotConfig, register_aot
 
 OP = "gated_post_norm_residual"
@@ -44,15 +44,6 @@ MAX_HIDDEN = 8192
 # Short rows are packed BLOCK_T = ROW_TILE // BLOCK_N to a program (8 elements per thread at 4 warps).
 ROW_TILE = 1024
 ELEMS_PER_THREAD = 8
-
-
-def _num_warps(tile_elems: int) -> int:
-    """Warps by tile size: the statistics stage keeps <= 16 fp32 values per thread in registers."""
-    if tile_elems <= 2048:
-        return 4
-    if tile_elems <= 4096:
-        return 8
-    return 16
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,7 +131,7 @@ _SIGNATURE = {
 
 def _make_config(block_n: int) -> AotConfig:
     block_t = max(1, ROW_TILE // block_n)
-    warps = _num_warps(block_t * block_n)
+    warps = row_warps(block_t * block_n)
     chunk = min(block_n, warps * 32 * ELEMS_PER_THREAD) if block_n > ROW_TILE else block_n
     return AotConfig(kernel=_KERNEL, name=OP, config=f"BLOCK_T={block_t} BLOCK_N={block_n} CHUNK={chunk} w{warps}",
                      signature=dict(_SIGNATURE), constexprs={"BLOCK_T": block_t, "BLOCK_N": block_n, "CHUNK": chunk},

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from magi_kernels.kernels.triton._io import Plan, check_i32, dummy, erase, load_f32, store_f32
+from magi_kernels.kernels.triton._io import Plan, check_i32, dummy, erase, load_f32, row_warps, store_f32
 from magi_kernels.kernels.triton.aot import AotConfig, register_aot
 
 OP = "qk_norm_rope"
@@ -57,16 +57,6 @@ HEAD_WARPS = 4
 HIDDEN_MIN_TILE = 1024
 HIDDEN_MAX_TILE = 8192
 ELEMS_PER_THREAD = 8
-
-
-def _hidden_warps(row_tile: int) -> int:
-    """Warps by row length: the stats stage holds the row in registers (<= 16 values per thread)."""
-    if row_tile <= 2048:
-        return 4
-    if row_tile <= 4096:
-        return 8
-    return 16
-
 
 
 @triton.jit
@@ -194,7 +184,7 @@ _SIGNATURE = {
 
 
 def _make_config(hidden: bool, block_h: int, block_d: int) -> AotConfig:
-    warps = _hidden_warps(block_d) if hidden else HEAD_WARPS
+    warps = row_warps(block_d) if hidden else HEAD_WARPS
     chunk = min(block_d, warps * 32 * ELEMS_PER_THREAD) if hidden else block_d
     scope = f"hidden CHUNK={chunk}" if hidden else "head"
     return AotConfig(kernel=_KERNEL, name=OP, config=f"{scope} BLOCK_H={block_h} BLOCK_D={block_d} w{warps}",
