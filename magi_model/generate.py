@@ -184,6 +184,48 @@ def run(a: argparse.Namespace) -> dict:
         _say(f"NOTE: preset '{a.preset}' uses RANDOM weights (DiT, VAE and text encoder): the video shows "
              f"structured noise, not the prompt. It demonstrates the pipeline; no downloads happen.")
 
+    # Inputs that can be wrong are read before any large model is loaded, so mistakes fail fast.
+    w, h = r.video_size_w, r.video_size_h
+    image = frames = None
+    if a.mode == "i2v":
+        image = read_image(a.image_path, w, h)
+    elif a.mode == "v2v":
+        frames = read_video(a.prefix_video_path, w, h, r.fps, PREFIX_VIDEO_FRAMES)
+        # The VAE's temporal patchify drops a trailing partial group of frames; drop it up front so the
+        # latent count is known before encoding.
+        keep = frames.shape[0] - frames.shape[0] % r.temporal_downsample_factor
+        if keep == 0:
+            raise CLIError(f"prefix_video_path: needs at least {r.temporal_downsample_factor} frames at {r.fps} fps, "
+                           f"got {frames.shape[0]}")
+        frames = frames[:keep]
+    P = {"t2v": 0, "i2v": 1}.get(a.mode) if frames is None else schedule.prefix_latent_frames(
+        frames.shape[0], tile_frames=r.fps // 2, temporal_downsample_factor=r.temporal_downsample_factor)
+    plan = schedule.chunk_plan(r.num_frames, mode=a.mode, prefix_latent_frames=P, chunk_width=r.chunk_width,
+                               temporal_downsample_factor=r.temporal_downsample_factor)
+
+    # --- text (T5 runs first and is released before the DiT loads, as MAGI-1 offloads it)
+    L, Cc = m.caption_max_length, m.caption_channels
+    tok_path = os.environ.get("SPECIAL_TOKEN_PATH", text_mod.DEFAULT_SPECIAL_TOKEN_PATH)
+    if random_weights and not os.path.isfile(tok_path):
+        special = text_mod.random_special_tokens(Cc, seed)
+    else:
+        special = text_mod.load_special_tokens(tok_path)
+    if a.text_embeddings:
+        prompts = text_mod.load_text_embeddings(a.text_embeddings, dim=Cc, max_length=L)
+    else:
+        n_noisy = plan.infer_chunk_num - plan.chunk_offset
+        if len(a.prompt) > n_noisy:
+            raise text_mod.TextError(f"prompt: got {len(a.prompt)} chunk-wise prompts but the video has only "
+                                     f"{n_noisy} generated chunk(s) (num_frames / 24, rounded up); pass at most "
+                                     f"{n_noisy}")
+        if random_weights:
+            enc = text_mod.RandomTextEncoder(Cc, L, seed=seed)
+        else:
+            enc = text_mod.T5TextEncoder(r.t5_pretrained or "", device=r.t5_device if torch.cuda.is_available()
+                                         else "cpu", max_length=L)
+        prompts = [enc(p) for p in a.prompt]
+        del enc
+
     # --- models
     if random_weights:
         model = build_dit(cfg, device=device, seed=seed)
@@ -192,37 +234,18 @@ def run(a: argparse.Namespace) -> dict:
         from magi_model.loading import load_dit
         if r.vae_pretrained is None:
             raise CLIError("config_file: runtime_config.vae_pretrained must name MAGI-1-VAE's folder")
-        model = load_dit(cfg, device=device, progress=not a.no_progress)
         vae = vae_mod.load_vae(r.vae_pretrained, device=device, tile_sample_min_length=r.fps // 2)
+        model = load_dit(cfg, device=device, progress=not a.no_progress)
 
     # --- prefix latents
-    w, h = r.video_size_w, r.video_size_h
     prefix = None
-    if a.mode == "i2v":
-        prefix = vae_mod.encode_image(vae, read_image(a.image_path, w, h).to(device), r.scale_factor)
-    elif a.mode == "v2v":
-        frames = read_video(a.prefix_video_path, w, h, r.fps, PREFIX_VIDEO_FRAMES)
+    if image is not None:
+        prefix = vae_mod.encode_image(vae, image.to(device), r.scale_factor)
+    elif frames is not None:
         prefix = vae_mod.encode_video(vae, frames.to(device), r.scale_factor)
-    P = 0 if prefix is None else prefix.shape[2]
-    plan = schedule.chunk_plan(r.num_frames, mode=a.mode, prefix_latent_frames=P, chunk_width=r.chunk_width,
-                               temporal_downsample_factor=r.temporal_downsample_factor)
+    if prefix is not None and prefix.shape[2] != P:
+        raise RuntimeError(f"prefix encoded to {prefix.shape[2]} latent frames, planned {P}")  # internal check
 
-    # --- text
-    L, Cc = m.caption_max_length, m.caption_channels
-    if a.text_embeddings:
-        prompts = text_mod.load_text_embeddings(a.text_embeddings, dim=Cc, max_length=L)
-    else:
-        if random_weights:
-            enc = text_mod.RandomTextEncoder(Cc, L, seed=seed)
-        else:
-            enc = text_mod.T5TextEncoder(r.t5_pretrained or "", device=r.t5_device if torch.cuda.is_available()
-                                         else "cpu", max_length=L)
-        prompts = [enc(p) for p in a.prompt]
-    tok_path = os.environ.get("SPECIAL_TOKEN_PATH", text_mod.DEFAULT_SPECIAL_TOKEN_PATH)
-    if random_weights and not os.path.isfile(tok_path):
-        special = text_mod.random_special_tokens(Cc, seed)
-    else:
-        special = text_mod.load_special_tokens(tok_path)
     null, null_mask = model.null_caption(plan.infer_chunk_num)
     captions = text_mod.build_captions(prompts, num_chunks=plan.infer_chunk_num, chunk_offset=plan.chunk_offset,
                                        null=null[0, 0].cpu(), null_mask=null_mask[0, 0].cpu(),

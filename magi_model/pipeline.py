@@ -141,7 +141,9 @@ class ChunkSampler:
     def _dit(self, x, t, cap, mask, dropout, **kw):
         e, r = self.cfg.engine, self.cfg.runtime
         dt = schedule.distill_step_size(r.num_steps, kw.pop("sub_step", 0), e.shortcut_mode) if e.distill else None
-        return self.model(x, t, cap, mask, caption_dropout=dropout, distill_dt=dt, **kw).float()
+        # The schedule lives on the CPU; the forward's inputs all go to the latent's device.
+        return self.model(x, t.to(x.device), cap.to(x.device), mask.to(x.device), caption_dropout=dropout,
+                          distill_dt=dt, **kw).float()
 
     # ------------------------------------------------------------------ velocity of one step
     def velocity(self, x: torch.Tensor, w: Window, cache: KVCache, sub_step: int) -> torch.Tensor:
@@ -218,7 +220,10 @@ class ChunkSampler:
         """Denoise ``x`` (1, C, T, h8, w8) in place; returns the output latents (prefix cut for V2V)."""
         r = self.cfg.runtime
         plan = self.plan
-        cache = KVCache.for_model(self.model, plan.infer_chunk_num * self.n_tok)
+        # kv_offload (MAGI-1's pinned host cache) keeps the whole-video cache in CPU memory.
+        cache = KVCache.for_model(self.model, plan.infer_chunk_num * self.n_tok,
+                                  device="cpu" if self.cfg.engine.kv_offload else None)
+        self.kv_cache = cache  # kept for inspection (tests, debugging)
         self.pad_prefix(x, 0)
         self.fill_prefix_cache(x, cache)
         total = schedule.total_steps(plan.infer_chunk_num, r.num_steps, r.window_size, plan.chunk_offset)
@@ -228,11 +233,11 @@ class ChunkSampler:
             w = self.window(step)
             self.pad_prefix(x, w.slice_point)
             v = self.velocity(x, w, cache, step.sub_step)
-            _, t_next = schedule.staggered_t(self.grid, step.t_index)
-            t_cur = w.t[1:] if w.extra_clean else w.t
+            # Euler steps follow the grid (w.t is the model's input, where prefix chunks may read 1.0).
+            t_cur, t_next = schedule.staggered_t(self.grid, step.t_index)
             for j, ch in enumerate(w.chunks):
                 sl = slice(ch * self.cw, (ch + 1) * self.cw)
-                x[:, :, sl] = x[:, :, sl] + v[:, :, j * self.cw:(j + 1) * self.cw] * (t_next[j] - t_cur[j])
+                x[:, :, sl] = x[:, :, sl] + v[:, :, j * self.cw:(j + 1) * self.cw] * float(t_next[j] - t_cur[j])
             bar.update(1)
             # The oldest chunk of the window is finished once it has taken the grid's last step.
             if step.t_index[0] == r.num_steps - 1:

@@ -111,10 +111,12 @@ _QUOTES = (re.compile(r"[`\u00b4\u00ab\u00bb\u201c\u201d\u00a8]"), re.compile(r"
 
 def clean_caption(caption: str) -> str:
     """The main steps of the DeepFloyd/PixArt cleaner MAGI-1 applies (twice) before T5: unquote,
-    lowercase, drop URLs / HTML tags / @handles / CJK ranges, normalize dashes and quotes and
-    whitespace. (The full cleaner's long tail of regexes -- file names, IP addresses, shop
-    boilerplate -- is not reproduced.)"""
+    lowercase, drop URLs / HTML tags / @handles / CJK ranges / IP addresses / file names / long
+    numbers, normalize dashes, quotes, repeated dots and whitespace. The full cleaner's long tail
+    (ftfy repairs, shop boilerplate, size patterns, punctuation spacing) is not reproduced; plain
+    prompts come out the same."""
     c = urllib.parse.unquote_plus(str(caption)).strip().lower()
+    c = c.replace("<person>", "person")
     c = html.unescape(c)
     c = _URL.sub("", c)
     c = _HTML.sub("", c)
@@ -123,6 +125,13 @@ def clean_caption(caption: str) -> str:
     c = _DASH.sub("-", c)
     c = _QUOTES[0].sub('"', c)
     c = _QUOTES[1].sub("'", c)
+    c = re.sub(r"&quot;?|&amp", "", c)
+    c = re.sub(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", " ", c)  # IP addresses
+    c = re.sub(r"\\n", " ", c)
+    c = re.sub(r"#\d{1,3}\b|#\d{5,}\b|\b\d{6,}\b", "", c)  # hashtag numbers, long ids
+    c = re.sub(r"\S+\.(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)", "", c)  # file names
+    c = re.sub(r"[\"']{2,}", '"', c)
+    c = re.sub(r"\.{2,}", " ", c)
     c = re.sub(r"\s+", " ", c)
     return c.strip()
 
@@ -183,7 +192,8 @@ class RandomTextEncoder:
         return emb, mask
 
 
-def load_text_embeddings(path: str, *, dim: int, max_length: int = MAX_LENGTH) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def load_text_embeddings(path: str, *, dim: int,
+                         max_length: int = MAX_LENGTH) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Precomputed prompt features: a ``.safetensors`` / ``.pt`` / ``.npz`` holding ``embeddings``
     ``(P, L, dim)`` or ``(L, dim)`` and optionally ``mask`` ``(P, L)`` (default: all ones). One entry per
     prompt (P > 1 = chunk-wise prompts). L is padded with zeros / truncated to ``max_length``."""

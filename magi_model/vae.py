@@ -59,7 +59,8 @@ def _check_ddconfig(dd: Mapping) -> dict:
         raise VAEError(f"vae ddconfig: missing fields {missing}")
     dd = dict(MAGI1_DDCONFIG, **dd)
     if dd["embed_dim"] % dd["num_heads"]:
-        raise VAEError(f"vae ddconfig: embed_dim ({dd['embed_dim']}) must be divisible by num_heads ({dd['num_heads']})")
+        raise VAEError(f"vae ddconfig: embed_dim ({dd['embed_dim']}) must be divisible by num_heads "
+                       f"({dd['num_heads']})")
     unpatch = dd["patch_length"] * dd["patch_size"] ** 2
     if dd["embed_dim"] % unpatch:
         raise VAEError(f"vae ddconfig: embed_dim ({dd['embed_dim']}) must be a multiple of patch_length * "
@@ -155,7 +156,8 @@ class ViTEncoder(_ViTBase):
         super().__init__(dd)
         pl, ps = dd["patch_length"], dd["patch_size"]
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv3d(dd["in_chans"], dd["embed_dim"], kernel_size=(pl, ps, ps), stride=(pl, ps, ps))
+        self.patch_embed.proj = nn.Conv3d(dd["in_chans"], dd["embed_dim"], kernel_size=(pl, ps, ps),
+                                          stride=(pl, ps, ps))
         self.last_layer = nn.Linear(dd["embed_dim"], dd["z_chans"] * (2 if dd["double_z"] else 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
