@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-av = pytest.importorskip("av")
+import av  # a core dependency: the CLI writes mp4 with PyAV
 
 from magi_model import generate  # noqa: E402
 from magi_model.config import preset_dict  # noqa: E402
