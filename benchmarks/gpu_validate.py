@@ -54,7 +54,38 @@ def _gate_cases(device):
                mk.gated_post_norm_residual(x, gate, res, w, b, gate_index=gi, backend=be))
 
 
-CASE_SOURCES = [_qk_cases, _gate_cases]
+def _attn_cases(device):
+    import magi_kernels as mk
+
+    # MAGI-1-like windows (4 chunks, key windows 5/4/3/2 chunks, one cached chunk), 24B heads 48:8, hd 128;
+    # chunks smaller than 720p so the torch reference (a tile walk) stays quick.
+    for name, (n, hq, hk, dtype) in {"magi1 window 4x4096 bf16": (4096, 48, 8, torch.bfloat16),
+                                     "magi1 window 4x2048 fp16": (2048, 24, 8, torch.float16)}.items():
+        mask = mk.Magi1WindowMask(chunk_tokens=n, kv_windows=[5, 4, 3, 2], slice_point=1)
+        qr, kr, types = mask.to_ranges(device)
+        q = torch.randn(mask.total_q, hq, 128, device=device, dtype=dtype)
+        k = torch.randn(mask.total_k, hk, 128, device=device, dtype=dtype)
+        v = torch.randn(mask.total_k, hk, 128, device=device, dtype=dtype)
+        yield ("flex_attn", name, {"head_dim": 128, "hq": hq, "hk": hk, "softcap": 0.0, "deterministic": False},
+               dtype, lambda b, q=q, k=k, v=v, qr=qr, kr=kr, t=types: mk.flex_attn_func(q, k, v, qr, kr, t, backend=b))
+
+
+def _fp8_cases(device):
+    import magi_kernels as mk
+
+    # MAGI-1 24B layer shapes at one 720p chunk (M = 21,600 tokens): linear_proj, fc1 (SwiGLU), fc2 (K = 16,384).
+    for name, (m, n, k, epi, a_gran) in {"24B linear_proj row": (21600, 6144, 12288, None, "row"),
+                                        "24B fc1 swiglu row": (21600, 32768, 6144, "swiglu", "row"),
+                                        "24B fc2 block": (21600, 6144, 16384, None, "block1x128")}.items():
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+        a8, sa = mk.fp8_quantize(x, a_gran)
+        b8, sb = mk.fp8_quantize(w, "block128x128" if a_gran.startswith("block") else "row")
+        yield ("fp8_gemm", name, {"m": m, "n": n, "k": k}, torch.float8_e4m3fn,
+               lambda b, a8=a8, sa=sa, b8=b8, sb=sb, epi=epi: mk.fp8_gemm(a8, b8, sa, sb, epilogue=epi, backend=b))
+
+
+CASE_SOURCES = [_qk_cases, _gate_cases, _attn_cases, _fp8_cases]
 
 
 def _max_rel_err(out, ref) -> float:

@@ -81,6 +81,31 @@ def _cases(device):
     yield ("fp8_gemm", "row x col scales, bias+GELU, bf16 out", {"m": 33, "n": 72, "k": 160}, torch.float8_e4m3fn,
            lambda b: mk.fp8_gemm(a8, b8, sa, sb, bias=bias, epilogue="gelu", backend=b), ref)
 
+    # Flexible attention on MAGI-1's window mask: 3 chunks of 37 tokens, windows r = 3, 2, 1, one cached chunk.
+    mask = mk.Magi1WindowMask(chunk_tokens=37, kv_windows=[3, 2, 1], slice_point=1)
+    qr, kr, types = mask.to_ranges(device)
+    for dtype in (torch.float32, torch.float16):
+        qa = rnd(mask.total_q, 4, 64).to(dtype)
+        ka, va = rnd(mask.total_k, 2, 64).to(dtype), rnd(mask.total_k, 2, 64).to(dtype)
+        yield ("flex_attn", f"MAGI-1 window mask, GQA 2:1, hd64, {str(dtype)[6:]}",
+               {"head_dim": 64, "hq": 4, "hk": 2, "softcap": 0.0, "deterministic": False}, dtype,
+               lambda b, qa=qa, ka=ka, va=va: mk.flex_attn_func(qa, ka, va, qr, kr, types, backend=b)[0],
+               _dense_attention64(qa, ka, va, qr, kr))
+
+
+def _dense_attention64(q, k, v, q_ranges, k_ranges):
+    """float64 attention with a dense boolean mask (FULL slices): fine at self-check sizes."""
+    import torch
+
+    visible = torch.zeros(q.shape[0], k.shape[0], dtype=torch.bool)
+    for (qs, qe), (ks, ke) in zip(q_ranges.tolist(), k_ranges.tolist()):
+        visible[qs:qe, ks:ke] = True
+    groups = q.shape[1] // k.shape[1]
+    qd, kd, vd = q.double().cpu(), k.double().cpu().repeat_interleave(groups, 1), v.double().cpu().repeat_interleave(groups, 1)
+    s = torch.einsum("qhd,khd->hqk", qd, kd) / q.shape[-1] ** 0.5
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    return torch.einsum("hqk,khd->qhd", p, vd)
+
 
 def _dequant(q, scale):
     return q.float() * scale
