@@ -29,9 +29,8 @@ def range_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges:
     pair are zero. Returns [Tq, hq, d] in q's dtype (MAGI-1's flash-attn path returns bf16; the
     result is then projected in fp32).
     """
-    # flex_attn requires the last dim contiguous; slices of the packed [K|V] cache are not.
-    out, _lse = flex_attn_func(q.contiguous(), k.contiguous(), v.contiguous(), q_ranges, k_ranges,
-                               softmax_scale=softmax_scale)
+    # flex_attn needs only stride(-1) == 1, so K and V may be views of the packed [K | V] cache (no copy).
+    out, _lse = flex_attn_func(q, k, v, q_ranges, k_ranges, softmax_scale=softmax_scale)
     return out.to(q.dtype)
 
 
