@@ -1,0 +1,247 @@
+"""Triton flex_attn kernels (forward, dQ + delta pre-pass, dK/dV) under the interpreter, against float64 dense
+attention; plus host-side checks that the launchers only pick configs registered with the AOT checker.
+
+fp32 inputs get tight bounds (the kernels' arithmetic is fp32 throughout); fp16 inputs get MagiAttention's
+two-sided scheme against an fp16 dense reference. bf16 is not run here: the interpreter's bf16 tl.dot is
+broken (supports() declines it on CPU), and GPU numerics are out of reach on this machine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from magi_kernels import registry
+from magi_kernels.kernels.triton import flex_attn as kern
+from magi_kernels.kernels.triton.aot import registered_configs
+from magi_kernels.ops.flex_attn import flex_attn_func, make_args
+from magi_kernels.ranges import Magi1WindowMask
+
+from ._helpers import RTOL, assert_two_sided, dense_attn, dense_mask, slice_layouts
+
+SMALL_TILES = [(16, 16), (16, 32), (32, 16)]  # several tiles per axis at interpreter-friendly sizes
+
+
+def _qkv(tq, tk, hq, hk, d, dtype):
+    return (torch.randn(tq, hq, d).to(dtype), torch.randn(tk, hk, d).to(dtype), torch.randn(tk, hk, d).to(dtype))
+
+
+def _ranges(qr, kr, ty):
+    return tuple(torch.from_numpy(np.ascontiguousarray(x, dtype=np.int32)) for x in (qr, kr, ty))
+
+
+def _nan(t):
+    return torch.full_like(t, float("nan"))
+
+
+def _ref(q, k, v, M, scale, softcap, do, dlse=None, dtype=torch.float64):
+    """Dense attention in ``dtype`` and its gradients (dlse enters through lse where lse is finite)."""
+    qq, kk, vv = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    o, lse = dense_attn(qq, kk, vv, M, scale, softcap, dtype=dtype)
+    loss = (o.double() * do.double()).sum()
+    if dlse is not None:
+        loss = loss + (torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).double() * dlse.double()).sum()
+    return o, lse, torch.autograd.grad(loss, (qq, kk, vv))
+
+
+def _run_kernels(q, k, v, qr, kr, ty, softcap, do, dlse, tiles):
+    """launch_fwd/launch_bwd with small-tile configs, every output poisoned with NaN first."""
+    a = make_args(q, k, v, *_ranges(qr, kr, ty), None, softcap, False)
+    d, cap = q.shape[-1], softcap > 0
+    bm, bn = tiles
+    out, lse = _nan(q), torch.full(q.shape[:2], float("nan"))
+    kern.launch_fwd(a, out, lse, kern.make_config("fwd", q.dtype, d, cap, bm, bn))
+    dq, dk, dv = _nan(q), _nan(k), _nan(v)
+    cfgs = (kern.make_config("bwd_dq", q.dtype, d, cap, bm, bn), kern.make_config("bwd_dkdv", q.dtype, d, cap, bn, bm))
+    kern.launch_bwd(a, do, out, lse, dlse, dq, dk, dv, cfgs)
+    return a, out, lse, (dq, dk, dv)
+
+
+@settings(max_examples=25, deadline=None)
+@given(layout=slice_layouts(max_tokens=60, max_slices=5), hk=st.sampled_from([1, 2]), g=st.sampled_from([1, 2, 4]),
+       d=st.sampled_from([64, 128]), softcap=st.sampled_from([0.0, 0.0, 3.0]), tiles=st.sampled_from(SMALL_TILES),
+       with_dlse=st.booleans())
+def test_fp32_random_layouts_forward_and_backward(layout, hk, g, d, softcap, tiles, with_dlse):
+    """Overlapping q ranges, gaps, uncovered rows, empty/length-1 ranges, all four types, sq != sk, GQA 1-4."""
+    qr, kr, ty, tq, tk = layout
+    q, k, v = _qkv(tq, tk, hk * g, hk, d, torch.float32)
+    do = torch.randn_like(q)
+    dlse = torch.randn(tq, hk * g) if with_dlse else None
+    a, out, lse, grads = _run_kernels(q, k, v, qr, kr, ty, softcap, do, dlse, tiles)
+    o64, lse64, g64 = _ref(q, k, v, dense_mask(qr, kr, ty, tq, tk), a.softmax_scale, softcap, do, dlse)
+    torch.testing.assert_close(out.double(), o64, atol=2e-5, rtol=1e-4)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse64)) and not lse.isnan().any()
+    torch.testing.assert_close(lse.double(), lse64, atol=2e-5, rtol=1e-5)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, g64):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mask_type", [0, 1, 2, 3], ids=["full", "causal", "inv_causal", "bi_causal"])
+def test_each_mask_type_multi_tile(mask_type):
+    """One type at a time with sq < sk, sq > sk, an overlapping range and an empty BI_CAUSAL-style slice."""
+    qr = np.array([[0, 40], [30, 75], [75, 77], [80, 90]], np.int32)
+    kr = np.array([[5, 70], [0, 20], [10, 60], [3, 3]], np.int32)
+    ty = np.full(4, mask_type, np.int32)
+    q, k, v = _qkv(96, 70, 2, 1, 64, torch.float32)
+    do, dlse = torch.randn_like(q), torch.randn(96, 2)
+    a, out, lse, grads = _run_kernels(q, k, v, qr, kr, ty, 0.0, do, dlse, (16, 32))
+    o64, lse64, g64 = _ref(q, k, v, dense_mask(qr, kr, ty, 96, 70), a.softmax_scale, 0.0, do, dlse)
+    torch.testing.assert_close(out.double(), o64, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), lse64, atol=2e-5, rtol=1e-5)
+    assert (out[90:] == 0).all() and torch.isneginf(lse[90:]).all()  # uncovered rows
+    for got, want in zip(grads, g64):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-3)
+
+
+def _check_op_fp16(q, k, v, qr, kr, ty, softcap=0.0):
+    """Public op with backend='triton' (shipped configs, autograd) vs fp64, two-sided against an fp16 reference."""
+    M = dense_mask(qr, kr, ty, q.shape[0], k.shape[0])
+    scale = 1 / math.sqrt(q.shape[-1])
+    qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+    out, lse = flex_attn_func(qq, kk, vv, *_ranges(qr, kr, ty), softcap=softcap, backend="triton")
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (qq, kk, vv), do)
+    o64, lse64, g64 = _ref(q, k, v, M, scale, softcap, do)
+    olow, lselow, glow = _ref(q, k, v, M, scale, softcap, do, dtype=q.dtype)
+    tol = RTOL[q.dtype]
+    assert_two_sided("out", out, o64, olow, rtol=tol["out"])
+    assert_two_sided("lse", lse, lse64, lselow, rtol=tol["lse"])
+    for name, got, want, low in zip(("dq", "dk", "dv"), grads, g64, glow):
+        assert_two_sided(name, got, want, low, rtol=tol[name], ratio=2.0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(layout=slice_layouts(max_tokens=150, max_slices=5), hk=st.sampled_from([1, 2]), g=st.sampled_from([1, 4]),
+       d=st.sampled_from([64, 128]), softcap=st.sampled_from([0.0, 20.0]))
+def test_fp16_random_layouts_through_the_op(layout, hk, g, d, softcap):
+    qr, kr, ty, tq, tk = layout
+    _check_op_fp16(*_qkv(tq, tk, hk * g, hk, d, torch.float16), qr, kr, ty, softcap)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_magi1_window_mask(dtype):
+    m = Magi1WindowMask(45, (1, 2, 3), 2)  # clean chunk + KV-cache prefix: sq != sk, shifted key windows
+    qr, kr, ty = (x.numpy() for x in m.to_ranges())
+    q, k, v = _qkv(m.total_q, m.total_k, 4, 2, 64, dtype)
+    if dtype == torch.float16:
+        _check_op_fp16(q, k, v, qr, kr, ty)
+        return
+    do = torch.randn_like(q)
+    a, out, lse, grads = _run_kernels(q, k, v, qr, kr, ty, 0.0, do, None, (32, 16))
+    o64, lse64, g64 = _ref(q, k, v, dense_mask(qr, kr, ty, m.total_q, m.total_k), a.softmax_scale, 0.0, do)
+    torch.testing.assert_close(out.double(), o64, atol=2e-5, rtol=1e-4)
+    for got, want in zip(grads, g64):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-3)
+
+
+def test_uncovered_rows_through_the_op():
+    qr = np.array([[0, 10], [20, 30], [30, 31]], np.int32)
+    kr = np.array([[0, 16], [5, 5], [3, 9]], np.int32)  # rows 10..30 see nothing (gap + empty k range)
+    q, k, v = _qkv(40, 16, 4, 2, 64, torch.float16)
+    q.requires_grad_()
+    out, lse = flex_attn_func(q, k, v, *_ranges(qr, kr, np.zeros(3, np.int32)), backend="triton")
+    dead = torch.ones(40, dtype=torch.bool)
+    dead[:10] = False
+    dead[30] = False
+    assert (out[dead] == 0).all() and torch.isneginf(lse[dead]).all() and torch.isfinite(lse[~dead]).all()
+    (out.float().sum() + torch.where(torch.isinf(lse), 0, lse).sum()).backward()
+    assert (q.grad[dead] == 0).all() and torch.isfinite(q.grad).all()
+
+
+def test_backward_is_bitwise_deterministic():
+    m = Magi1WindowMask(30, (2, 3, 4), 1)
+    qr, kr, ty = m.to_ranges()
+    q, k, v = _qkv(m.total_q, m.total_k, 4, 1, 64, torch.float16)  # GQA 4: dK/dV sum over the group
+    do = torch.randn_like(q)
+    runs = []
+    for det in (True, True, False):
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        out, _ = flex_attn_func(qq, kk, vv, qr, kr, ty, deterministic=det, backend="triton")
+        runs.append(torch.autograd.grad(out, (qq, kk, vv), do))
+    for r in runs[1:]:
+        for a, b in zip(runs[0], r):
+            assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side: configs, selection, supports
+
+
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32"}
+
+
+def _triton_type(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return _PTR[v.dtype]
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        return "i32" if -2**31 <= v < 2**31 else "i64"
+    return "fp32" if isinstance(v, float) else type(v).__name__
+
+
+def test_shipped_configs_are_registered_and_cover_every_arch():
+    registered = {c.key: c for c in registered_configs()}
+    shipped = kern.shipped_configs()
+    assert shipped and all(registered.get(c.key) == c for c in shipped)
+    assert all(c.mma == "f16" for c in shipped)
+    for kind in kern.KERNELS:
+        for arch in kern.ARCHS:
+            for dtype in kern.GPU_DTYPES:
+                for d in kern.HEAD_DIMS:
+                    for cap in (False, True):
+                        cfg = kern.select_config(kind, dtype, d, cap, arch)
+                        assert cfg.key in registered and cfg.archs == (arch,)
+                        assert cfg.constexprs["HEAD_DIM"] == d and cfg.constexprs["SOFTCAP"] == cap
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "qkv-views", "misaligned"])
+def test_launchers_pick_registered_configs_with_matching_arg_types(monkeypatch, dtype, layout):
+    """Argument types match the registered signature and every divisible_by_16 argument really is."""
+    seen = []
+    monkeypatch.setattr(kern, "_run", lambda cfg, grid, args: seen.append((cfg, grid, args)))
+    monkeypatch.setattr(kern, "arch_of", lambda device: 90)
+    tq, hq, hk, d = 50, 4, 2, 64
+    if layout == "qkv-views":  # one packed buffer, heads sliced out: strided but aligned
+        buf = torch.randn(tq, hq + 2 * hk, d).to(dtype)
+        q, k, v = buf[:, :hq], buf[:, hq:hq + hk], buf[:, hq + hk:]
+    elif layout == "misaligned":  # a view 1 element into its storage: the launcher must copy it
+        q = torch.randn(tq * hq * d + 1).to(dtype)[1:].view(tq, hq, d)
+        k, v = torch.randn(tq, hk, d).to(dtype), torch.randn(tq, hk, d).to(dtype)
+    else:
+        q, k, v = _qkv(tq, tq, hq, hk, d, dtype)
+    qr, kr, ty = _ranges([[0, 50]], [[0, 50]], [1])
+    a = make_args(q, k, v, qr, kr, ty, None, 0.0, False)
+    out, lse = torch.empty_like(q), torch.empty(tq, hq)
+    kern.launch_fwd(a, out, lse)
+    kern.launch_bwd(a, torch.randn(tq, hq, d).to(dtype), out, lse, torch.randn(tq, hq), torch.empty_like(q),
+                    torch.empty_like(k), torch.empty_like(v))
+    registered = {c.key: c for c in registered_configs()}
+    assert [c.name for c, _, _ in seen] == ["flex_attn_fwd", "flex_attn_bwd_dq", "flex_attn_bwd_dkdv"]
+    for cfg, grid, args in seen:
+        assert registered.get(cfg.key) == cfg
+        runtime = [n for n, t in cfg.signature.items() if t != "constexpr"]
+        assert len(runtime) == len(args)
+        for name, val in zip(runtime, args):
+            assert _triton_type(val) == cfg.signature[name], f"{cfg.key}: {name}"
+            if name in cfg.divisible_by_16:
+                assert (val.data_ptr() if isinstance(val, torch.Tensor) else val) % 16 == 0, f"{cfg.key}: {name}"
+        assert all(x > 0 for x in grid)
+
+
+def test_select_config_and_supports_name_the_limit():
+    with pytest.raises(ValueError, match="head_dim"):
+        kern.select_config("fwd", torch.float16, 96, False, 90)
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        kern.select_config("fwd", torch.float64, 64, False, 90)
+    info = lambda dt, d: registry.CallInfo(torch.device("cpu"), dt, {"head_dim": d})  # noqa: E731
+    assert kern.supports(info(torch.float16, 64)) is None and kern.supports(info(torch.float32, 128)) is None
+    assert "head_dim" in kern.supports(info(torch.float16, 96))
+    assert "interpreter" in kern.supports(info(torch.bfloat16, 64))
+    assert "float64" in kern.supports(info(torch.float64, 64))
