@@ -32,4 +32,5 @@ PYBIND11_MODULE(_C, m) {
   (void)host;
   magi::bind::norm_rope(m, cuda, simt);
   magi::bind::attn_plan(host);
+  magi::bind::fp8_quant(m, cuda, simt);
 }

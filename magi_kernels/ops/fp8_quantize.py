@@ -80,7 +80,8 @@ def make_args(x, granularity, scale, bf16_round) -> Fp8QuantizeArgs:
 # --------------------------------------------------------------------------------------------------
 # Backends: each writes q [M, K] (e4m3) and scale_out (fp32, scale_shape).
 
-registry.register_op(OP, preference=("triton", "torch"))
+# Triton stays first on GPUs (the established path); "cuda" is the native fallback and the CPU-emulated twin.
+registry.register_op(OP, preference=("triton", "cuda", "torch"))
 
 
 @registry.register_impl(OP, "torch")
@@ -99,6 +100,19 @@ def _triton_supports(info: registry.CallInfo) -> str | None:
 @registry.register_impl(OP, "triton", supports=_triton_supports)
 def _triton_impl(a: Fp8QuantizeArgs, q: torch.Tensor, scale_out: torch.Tensor) -> None:
     from magi_kernels.kernels.triton import fp8_quant as kern
+
+    kern.launch(a, q, scale_out)
+
+
+def _cuda_supports(info: registry.CallInfo) -> str | None:
+    from magi_kernels.kernels.cuda import fp8_quant as kern
+
+    return kern.supports(info)
+
+
+@registry.register_impl(OP, "cuda", supports=_cuda_supports)
+def _cuda_impl(a: Fp8QuantizeArgs, q: torch.Tensor, scale_out: torch.Tensor) -> None:
+    from magi_kernels.kernels.cuda import fp8_quant as kern
 
     kern.launch(a, q, scale_out)
 
@@ -133,7 +147,7 @@ def fp8_quantize(x: torch.Tensor, granularity: str = "row", *, scale: torch.Tens
         granularity: "tensor" | "channel" | "row" | "block1x128" | "block128x128" (see module docstring).
         scale: static scale: (1,) for "tensor", (K,) or (1, K) divisor for "channel"; None = dynamic.
         bf16_round: round to bf16 before e4m3 (MAGI-1's double rounding); default True only for "channel".
-        backend: "triton" | "torch" | None (auto).
+        backend: "cuda" | "triton" | "torch" | None (auto).
     """
     make_args(x, granularity, scale, bf16_round)
     if bf16_round is None:
