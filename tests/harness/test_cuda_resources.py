@@ -51,7 +51,8 @@ def test_every_cuda_source_compiles(report):
 def test_expected_kernels_were_found(report):
     names = {(k["arch"], k["kernel"].split("<")[0].split("::")[-1]) for k in report["kernels"]}
     for arch in ARCHS:
-        for fam in ("qk_norm_rope_head_kernel", "qk_norm_rope_hidden_kernel", "gated_post_norm_kernel"):
+        for fam in ("qk_norm_rope_head_kernel", "qk_norm_rope_hidden_kernel", "gated_post_norm_kernel",
+                    "fp8_static_kernel", "fp8_row_kernel", "fp8_block1x128_kernel", "fp8_block128x128_kernel"):
             assert (arch, fam) in names, f"{fam} missing on {arch}: parser or build broke"
 
 
