@@ -4,6 +4,8 @@ Backends, in the order auto-selection tries them on a CUDA device (each op may n
 
 - ``cuda``   hand-written CUDA kernels in ``magi_kernels._C`` (only where CUDA earns its place);
 - ``triton`` Triton kernels;
+- ``scaled_mm`` a vendor GEMM through ``torch._scaled_mm`` (cuBLASLt on GPUs, oneDNN on CPUs), for the
+  fp8 GEMM layouts it supports;
 - ``torch``  the reference path: plain PyTorch, any device, CPU included; it defines the semantics.
 
 Selection, per call: an explicit ``backend=`` argument wins, then the environment variable
@@ -26,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-BACKENDS = ("cuda", "triton", "torch")
+BACKENDS = ("cuda", "triton", "scaled_mm", "torch")
 ENV_VAR = "MAGI_KERNELS_BACKEND"
 
 
@@ -135,6 +137,15 @@ def _host_gate(backend: str, info: CallInfo) -> str | None:
         cap = info.capability
         if cap is not None and cap < (8, 0):
             return f"Triton kernels need sm_80 or newer, device is sm_{cap[0]}{cap[1]}"
+        return None
+    if backend == "scaled_mm":
+        if not hasattr(torch, "_scaled_mm"):
+            return f"torch {torch.__version__} has no torch._scaled_mm"
+        if dev not in ("cpu", "cuda"):
+            return f"torch._scaled_mm runs on CPU and CUDA devices, not {dev}"
+        cap = info.capability
+        if cap is not None and cap < (8, 9):
+            return f"fp8 tensor-core GEMMs need sm_89 or newer, device is sm_{cap[0]}{cap[1]}"
         return None
     if backend == "cuda":
         from magi_kernels._ext import build_info, cuda_archs

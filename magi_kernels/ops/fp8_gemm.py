@@ -157,10 +157,11 @@ def make_args(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype) -> Fp8Gem
 
 
 # --------------------------------------------------------------------------------------------------
-# Backends: each writes out [M, N_out]. (torch._scaled_mm is a benchmark baseline, not a backend: the
-# registry's "cuda" slot means magi_kernels._C, and cuBLAS fast-accum does not promote.)
+# Backends: each writes out [M, N_out]. "scaled_mm" is torch._scaled_mm with use_fast_accum=False (promoted
+# accumulation, like our kernel); kernels/vendor/scaled_mm.py lists the layouts it takes.
 
-registry.register_op(OP, preference=("triton", "torch"))
+# Triton first: it fuses every epilogue and block scales; torch._scaled_mm covers tensor- and row-wise scales.
+registry.register_op(OP, preference=("triton", "scaled_mm", "torch"))
 
 
 @registry.register_impl(OP, "torch")
@@ -182,6 +183,19 @@ def _triton_impl(a: Fp8GemmArgs, out: torch.Tensor) -> None:
     kern.launch(a, out)
 
 
+def _scaled_mm_supports(info: registry.CallInfo) -> str | None:
+    from magi_kernels.kernels.vendor import scaled_mm as kern
+
+    return kern.supports(info)
+
+
+@registry.register_impl(OP, "scaled_mm", supports=_scaled_mm_supports)
+def _scaled_mm_impl(a: Fp8GemmArgs, out: torch.Tensor) -> None:
+    from magi_kernels.kernels.vendor import scaled_mm as kern
+
+    kern.launch(a, out)
+
+
 # --------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("magi_kernels::fp8_gemm", mutates_args=())
@@ -191,7 +205,9 @@ def _fp8_gemm_op(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scal
     args = make_args(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype)
     out = torch.empty(*a.shape[:-1], args.n_out, dtype=out_dtype, device=a.device)
     info = registry.CallInfo(a.device, a.dtype, {"m": args.a.shape[0], "n": b.shape[0], "k": b.shape[1],
-                                                 "a_mode": args.a_mode, "b_mode": args.b_mode})
+                                                 "a_mode": args.a_mode, "b_mode": args.b_mode, "act": args.act,
+                                                 "has_gate": gate is not None, "has_bias": bias is not None,
+                                                 "out_dtype": out_dtype})
     dispatch(OP, info, backend, args, (out.view(args.a.shape[0], args.n_out),))
     return out
 
@@ -213,7 +229,7 @@ def fp8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: t
         a_scale, b_scale: fp32 scales (per-tensor, per-row/column, or 1x128 / 128x128 blocks).
         bias: [N] (applied before the activation). epilogue: None | "gelu" | "swiglu" | "gate" |
         "gelu+gate" | "swiglu+gate". gate: [..., N_out] or [N_out]. out_dtype: bf16 | fp16 | fp32.
-        backend: "triton" | "torch" | None (auto).
+        backend: "triton" | "scaled_mm" | "torch" | None (auto).
     """
     make_args(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype)
     return _fp8_gemm_op(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype, backend)

@@ -146,7 +146,7 @@ def main() -> int:
     for op, label, extra, dtype, run, ref, *custom_bound in _cases(device):
         info = registry.CallInfo(device, dtype, extra)
         refs = ref if isinstance(ref, tuple) else (ref,)
-        for backend in registry.BACKENDS:
+        for backend in [b for b in registry.BACKENDS if b in registry.implementations(op)]:
             reason = registry.why_not(op, backend, info)
             if reason is not None:
                 table.add_row(op, label, backend, "-", "-", f"skipped: {reason}")
