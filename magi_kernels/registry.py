@@ -47,6 +47,10 @@ class CallInfo:
         return torch.cuda.get_device_capability(self.device)
 
 
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this call (the message says why)."""
+
+
 # A supports-check returns None when the backend can run the call, else a short reason.
 SupportsFn = Callable[[CallInfo], "str | None"]
 
@@ -189,7 +193,7 @@ def select(op: str, info: CallInfo, requested: str | None = None) -> Impl:
             raise ValueError(f"backend={requested!r} is not one of {BACKENDS} (or None/'auto')")
         reason = why_not(op, requested, info)
         if reason is not None:
-            raise RuntimeError(f"{op}: {source}{requested!r} cannot run this call: {reason}")
+            raise BackendUnavailable(f"{op}: {source}{requested!r} cannot run this call: {reason}")
         return impls[requested]
     if info.device.type != "cuda":
         return impls["torch"]
@@ -199,7 +203,7 @@ def select(op: str, info: CallInfo, requested: str | None = None) -> Impl:
         if reason is None:
             return impls[b]
         reasons.append(f"{b}: {reason}")
-    raise RuntimeError(f"{op}: no backend can run this call ({'; '.join(reasons)})")
+    raise BackendUnavailable(f"{op}: no backend can run this call ({'; '.join(reasons)})")
 
 
 _LOADED = False

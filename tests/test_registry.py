@@ -41,7 +41,7 @@ def test_explicit_request_that_cannot_run_raises_with_reason(monkeypatch):
     import magi_kernels.kernels.triton as tri
 
     monkeypatch.setattr(tri, "triton_interpreting", lambda: False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(registry.BackendUnavailable, match="TRITON_INTERPRET=1"):
         registry.select("qk_norm_rope", CPU, "triton")
     with pytest.raises(ValueError, match="is not one of"):
         registry.select("qk_norm_rope", CPU, "numpy")
