@@ -37,11 +37,13 @@ def _compute_dtype(dt: torch.dtype) -> torch.dtype:
     return torch.float64 if dt == torch.float64 else torch.float32
 
 
-def _steps(plan: AttnPlan, m: int, max_keys: int) -> Iterator[tuple[int, int, Optional[list[int]]]]:
+def _steps(plan: AttnPlan, m: int, max_keys: int,
+           max_full_keys: Optional[int] = None) -> Iterator[tuple[int, int, Optional[list[int]]]]:
     """(key start, key end, slice ids or None for an unmasked step) for q tile m.
 
     Consecutive k tiles of the same kind merge into one step (fewer, larger matmuls), capped at
-    ``max_keys`` keys. A PARTIAL step carries the union of its tiles' slice ids.
+    ``max_keys`` keys (``max_full_keys`` for FULL runs when given). A PARTIAL step carries the union of
+    its tiles' slice ids.
     """
     t = plan.tensors
     a, b = int(t["q_ptr"][m]), int(t["q_ptr"][m + 1])
@@ -51,11 +53,12 @@ def _steps(plan: AttnPlan, m: int, max_keys: int) -> Iterator[tuple[int, int, Op
     kidx = t["q_kidx"][a:b].tolist()
     bn = plan.block_n
     tiles_per_step = max(1, max_keys // bn)
+    full_tiles_per_step = tiles_per_step if max_full_keys is None else max(1, max_full_keys // bn)
     # FULL run(s)
     i = 0
     while i < nf:
         j = i + 1
-        while j < nf and kidx[j] == kidx[j - 1] + 1 and j - i < tiles_per_step:
+        while j < nf and kidx[j] == kidx[j - 1] + 1 and j - i < full_tiles_per_step:
             j += 1
         yield kidx[i] * bn, min(plan.total_k, kidx[j - 1] * bn + bn), None
         i = j
@@ -127,17 +130,36 @@ def _apply_mask(s: torch.Tensor, mask: Optional[torch.Tensor], rows: int) -> tor
 
 def flex_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttnPlan, softmax_scale: float,
                   softcap: float = 0.0, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
-                  max_step_elems: int = DEFAULT_STEP_ELEMS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward over the plan. q [Tq, Hq, D], k/v [Tk, Hk, D]. Returns (out in q's dtype, lse fp32 [Tq, Hq])."""
+                  max_step_elems: int = DEFAULT_STEP_ELEMS,
+                  fused: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward over the plan. q [Tq, Hq, D], k/v [Tk, Hk, D]. Returns (out in q's dtype, lse fp32 [Tq, Hq]).
+
+    ``fused``: None = automatic (the fused CPU kernel per step when :func:`fused_cpu_available`), False =
+    the generic torch loop (any device), True = require the fused CPU path.
+    """
     tq, hq, d = q.shape
-    hk = k.shape[1]
     dv = v.shape[2]
-    cd = _compute_dtype(q.dtype)
     dev = q.device
     if out is None:
         out = torch.empty(tq, hq, dv, dtype=q.dtype, device=dev)
     if lse is None:
         lse = torch.empty(tq, hq, dtype=torch.float32, device=dev)
+    ok = fused_cpu_available(q, softcap)
+    if fused and not ok:
+        raise ValueError("fused=True needs a CPU tensor, softcap == 0 and aten::_scaled_dot_product_flash_attention_for_cpu")
+    if ok and fused is not False:
+        return _fwd_cpu_fused(q, k, v, plan, softmax_scale, out, lse, max_step_elems)
+    return _fwd_generic(q, k, v, plan, softmax_scale, softcap, out, lse, max_step_elems)
+
+
+def _fwd_generic(q, k, v, plan: AttnPlan, softmax_scale: float, softcap: float, out: torch.Tensor, lse: torch.Tensor,
+                 max_step_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device-agnostic loop: explicit online softmax over the plan's steps (bmm + exp per step)."""
+    tq, hq, d = q.shape
+    hk = k.shape[1]
+    dv = v.shape[2]
+    cd = _compute_dtype(q.dtype)
+    dev = q.device
     bm = plan.block_m
     slices = plan.tensors["slices"]
     for m in range(plan.num_q_tiles):
@@ -171,6 +193,95 @@ def flex_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttnP
         tile_lse = torch.where(seen, m_i + torch.log(torch.where(seen, l_i, torch.ones_like(l_i))),
                                torch.full_like(l_i, float("-inf")))
         lse[r0:r1] = _rows_to_heads(tile_lse[..., None], hk, rows)[..., 0].to(torch.float32)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused CPU forward. Per step the generic loop runs ~6 full passes over a [G*rows, keys] score tensor in
+# memory (scale, max, subtract, exp, sum, and the cast), which dominates on CPU. ATen's CPU flash kernel
+# does the same online softmax blocked in cache and returns (out, lse), so here each step is one call to
+# it over exactly the plan's key span (masked area is never computed, FULL steps carry no mask), and
+# steps are combined with the usual lse merge. GQA without copies: q rows [rows, Hk, G, D] are viewed as
+# [G, Hk, rows, D] and K/V as a stride-0 expand [G, Hk, keys, D]. Consecutive q tiles with identical
+# all-FULL steps are walked as one row group (fewer calls, larger q blocks inside the kernel).
+
+try:
+    _CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+except (AttributeError, RuntimeError):  # pragma: no cover - older torch
+    _CPU_FLASH = None
+
+# Rows (tokens) per fused row group: the kernel's q blocks are 256 rows from 768 rows up; the output
+# temporaries are rows x Hq x D, so this bounds memory independently of the mask.
+FUSED_GROUP_ROWS = 2048
+
+
+def fused_cpu_available(q: torch.Tensor, softcap: float = 0.0) -> bool:
+    """Whether the forward can use the fused CPU kernel (CPU tensors, no softcap, op present)."""
+    return _CPU_FLASH is not None and q.device.type == "cpu" and softcap == 0
+
+
+def _row_groups(plan: AttnPlan, tq: int, hq: int, max_step_elems: int):
+    """(row start, row end, steps) walking the plan's q tiles; merges consecutive tiles whose steps are the
+    same all-FULL key spans, up to FUSED_GROUP_ROWS rows. FULL runs are not split (the fused kernel is
+    memory-bounded by itself); PARTIAL runs keep the generic cap (their mask is materialised)."""
+    bm = plan.block_m
+    cur = None  # [r0, r1, steps, mergeable]
+    for m in range(plan.num_q_tiles):
+        r0, r1 = m * bm, min(tq, (m + 1) * bm)
+        max_keys = max(plan.block_n, max_step_elems // max(1, (r1 - r0) * hq))
+        steps = list(_steps(plan, m, max_keys, max_full_keys=plan.total_k))
+        mergeable = bool(steps) and all(ids is None for _, _, ids in steps)
+        if (cur is not None and mergeable and cur[3] and cur[2] == steps
+                and r1 - cur[0] <= max(FUSED_GROUP_ROWS, bm)):
+            cur[1] = r1
+            continue
+        if cur is not None:
+            yield cur[0], cur[1], cur[2]
+        cur = [r0, r1, steps, mergeable]
+    if cur is not None:
+        yield cur[0], cur[1], cur[2]
+
+
+def _fwd_cpu_fused(q, k, v, plan: AttnPlan, scale: float, out: torch.Tensor, lse: torch.Tensor,
+                   max_step_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tq, hq, d = q.shape
+    hk, dv = k.shape[1], v.shape[2]
+    g = hq // hk
+    cd = _compute_dtype(q.dtype)
+    ninf = float("-inf")
+    slices = plan.tensors["slices"]
+    # fp16/bf16: one fp32 copy of K/V per call (not per tile); fp32/fp64: views, no copy.
+    kb = k.to(cd).permute(1, 0, 2)[None].expand(g, -1, -1, -1)  # [G, Hk, Tk, D]
+    vb = v.to(cd).permute(1, 0, 2)[None].expand(g, -1, -1, -1)
+    for r0, r1, steps in _row_groups(plan, tq, hq, max_step_elems):
+        rows = r1 - r0
+        if not steps:  # no visible key in these rows
+            out[r0:r1].zero_()
+            lse[r0:r1].fill_(ninf)
+            continue
+        qg = q[r0:r1].to(cd).view(rows, hk, g, d).permute(2, 1, 0, 3)  # [G, Hk, rows, D]
+        o_acc = l_acc = None
+        for c0, c1, ids in steps:
+            mask = seen = None
+            if ids is not None:
+                vis = _step_mask(slices, ids, r0, r1, c0, c1, q.device)
+                mask = torch.zeros(vis.shape, dtype=cd).masked_fill_(~vis, ninf)
+                seen = vis.any(-1)
+            o, l = _CPU_FLASH(qg, kb[:, :, c0:c1], vb[:, :, c0:c1], 0.0, False, attn_mask=mask, scale=scale)
+            o = o.permute(2, 1, 0, 3).reshape(rows, hq, dv)  # [rows, Hk, G, D] order = q's head order
+            l = l.permute(2, 1, 0).reshape(rows, hq).to(cd)
+            if seen is not None:  # rows this step sees nothing of: lse -inf, out 0 (the kernel leaves lse 0)
+                l = l.masked_fill(~seen[:, None], ninf)
+                o = o.masked_fill(~seen[:, None, None], 0.0)
+            if o_acc is None:
+                o_acc, l_acc = o, l
+                continue
+            l_new = torch.logaddexp(l_acc, l)
+            safe = l_new.masked_fill(torch.isneginf(l_new), 0.0)  # both -inf: weights exp(-inf) = 0
+            o_acc = o_acc * torch.exp(l_acc - safe)[..., None] + o * torch.exp(l - safe)[..., None]
+            l_acc = l_new
+        out[r0:r1] = o_acc
+        lse[r0:r1] = l_acc
     return out, lse
 
 
