@@ -23,6 +23,7 @@ emulator compiled into ``_C.simt``; both are slow and exist to make device code 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from typing import Any, Callable
 
@@ -88,6 +89,26 @@ def register_impl(op: str, backend: str, supports: SupportsFn | None = None):
         return fn
 
     return deco
+
+
+def register_module_impl(op: str, backend: str, module: str, launch: str = "launch",
+                         supports: str = "supports") -> None:
+    """Register ``module.launch`` as ``op``'s ``backend`` implementation, checked by ``module.supports``.
+
+    The module is imported on first use, so importing magi_kernels never imports Triton or loads _C.
+    """
+
+    def _mod():
+        return importlib.import_module(module)
+
+    def _supports(info: CallInfo) -> str | None:
+        return getattr(_mod(), supports)(info)
+
+    def _launch(*args) -> None:
+        getattr(_mod(), launch)(*args)
+
+    _launch.__qualname__ = f"{module}.{launch}"
+    register_impl(op, backend, supports=_supports)(_launch)
 
 
 def ops() -> list[str]:

@@ -135,39 +135,10 @@ def _torch_bwd(a: FlexAttnArgs, dout: torch.Tensor, out: torch.Tensor, lse: torc
                       dv=dv)
 
 
-# Triton backend: kernels live in magi_kernels/kernels/triton/flex_attn.py (kernel engineer), which must
-# expose supports(info), launch_fwd(args, out, lse), supports_bwd(info) and
-# launch_bwd(args, dout, out, lse, dlse, dq, dk, dv); dlse may be None. Until that module exists the
-# backend reports itself unavailable and auto-selection uses torch.
-
-def _triton_module():
-    import importlib.util
-
-    if importlib.util.find_spec("magi_kernels.kernels.triton.flex_attn") is None:
-        return None
-    from magi_kernels.kernels.triton import flex_attn as kern
-
-    return kern
-
-
-def _triton_supports(info: registry.CallInfo) -> str | None:
-    kern = _triton_module()
-    return "the Triton flex_attn kernels are not written yet" if kern is None else kern.supports(info)
-
-
-def _triton_supports_bwd(info: registry.CallInfo) -> str | None:
-    kern = _triton_module()
-    return "the Triton flex_attn kernels are not written yet" if kern is None else kern.supports_bwd(info)
-
-
-@registry.register_impl(OP, "triton", supports=_triton_supports)
-def _triton_fwd(a: FlexAttnArgs, out: torch.Tensor, lse: torch.Tensor) -> None:
-    _triton_module().launch_fwd(a, out, lse)
-
-
-@registry.register_impl(OP_BWD, "triton", supports=_triton_supports_bwd)
-def _triton_bwd(a: FlexAttnArgs, dout, out, lse, dlse, dq, dk, dv) -> None:
-    _triton_module().launch_bwd(a, dout, out, lse, dlse, dq, dk, dv)
+# Triton backend: magi_kernels/kernels/triton/flex_attn.py (supports / launch_fwd, supports_bwd / launch_bwd).
+registry.register_module_impl(OP, "triton", "magi_kernels.kernels.triton.flex_attn", launch="launch_fwd")
+registry.register_module_impl(OP_BWD, "triton", "magi_kernels.kernels.triton.flex_attn", launch="launch_bwd",
+                              supports="supports_bwd")
 
 
 # --------------------------------------------------------------------------------------------------

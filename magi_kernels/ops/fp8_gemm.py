@@ -170,30 +170,8 @@ def _torch_impl(a: Fp8GemmArgs, out: torch.Tensor) -> None:
                            gate=a.gate, out_dtype=out.dtype))
 
 
-def _triton_supports(info: registry.CallInfo) -> str | None:
-    from magi_kernels.kernels.triton import fp8_gemm as kern
-
-    return kern.supports(info)
-
-
-@registry.register_impl(OP, "triton", supports=_triton_supports)
-def _triton_impl(a: Fp8GemmArgs, out: torch.Tensor) -> None:
-    from magi_kernels.kernels.triton import fp8_gemm as kern
-
-    kern.launch(a, out)
-
-
-def _scaled_mm_supports(info: registry.CallInfo) -> str | None:
-    from magi_kernels.kernels.vendor import scaled_mm as kern
-
-    return kern.supports(info)
-
-
-@registry.register_impl(OP, "scaled_mm", supports=_scaled_mm_supports)
-def _scaled_mm_impl(a: Fp8GemmArgs, out: torch.Tensor) -> None:
-    from magi_kernels.kernels.vendor import scaled_mm as kern
-
-    kern.launch(a, out)
+registry.register_module_impl(OP, "triton", "magi_kernels.kernels.triton.fp8_gemm")
+registry.register_module_impl(OP, "scaled_mm", "magi_kernels.kernels.vendor.scaled_mm")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -91,30 +91,8 @@ def _torch_impl(a: Fp8QuantizeArgs, q: torch.Tensor, scale_out: torch.Tensor) ->
     scale_out.copy_(s.reshape(scale_out.shape))
 
 
-def _triton_supports(info: registry.CallInfo) -> str | None:
-    from magi_kernels.kernels.triton import fp8_quant as kern
-
-    return kern.supports(info)
-
-
-@registry.register_impl(OP, "triton", supports=_triton_supports)
-def _triton_impl(a: Fp8QuantizeArgs, q: torch.Tensor, scale_out: torch.Tensor) -> None:
-    from magi_kernels.kernels.triton import fp8_quant as kern
-
-    kern.launch(a, q, scale_out)
-
-
-def _cuda_supports(info: registry.CallInfo) -> str | None:
-    from magi_kernels.kernels.cuda import fp8_quant as kern
-
-    return kern.supports(info)
-
-
-@registry.register_impl(OP, "cuda", supports=_cuda_supports)
-def _cuda_impl(a: Fp8QuantizeArgs, q: torch.Tensor, scale_out: torch.Tensor) -> None:
-    from magi_kernels.kernels.cuda import fp8_quant as kern
-
-    kern.launch(a, q, scale_out)
+registry.register_module_impl(OP, "triton", "magi_kernels.kernels.triton.fp8_quant")
+registry.register_module_impl(OP, "cuda", "magi_kernels.kernels.cuda.fp8_quant")
 
 
 # --------------------------------------------------------------------------------------------------

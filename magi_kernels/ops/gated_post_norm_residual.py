@@ -111,30 +111,8 @@ def _torch_impl(a: GatedPostNormArgs, out: torch.Tensor) -> None:
                                            weight_offset=a.weight_offset, eps=a.eps, out_dtype=out.dtype))
 
 
-def _triton_supports(info: registry.CallInfo) -> str | None:
-    from magi_kernels.kernels.triton import gated_post_norm_residual as kern
-
-    return kern.supports(info)
-
-
-@registry.register_impl(OP, "triton", supports=_triton_supports)
-def _triton_impl(a: GatedPostNormArgs, out: torch.Tensor) -> None:
-    from magi_kernels.kernels.triton import gated_post_norm_residual as kern
-
-    kern.launch(a, out)
-
-
-def _cuda_supports(info: registry.CallInfo) -> str | None:
-    from magi_kernels.kernels.cuda import gated_post_norm_residual as kern
-
-    return kern.supports(info)
-
-
-@registry.register_impl(OP, "cuda", supports=_cuda_supports)
-def _cuda_impl(a: GatedPostNormArgs, out: torch.Tensor) -> None:
-    from magi_kernels.kernels.cuda import gated_post_norm_residual as kern
-
-    kern.launch(a, out)
+registry.register_module_impl(OP, "triton", "magi_kernels.kernels.triton.gated_post_norm_residual")
+registry.register_module_impl(OP, "cuda", "magi_kernels.kernels.cuda.gated_post_norm_residual")
 
 
 @torch.library.custom_op("magi_kernels::gated_post_norm_residual", mutates_args=())

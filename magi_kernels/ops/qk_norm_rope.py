@@ -164,30 +164,8 @@ def _torch_impl(a: QkNormRopeArgs, q_out: torch.Tensor, k_out: torch.Tensor) -> 
     k_out.copy_(ko)
 
 
-def _triton_supports(info: registry.CallInfo) -> str | None:
-    from magi_kernels.kernels.triton import qk_norm_rope as kern
-
-    return kern.supports(info)
-
-
-@registry.register_impl(OP, "triton", supports=_triton_supports)
-def _triton_impl(a: QkNormRopeArgs, q_out: torch.Tensor, k_out: torch.Tensor) -> None:
-    from magi_kernels.kernels.triton import qk_norm_rope as kern
-
-    kern.launch(a, q_out, k_out)
-
-
-def _cuda_supports(info: registry.CallInfo) -> str | None:
-    from magi_kernels.kernels.cuda import qk_norm_rope as kern
-
-    return kern.supports(info)
-
-
-@registry.register_impl(OP, "cuda", supports=_cuda_supports)
-def _cuda_impl(a: QkNormRopeArgs, q_out: torch.Tensor, k_out: torch.Tensor) -> None:
-    from magi_kernels.kernels.cuda import qk_norm_rope as kern
-
-    kern.launch(a, q_out, k_out)
+registry.register_module_impl(OP, "triton", "magi_kernels.kernels.triton.qk_norm_rope")
+registry.register_module_impl(OP, "cuda", "magi_kernels.kernels.cuda.qk_norm_rope")
 
 
 # --------------------------------------------------------------------------------------------------
