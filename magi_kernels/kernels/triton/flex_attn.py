@@ -117,20 +117,8 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, n, offs_m, offs_d, k_st, k_sh, v_st, v_sh,
               slices, mask_slices, j0, j1, qk_scale, cap_in, cap_out,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
     """One online-softmax step over k tile n (log2 domain)."""
-    cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
-    koff = cols.to(tl.int64)[:, None] * k_st + kh * k_sh + offs_d[None, :]
-    voff = cols.to(tl.int64)[:, None] * v_st + kh * v_sh + offs_d[None, :]
-    if MASKED:
-        col_ok = (cols < total_k)[:, None]
-        k = tl.load(K + koff, mask=col_ok, other=0.0)
-        v = tl.load(V + voff, mask=col_ok, other=0.0)
-    else:
-        k = tl.load(K + koff)
-        v = tl.load(V + voff)
-    s2, _ = _scores_log2(q, tl.trans(k), qk_scale, cap_in, cap_out, SOFTCAP)
-    if MASKED:
-        vis = _slice_mask(slices, mask_slices, j0, j1, offs_m[:, None], cols[None, :])
-        s2 = tl.where(vis, s2, float("-inf"))
+    s2, _, k, v = _kv_tile_scores(q, K, V, n, offs_m, offs_d, k_st, k_sh, v_st, v_sh, kh, total_k, slices,
+                                  mask_slices, j0, j1, qk_scale, cap_in, cap_out, BLOCK_N, MASKED, SOFTCAP)
     m_new = tl.maximum(m_i, tl.max(s2, 1))
     if MASKED:
         # A row that has seen nothing yet keeps m = -inf: shift by 0 there so exp2 gives 0, not NaN.
