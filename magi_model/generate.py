@@ -156,8 +156,10 @@ def _check_args(a: argparse.Namespace, cfg: MagiConfig) -> None:
     if not a.output_path.lower().endswith(".mp4"):
         raise CLIError(f"output_path: must end in .mp4 (H.264 mp4 is written), got {a.output_path!r}")
     parent = os.path.dirname(os.path.abspath(a.output_path))
-    if not os.path.isdir(parent):
-        raise CLIError(f"output_path: folder {parent!r} does not exist")
+    try:
+        os.makedirs(parent, exist_ok=True)  # like most video tools: create the output folder
+    except OSError as e:
+        raise CLIError(f"output_path: cannot create folder {parent!r} ({e.strerror or e})") from None
     r = cfg.runtime
     if r.video_size_h is None or r.video_size_w is None:
         raise CLIError("config_file: runtime_config.video_size_h / video_size_w must be set")

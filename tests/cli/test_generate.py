@@ -77,10 +77,12 @@ def test_v2v_chunkwise_prompts(t2v_video, tmp_path):
     (["--mode", "t2v", "--image_path", "x.png"], "image_path: only used with --mode i2v"),
     (["--mode", "i2v", "--image_path", "/nonexistent.png"], "image_path: '/nonexistent.png' does not exist"),
     (["--output_path", "out.avi"], "output_path: must end in .mp4"),
-    (["--output_path", "/nonexistent/dir/out.mp4"], "output_path: folder '/nonexistent/dir' does not exist"),
+    (["--output_path", "{tmp}/a_file/out.mp4"], "output_path: cannot create folder"),
     (["--prompt", "a", "--prompt", "b", "--prompt", "c"], "got 3 chunk-wise prompts but the video has only 2"),
 ])
 def test_bad_arguments(args, message, capsys, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    args = [x.replace("{tmp}", str(tmp_path)) for x in args]
     base = {"--mode": "t2v", "--prompt": "p", "--output_path": str(tmp_path / "o.mp4")}
     argv = ["--preset", "tiny_distill", "--no_progress"]
     for k, v in base.items():
@@ -89,6 +91,13 @@ def test_bad_arguments(args, message, capsys, tmp_path):
     assert generate.main(argv + args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_output_folder_is_created(tmp_path):
+    out = tmp_path / "new" / "sub" / "t2v.mp4"
+    assert generate.main(["--preset", "tiny_distill", "--no_progress", "--mode", "t2v", "--prompt", "p",
+                          "--output_path", str(out)]) == 0
+    assert out.stat().st_size > 0
 
 
 def test_bad_config_file(tmp_path, capsys):
