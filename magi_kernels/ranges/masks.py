@@ -15,6 +15,8 @@ Each mask is a frozen dataclass with ``total_q``, ``total_k``, ``slices()`` (a l
 
 from __future__ import annotations
 
+import abc
+
 import dataclasses
 from typing import Optional, Sequence
 
@@ -59,19 +61,19 @@ def _cu_seqlens(op: str, name: str, value) -> tuple[int, ...]:
     return cu
 
 
-class _MaskBase:
-    """Shared behaviour: slices -> validated tensors."""
+class _MaskBase(abc.ABC):
+    """Shared behaviour: slices -> validated tensors. Subclasses say what their slices are."""
 
     @property
-    def total_q(self) -> int:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def total_q(self) -> int: ...
 
     @property
-    def total_k(self) -> int:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def total_k(self) -> int: ...
 
-    def slices(self) -> list[Slice]:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def slices(self) -> list[Slice]: ...
 
     def to_ranges(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sl = self.slices()
