@@ -3,7 +3,7 @@
     python benchmarks/bench_attention.py [--quick] [--reps N] [--bwd] [--seqlens 1024,4096] [--no-compile]
                                          [--csv F] [--json F] [--png F]
 
-GPU (when CUDA is available): MagiAttention's kernel benchmark cases (magiattention.md §4.1): full,
+GPU (when CUDA is available): MagiAttention's kernel benchmark cases (its ``exps/attn/run_benchmark.py``): full,
 causal, varlen full, varlen causal, varlen block-causal, sliding window; 1k-64k tokens, hd 128, 64 q /
 8 kv heads, bf16. Every registered flex_attn backend that can run the call, plus baselines when they are
 installed and runnable: torch SDPA (is_causal, or a dense boolean mask while it fits in memory),
@@ -325,7 +325,7 @@ def cpu_rows(args) -> list[dict]:
 
 
 def magi1_720p_windows(num_steps: int, chunk_tokens: int = 21600, num_frames: int = 96) -> list[Magi1WindowMask]:
-    """Every window MAGI-1's schedule runs for a T2V video (magi1-spec §4.3-4.5), one per DiT step."""
+    """Every window MAGI-1's schedule runs for a T2V video (docs/magi1.md#window-stages), one per DiT step."""
     chunk_num = math.ceil((num_frames // 4) / 6)
     per_stage = num_steps // 4
     total = per_stage * (chunk_num + 4 - 1)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from magi_kernels.ops.fp8_gemm import fp8_gemm  # noqa: E402
 from magi_kernels.ops.fp8_quantize import fp8_quantize  # noqa: E402
 
-# (model, layer, N, K, epilogue) from magi1-spec §3.2 / §2.4 (weights are [N, K]).
+# (model, layer, N, K, epilogue) from MAGI-1's layer shapes (docs/magi1.md#checkpoint-layout-and-keys; weights are [N, K]).
 MAGI_LAYERS = [
     ("24B", "q/qx", 6144, 6144, None), ("24B", "k/v", 1024, 6144, None),
     ("24B", "linear_proj", 6144, 12288, None), ("24B", "fc1+swiglu", 32768, 6144, "swiglu"),
@@ -36,7 +36,7 @@ MAGI_LAYERS = [
     ("4.5B", "linear_proj", 3072, 6144, None), ("4.5B", "fc1+gelu", 12288, 3072, "gelu"),
     ("4.5B", "fc2", 3072, 12288, None),
 ]
-TOKENS_PER_CHUNK = 21600  # 720p chunk (spec §4.1); M = 1..4 chunks
+TOKENS_PER_CHUNK = 21600  # 720p chunk (docs/magi1.md#sizes); M = 1..4 chunks
 RECIPES = {"tensor": ("tensor", "tensor"), "row": ("row", "row"), "block": ("block1x128", "block128x128")}
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_planner.py [--quick] [--reps N] [--csv F] [--json F]
 
-Rows: MAGI-1 self-attention windows (magi1-spec §4.3-4.5): the 4-chunk window of a 24B 720p T2V run
+Rows: MAGI-1 self-attention windows (docs/magi1.md#window-stages): the 4-chunk window of a 24B 720p T2V run
 (21,600 tokens per chunk, r = 2..5), the same after the window slides (clean chunk + KV-cache prefix),
 and 720x720 chunks (12,150 tokens). For each tile shape (64x64, 128x64, 128x128) it reports the median
 wall time of a fresh (uncached) plan with the native C++ planner and with the Python fallback, the

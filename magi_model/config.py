@@ -1,16 +1,16 @@
-"""MAGI-1 configuration: parse the official ``config.json`` files unchanged (spec §1).
+"""MAGI-1 configuration: parse the official ``config.json`` files unchanged (docs/magi1.md#configuration).
 
 A MAGI-1 config is a dict with three sections::
 
     {"model_config": {...}, "runtime_config": {...}, "engine_config": {...}}
 
-Fields and defaults are those of MAGI-1's ``inference/common/config.py`` (spec §1.1). MAGI-1 itself
+Fields and defaults are those of MAGI-1's ``inference/common/config.py``. MAGI-1 itself
 insists on every field being present; we accept omitted fields that have a real default (so small
 hand-written configs work) but reject omitted fields whose default is ``None`` and that something
 downstream needs (sizes, dtype, ``cfg_number``, video size), and reject unknown fields (a typo in
 a config key would otherwise be silently ignored). ``strict=True`` restores MAGI-1's every-field rule.
 
-Presets: the six official example configs (spec §1.2) and ``tiny`` / ``tiny_distill`` (random-weight
+Presets: the six official example configs (MAGI-1's ``example/{24B,4.5B}/*_config.json``) and ``tiny`` / ``tiny_distill`` (random-weight
 demo sizes, same structure) via :func:`preset` / :func:`preset_dict`.
 """
 
@@ -227,7 +227,7 @@ class MagiConfig:
             bad("model_config.num_attention_heads", f"must be a multiple of num_query_groups ({m.num_query_groups}) "
                 f"for GQA, got {m.num_attention_heads}")
         if (m.num_attention_heads * m.kv_channels) % 8:
-            # linear_proj's input is interleaved in 8 groups (TP8 training layout, spec §2.4).
+            # linear_proj's input is interleaved in 8 groups (TP8 training layout, docs/magi1.md#transformer-layer).
             bad("model_config.num_attention_heads * kv_channels", f"must be a multiple of 8 (TP8-interleaved "
                 f"linear_proj input), got {m.num_attention_heads * m.kv_channels}")
         if m.rope_bands < 1 or m.rotary_dim > m.kv_channels:
@@ -249,7 +249,7 @@ class MagiConfig:
         if not m.layernorm_epsilon > 0:
             bad("model_config.layernorm_epsilon", f"must be > 0, got {m.layernorm_epsilon}")
 
-        # MAGI-1's post-validation rule (spec §1.1).
+        # MAGI-1's post-validation rule (docs/magi1.md#configuration).
         want = 1 if (e.fp8_quant or e.distill) else 3
         if r.cfg_number != want:
             why = ("distill/fp8_quant models run one guidance-free pass" if want == 1
@@ -300,7 +300,7 @@ class MagiConfig:
     # ------------------------------------------------------------------ derived
     @property
     def weight_subdir(self) -> str:
-        """DiT weight folder inside ``runtime_config.load`` (spec §11)."""
+        """DiT weight folder inside ``runtime_config.load`` (docs/magi1.md#checkpoint-layout-and-keys)."""
         return "inference_weight" + (".fp8" if self.engine.fp8_quant else "") + (".distill" if self.engine.distill else "")
 
     @property
@@ -311,7 +311,7 @@ class MagiConfig:
 
     @property
     def distill_dt(self) -> float | None:
-        """Step-size embedding input for distilled models with the standard grid (spec §4.8)."""
+        """Step-size embedding input for distilled models with the standard grid (docs/magi1.md#distilled-models)."""
         if not self.engine.distill:
             return None
         return self.runtime.num_steps / 4 * 2
@@ -384,7 +384,7 @@ def load_config(config: "str | os.PathLike | Mapping | MagiConfig", *, strict: b
 
 
 # ---------------------------------------------------------------------------------------------------
-# Presets. The official ones transcribe example/{24B,4.5B}/*_config.json (spec §1.2).
+# Presets. The official ones transcribe example/{24B,4.5B}/*_config.json.
 
 _MODEL_24B = {
     "model_name": "videodit_ardf", "num_layers": 48, "hidden_size": 6144, "ffn_hidden_size": 16384,
@@ -459,7 +459,7 @@ def preset(name: str) -> MagiConfig:
 
 
 def tokens_per_chunk(cfg: MagiConfig) -> int:
-    """Self-attention tokens per chunk: (chunk_width / pt) * (h8 / p) * (w8 / p) (spec §4.1)."""
+    """Self-attention tokens per chunk: (chunk_width / pt) * (h8 / p) * (w8 / p) (docs/magi1.md#sizes)."""
     m, r = cfg.model, cfg.runtime
     if r.video_size_h is None or r.video_size_w is None:
         raise ConfigError("runtime_config.video_size_h/w: must be set to count tokens")

@@ -1,4 +1,4 @@
-"""MAGI-1 video DiT (``VideoDiTModel``), spec §2-§3, §7, §8, on magi_kernels ops.
+"""MAGI-1 video DiT (``VideoDiTModel``, docs/magi1.md#dit-architecture) on magi_kernels ops.
 
 Parameter names reproduce the official state-dict keys exactly (14 top-level + 26 per layer; the
 fp8 variants replace the 7 big linears of layers 1..L-2 by fp8 modules, 42 keys per such layer).
@@ -7,7 +7,7 @@ Layout inside this module: hidden states are batch-first ``(N, S, H)`` (MAGI-1 i
 only the memory order differs, the per-token math is identical). Token order is T-major
 ``(T h w)`` with w fastest, and chunk ``j`` of a forward owns tokens ``[j*n, (j+1)*n)``.
 
-Precision (spec §7): residual stream in ``params_dtype`` (bf16); embedders, rope, QK norms, post
+Precision (docs/magi1.md#precision): residual stream in ``params_dtype`` (bf16); embedders, rope, QK norms, post
 norms, final norm and final linear in fp32 ("promotion set", :func:`is_fp32_param`); gate * out ->
 post-LN -> +residual in fp32 (``gated_post_norm_residual``); q/k norm + rope in fp32
 (``qk_norm_rope``); ``linear_proj`` in fp32 unless fp8; cross-attention q/k norms in bf16.
@@ -32,12 +32,12 @@ from magi_model.attention import range_attention
 from magi_model.config import MagiConfig, load_config
 from magi_model.fp8 import FP8, FP8_MAX, PER_CHANNEL, PER_TENSOR, make_fp8_linear
 
-TP_GROUPS = 8  # linear_proj input interleave, hard-coded "to align with TP8 training" (spec §2.4)
+TP_GROUPS = 8  # linear_proj input interleave, hard-coded "to align with TP8 training" (docs/magi1.md#transformer-layer)
 FREQ_DIM = 256  # timestep sinusoid size
 TIMESTEP_SCALE = 1000.0
 NULL_CAPTION_TOKENS = 50  # valid tokens of the null (unconditional) caption's mask
 
-# Modules MAGI-1's _high_precision_promoter casts to fp32 after loading (spec §2.1).
+# Modules MAGI-1's _high_precision_promoter casts to fp32 after loading (docs/magi1.md#fp32-promotion).
 _FP32_TOP = ("x_embedder", "y_embedder", "t_embedder", "final_linear", "rope")
 _FP32_NORMS = ("self_attn_post_norm", "mlp_post_norm", "final_layernorm")
 
@@ -53,7 +53,7 @@ def is_fp32_param(name: str) -> bool:
 
 
 def fp8_layer_ids(num_layers: int) -> range:
-    """Layers whose big linears are fp8 in the quant checkpoints: all but the first and last (spec §8)."""
+    """Layers whose big linears are fp8 in the quant checkpoints: all but the first and last (docs/magi1.md#fp8-checkpoints)."""
     return range(1, num_layers - 1)
 
 
@@ -136,7 +136,7 @@ class CaptionEmbedder(nn.Module):
         return F.silu(_linear_fp32(self.y_proj_xattn[0], caption_tokens))
 
     def adaln(self, dropped: torch.Tensor) -> torch.Tensor:
-        """adaLN caption input is a learned row, not the caption: [-2] with text, [-1] dropped (spec §2.1)."""
+        """adaLN caption input is a learned row, not the caption: [-2] with text, [-1] dropped (docs/magi1.md#embedding-stage)."""
         rows = torch.where(dropped[:, None], self.null_caption_embedding[-1][None], self.null_caption_embedding[-2][None])
         return _linear_fp32(self.y_proj_adaln[0], rows)
 
@@ -169,7 +169,7 @@ class SelfAttention(nn.Module):
         eps, one_p = m.layernorm_epsilon, m.apply_layernorm_1p
         self.nh, self.ng, self.d = nh, ng, d
         self.linear_qkv = LinearQKV(cfg, fp8, dtype)
-        # Rows per KV group g: [K_g (d) | V_g (d)] (spec §3.2), not [K_all | V_all].
+        # Rows per KV group g: [K_g (d) | V_g (d)] (docs/magi1.md#checkpoint-layout-and-keys), not [K_all | V_all].
         self.linear_kv_xattn = nn.Linear(m.xattn_hidden, 2 * ng * d, bias=False, dtype=dtype)
         self.linear_proj = (make_fp8_linear(PER_CHANNEL, 2 * nh * d, H) if fp8
                             else nn.Linear(2 * nh * d, H, bias=False, dtype=dtype))
@@ -314,7 +314,7 @@ class FinalLinear(nn.Module):
 
 
 class KVCache:
-    """Per-layer cache of post-norm, post-rope K and V, ``(batch, capacity_tokens, ng, 2d)`` (spec §4.6).
+    """Per-layer cache of post-norm, post-rope K and V, ``(batch, capacity_tokens, ng, 2d)`` (docs/magi1.md#kv-cache).
 
     Token ``i`` of the cache is absolute token ``i`` of the video (chunk c owns ``[c*n, (c+1)*n)``).
     A forward with ``slice_point`` reads ``[:slice_point*n]`` and, when it updates the cache, writes
@@ -376,7 +376,7 @@ class VideoDiT(nn.Module):
         return self.rope.bands.device
 
     def null_caption(self, num_chunks: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unconditional text branch (spec §4.10): the learned ``null_caption_embedding`` per
+        """The unconditional text branch (docs/magi1.md#text-conditioning): the learned ``null_caption_embedding`` per
         chunk, fp32 ``(batch, num_chunks, Lc, Cc)``, with mask = the first 50 tokens."""
         emb = self.y_embedder.null_caption_embedding.detach().float()
         cap = emb[None, None].expand(batch, num_chunks, *emb.shape)
@@ -423,7 +423,7 @@ class VideoDiT(nn.Module):
         dev, act = x.device, self.act_dtype
         p, pt = cfg.patch_size, cfg.t_patch_size
 
-        # Embedding stage, fp32 (spec §2.3).
+        # Embedding stage, fp32 (docs/magi1.md#embedding-stage).
         xs = x.float() * cfg.x_rescale_factor
         if cfg.half_channel_vae:
             xs = torch.cat([xs, xs], dim=1)
@@ -552,7 +552,7 @@ class VideoDiT(nn.Module):
 
 
 def _window_slices(n: int, windows: list, slice_point: int) -> list[tuple[int, int, int, int]]:
-    """MAGI-1's block-causal key windows for one batch element (spec §4.5): chunk j (absolute
+    """MAGI-1's block-causal key windows for one batch element (docs/magi1.md#attention-windows): chunk j (absolute
     a = slice_point + j) sees keys [max(0, a+1-r_j)*n, (a+1)*n); r_j None = all previous chunks."""
     return [tuple(s[:4]) for s in Magi1WindowMask(n, tuple(windows), slice_point).slices()]
 

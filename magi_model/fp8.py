@@ -1,4 +1,4 @@
-"""FP8 linears of the distill+quant checkpoints (spec §8): the parameter layout the DiT registers.
+"""FP8 linears of the distill+quant checkpoints (docs/magi1.md#fp8-checkpoints): the parameter layout the DiT registers.
 
 The modules are ``magi_kernels.modules.fp8_linear``'s ``PerTensorQuantizedFp8Linear`` (q, qx, k, v,
 linear_fc1) and ``PerChannelQuantizedFp8Linear`` (linear_proj, linear_fc2); their math (double

@@ -1,4 +1,4 @@
-"""MAGI-1 video generation CLI (spec §10), accepting MAGI-1's config.json files unchanged.
+"""MAGI-1 video generation CLI (docs/magi1.md#command-line), accepting MAGI-1's config.json files unchanged.
 
     python -m magi_model.generate --config_file example/4.5B/4.5B_base_config.json --mode t2v \
         --prompt "Good Boy" --output_path out.mp4
@@ -28,7 +28,7 @@ import torch
 from magi_model import schedule
 from magi_model.config import PRESETS, ConfigError, MagiConfig, load_config, preset
 
-PREFIX_VIDEO_FRAMES = 32  # V2V uses the first 32 frames of the prefix video (spec §4.9)
+PREFIX_VIDEO_FRAMES = 32  # V2V uses the first 32 frames of the prefix video (docs/magi1.md#i2v-and-v2v)
 
 
 class CLIError(ValueError):

@@ -1,4 +1,4 @@
-"""Load MAGI-1 DiT checkpoints in the official layout (spec §11), strictly and memory-mapped.
+"""Load MAGI-1 DiT checkpoints in the official layout (docs/magi1.md#checkpoint-layout-and-keys), strictly and memory-mapped.
 
 Layout: ``<load>/inference_weight[.fp8][.distill]/`` holding either ``model.safetensors.index.json``
 (HF ``weight_map``) plus shards, or a single ``model.safetensors``.

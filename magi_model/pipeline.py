@@ -1,4 +1,4 @@
-"""MAGI-1's autoregressive chunk pipeline (spec §4): from text embeddings and an optional prefix
+"""MAGI-1's autoregressive chunk pipeline (docs/magi1.md#sampling-schedule): from text embeddings and an optional prefix
 latent to denoised latents, chunk by chunk.
 
 What one run does:
@@ -8,10 +8,10 @@ What one run does:
   (:func:`magi_model.schedule.steps`): each global step runs the DiT on the window, mixes the
   guidance passes and takes one Euler step ``x_k += v_k (t_next_k - t_k)`` per chunk;
 - when the window slides, the chunk that just finished is re-forwarded at ``clean_t`` attending only
-  to itself, and that forward writes its K/V into the cache that later chunks read (spec §4.4, §4.6);
-- base models (``cfg_number == 3``): three forwards per step (spec §4.7); distilled models: one
-  forward with the step-size embedding plus the nearly-clean self-only blend (spec §4.8);
-- I2V / V2V: the prefix latents overwrite the leading frames before every forward (spec §4.9);
+  to itself, and that forward writes its K/V into the cache that later chunks read (docs/magi1.md#kv-cache);
+- base models (``cfg_number == 3``): three forwards per step (docs/magi1.md#classifier-free-guidance); distilled models: one
+  forward with the step-size embedding plus the nearly-clean self-only blend (docs/magi1.md#distilled-models);
+- I2V / V2V: the prefix latents overwrite the leading frames before every forward (docs/magi1.md#i2v-and-v2v);
   V2V first fills the cache from the clean prefix chunks;
 - each chunk is handed to ``on_chunk`` as soon as its last step is done (streamed decoding).
 
@@ -175,7 +175,7 @@ class ChunkSampler:
                 v = v[:, :, :R * cw]
             return v[:, :, ex * cw:]
 
-        # Base models: 3 passes (spec §4.7).
+        # Base models: 3 passes (docs/magi1.md#classifier-free-guidance).
         cap, mask = self._caption(all_chunks, null_first=w.extra_clean, null_all=False)
         v_text = self._dit(xin, t, cap, mask, False, kv_cache=cache, slice_point=w.slice_point,
                            key_windows=w.key_windows)

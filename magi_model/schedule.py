@@ -1,4 +1,4 @@
-"""MAGI-1 sampling schedule (spec §4): time grid, sliding-window stages, staggered per-chunk t,
+"""MAGI-1 sampling schedule (docs/magi1.md#sampling-schedule): time grid, sliding-window stages, staggered per-chunk t,
 per-chunk key windows, CFG scales, distill step size, chunk and frame counts.
 
 Conventions: t = 0 is pure noise, t = 1 is clean; a chunk is ``chunk_width`` (6) latent frames;
@@ -31,9 +31,9 @@ def _shortcut_quarter_points(shortcut_mode: str) -> list[float]:
 
 
 def time_grid(num_steps: int, *, shortcut_mode: str = "8,16,16", shift: float = SHIFT) -> torch.Tensor:
-    """The ``num_steps + 1`` time points, fp32 (spec §4.2): ``s = u^2``, then ``s / (shift - (shift-1) s)``.
+    """The ``num_steps + 1`` time points, fp32 (docs/magi1.md#time-grid): ``s = u^2``, then ``s / (shift - (shift-1) s)``.
 
-    ``num_steps == 12`` is the distill shortcut grid (3 uneven steps per quarter, spec §4.8).
+    ``num_steps == 12`` is the distill shortcut grid (3 uneven steps per quarter, docs/magi1.md#distilled-models).
     """
     if num_steps < 1:
         _bad("num_steps", f"must be >= 1, got {num_steps}")
@@ -48,7 +48,7 @@ def time_grid(num_steps: int, *, shortcut_mode: str = "8,16,16", shift: float = 
 
 
 def distill_step_size(num_steps: int, sub_step: int = 0, shortcut_mode: str = "8,16,16") -> float:
-    """Input of the step-size embedding of distilled models (spec §4.8): ``num_steps/4*2``, or for the
+    """Input of the step-size embedding of distilled models (docs/magi1.md#distilled-models): ``num_steps/4*2``, or for the
     12-step shortcut grid ``4/interval*2`` with interval ``[2,1,1]`` ("8,16,16") / ``[1,1,2]``."""
     if num_steps == 12:
         intervals = [2, 1, 1] if shortcut_mode == "8,16,16" else [1, 1, 2]
@@ -69,7 +69,7 @@ class Stage:
 
 
 def window_stages(chunk_num: int, window_size: int, chunk_offset: int = 0) -> list[Stage]:
-    """MAGI-1's ``generate_sequences`` (spec §4.3)."""
+    """MAGI-1's ``generate_sequences`` (docs/magi1.md#window-stages)."""
     if chunk_num < 1:
         _bad("chunk_num", f"must be >= 1, got {chunk_num}")
     if window_size < 1:
@@ -96,7 +96,7 @@ class Step:
 
 
 def steps(chunk_num: int, num_steps: int, window_size: int, chunk_offset: int = 0) -> Iterator[Step]:
-    """All global steps in order (spec §4.3-§4.4)."""
+    """All global steps in order (docs/magi1.md#window-stages)."""
     if num_steps % window_size:
         _bad("num_steps", f"must be a multiple of window_size={window_size}, got {num_steps}")
     per = num_steps // window_size
@@ -120,7 +120,7 @@ def staggered_t(grid: torch.Tensor, t_index: Sequence[int]) -> tuple[torch.Tenso
 
 
 def key_window(t_index: int, num_steps: int, noise2clean_kvrange: Sequence[int], clean_chunk_kvrange: int) -> int:
-    """Chunks a chunk at grid index ``t_index`` sees, itself included (spec §4.5); 0 = all previous.
+    """Chunks a chunk at grid index ``t_index`` sees, itself included (docs/magi1.md#attention-windows); 0 = all previous.
 
     Clean chunks (``t_index == num_steps``: the re-forwarded / prefix chunk) use ``clean_chunk_kvrange``;
     others ``noise2clean_kvrange[t_index // (num_steps/4)]`` (5, 4, 3, 2 in the shipped configs)."""
@@ -133,7 +133,7 @@ def key_window(t_index: int, num_steps: int, noise2clean_kvrange: Sequence[int],
 
 def cfg_scales(t: float | torch.Tensor, cfg_t_range: Sequence[float], prev_chunk_scales: Sequence[float],
                text_scales: Sequence[float]) -> tuple[float, float]:
-    """``(s_prev, s_text)`` for a chunk at time t (spec §4.7): ``searchsorted(range - 1e-7, t) - 1``."""
+    """``(s_prev, s_text)`` for a chunk at time t (docs/magi1.md#classifier-free-guidance): ``searchsorted(range - 1e-7, t) - 1``."""
     rng = torch.tensor(list(cfg_t_range), dtype=torch.float32) - 1e-7
     tt = torch.as_tensor(t, dtype=torch.float32).reshape(1)
     i = int(torch.searchsorted(rng, tt)[0]) - 1
@@ -149,7 +149,7 @@ def combine_cfg(uncond: torch.Tensor, cond_pre: torch.Tensor, cond_pre_and_text:
 
 
 # --------------------------------------------------------------------------------------------------
-# Sizes (spec §4.1, §4.9)
+# Sizes (docs/magi1.md#sizes, docs/magi1.md#i2v-and-v2v)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Text conditioning for MAGI-1 (spec §4.10, §6): T5 from a local folder, precomputed embeddings,
+"""Text conditioning for MAGI-1 (docs/magi1.md#text-conditioning): T5 from a local folder, precomputed embeddings,
 a seeded random stand-in for the tiny preset, special tokens and the per-chunk caption tensors.
 
 Sources of prompt embeddings (each gives ``(L=800, 4096)`` fp32 features + a ``(L,)`` mask per prompt):
@@ -29,7 +29,7 @@ from magi_model.pipeline import Captions
 T5_SUBDIR = "t5-v1_1-xxl"
 MAX_LENGTH = 800
 DEFAULT_SPECIAL_TOKEN_PATH = "example/assets/special_tokens.npz"
-# Prepend order of the optional tokens (spec §4.10); each goes to position 0, so the last one ends first.
+# Prepend order of the optional tokens (docs/magi1.md#text-conditioning); each goes to position 0, so the last one ends first.
 TOKEN_FLAGS = (("PAD_STATIC", "STATIC_FIRST_FRAMES"), ("PAD_DYNAMIC", "DYNAMIC_FIRST_FRAMES"),
                ("PAD_BORDERNESS", "BORDERNESS"), ("PAD_HQ", "HQ"), ("PAD_THREE_D_MODEL", "THREE_D_MODEL"),
                ("PAD_TWO_D_ANIME", "TWO_D_ANIME"))
@@ -234,7 +234,7 @@ def load_text_embeddings(path: str, *, dim: int,
 def build_captions(prompts: Sequence[tuple[torch.Tensor, torch.Tensor]], *, num_chunks: int, chunk_offset: int,
                    null: torch.Tensor, null_mask: torch.Tensor, special_tokens: Optional[Mapping] = None,
                    flags: Optional[Mapping[str, bool]] = None) -> Captions:
-    """Per-chunk text tensors (spec §4.10) for ``num_chunks`` latent chunks.
+    """Per-chunk text tensors (docs/magi1.md#text-conditioning) for ``num_chunks`` latent chunks.
 
     ``prompts``: one ``(emb (L, Cc), mask (L,))`` per prompt. One prompt conditions every noisy chunk
     (MAGI-1); several are chunk-wise prompts: prompt i conditions noisy chunk i and the last prompt

@@ -1,7 +1,7 @@
-"""MAGI-1's transformer VAE (``ViTVAE``, spec §5): ViT encoder / decoder over 4x8x8 patches, tiled
+"""MAGI-1's transformer VAE (``ViTVAE``, docs/magi1.md#vae): ViT encoder / decoder over 4x8x8 patches, tiled
 encode / decode and MAGI-1's pixel conversions.
 
-Parameter names are those of MAGI-1's VAE checkpoint (``encoder.*`` / ``decoder.*``, spec §5), so
+Parameter names are those of MAGI-1's VAE checkpoint (``encoder.*`` / ``decoder.*``), so
 ``<vae_pretrained>/diffusion_pytorch_model.safetensors`` loads strictly with :func:`load_vae`.
 
 Structure (D = embed_dim, h = num_heads):
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from magi_model.attention import range_attention, ranges_tensor
 
-# MAGI-1-VAE's ddconfig (HF ckpt/vae/config.json, spec §5).
+# MAGI-1-VAE's ddconfig (``ckpt/vae/config.json`` in the sand-ai/MAGI-1 Hugging Face repo).
 MAGI1_DDCONFIG = {
     "video_size": 256, "video_length": 16, "patch_size": 8, "patch_length": 4, "in_chans": 3, "z_chans": 16,
     "double_z": True, "embed_dim": 1024, "depth": 24, "num_heads": 16, "mlp_ratio": 4, "qkv_bias": True,
@@ -289,7 +289,7 @@ def tiled(fn, x: torch.Tensor, *, tile, stride, blend, crop) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Pixel conversions (spec §5)
+# Pixel conversions (docs/magi1.md#vae)
 
 
 def pixels_to_input(frames: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:

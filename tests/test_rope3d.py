@@ -1,4 +1,4 @@
-"""MAGI-1's 3D learnable rope table (magi1-spec §2.5)."""
+"""MAGI-1's 3D learnable rope table (docs/magi1.md#3d-rotary-embedding)."""
 
 import math
 

@@ -2,7 +2,7 @@
 
 All math goes through the ops ``fp8_quantize`` and ``fp8_gemm`` (registry-dispatched); no copy here.
 
-MAGI-1 (spec §8), parameters exactly as in its checkpoints (``inference_weight.fp8.distill``):
+MAGI-1 (docs/fp8.md#magi-1-static-quantization), parameters exactly as in its checkpoints (``inference_weight.fp8.distill``):
 - ``PerTensorQuantizedFp8Linear``: weight e4m3 (1, out, in), weight_scale fp32 (1,), input_scale fp32 (in,).
   y = (xq @ W^T) * input_scale[0] * weight_scale[0], xq = e4m3(bf16(clamp(x.float() / input_scale, +-448))):
   the activation is divided by the whole vector but dequantized with its first element only (as MAGI-1).

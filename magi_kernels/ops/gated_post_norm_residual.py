@@ -1,6 +1,6 @@
 """gated_post_norm_residual: ``residual + norm(x * gate[gate_index])`` in fp32, cast back.
 
-MAGI-1's sandwich post-norm (``../shared/docs/magi1-spec.md`` §2.4): the attention / MLP output x is
+MAGI-1's sandwich post-norm (docs/magi1.md#transformer-layer): the attention / MLP output x is
 multiplied by a per-(batch, chunk) gate row, normalized with a "1p" LayerNorm (gamma = w + 1) in fp32,
 added to the residual in fp32, and rounded to the residual stream's dtype, in one pass over memory.
 """

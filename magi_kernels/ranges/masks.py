@@ -10,7 +10,7 @@ Each mask is a frozen dataclass with ``total_q``, ``total_k``, ``slices()`` (a l
   MAGI-1's ``noise2clean_kvrange``) and a KV-cache prefix in front of the keys.
 - :class:`SlidingWindow`: FlashAttention's ``window_size=(left, right)`` per document, exactly,
   as at most three slices per document, each cell covered once.
-- :class:`Magi1WindowMask`: MAGI-1's mask for one denoising forward (magi1-spec §4.5).
+- :class:`Magi1WindowMask`: MAGI-1's mask for one denoising forward (docs/magi1.md#attention-windows).
 """
 
 from __future__ import annotations
@@ -279,7 +279,7 @@ class SlidingWindow(_MaskBase):
 
 @dataclasses.dataclass(frozen=True)
 class Magi1WindowMask(_MaskBase):
-    """MAGI-1's self-attention mask for one denoising forward (magi1-spec §4.5).
+    """MAGI-1's self-attention mask for one denoising forward (docs/magi1.md#attention-windows).
 
     The forward holds ``len(kv_windows)`` chunks of ``chunk_tokens`` (n) query tokens each; the key buffer
     is ``cat(KVcache[0 : slice_point*n], current)``, so key indices are absolute. Query chunk j (absolute
@@ -329,7 +329,7 @@ class Magi1WindowMask(_MaskBase):
                  noise2clean_kvrange: Sequence[int] = (5, 4, 3, 2), clean_chunk_kvrange: int = 1) -> "Magi1WindowMask":
         """r_j from each chunk's timestep index ``steps[j]`` (``num_steps`` marks the clean chunk).
 
-        Exactly magi1-spec §4.5: clean chunk (step == num_steps) -> clean_chunk_kvrange; otherwise
+        Exactly MAGI-1's rule (docs/magi1.md#attention-windows): clean chunk (step == num_steps) -> clean_chunk_kvrange; otherwise
         ``noise2clean_kvrange[step // (num_steps / 4)]``; an empty list means unlimited (full causal).
         """
         name = cls.__name__
@@ -352,7 +352,7 @@ class Magi1WindowMask(_MaskBase):
 
     @staticmethod
     def schedule(chunk_num: int, num_steps: int, step: int, window: int = 4, chunk_offset: int = 0) -> dict:
-        """MAGI-1's window schedule (magi1-spec §4.3-4.4) at global DiT step ``step``.
+        """MAGI-1's window schedule (docs/magi1.md#window-stages) at global DiT step ``step``.
 
         Returns dict(slice_point, steps) where ``steps[j]`` is the timestep index of the j-th chunk of the
         forward (oldest first; ``num_steps`` for the prepended clean chunk).

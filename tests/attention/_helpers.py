@@ -6,14 +6,14 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
-RTOL = {  # MagiAttention's per-tensor rtol (magiattention.md §5.1)
+RTOL = {  # MagiAttention's per-tensor rtol (its ``magi_attention/testing/precision.py``)
     torch.bfloat16: {"out": 0.05, "lse": 0.001, "dq": 0.3, "dk": 0.15, "dv": 0.05},
     torch.float16: {"out": 0.05, "lse": 0.001, "dq": 0.2, "dk": 0.08, "dv": 0.05},
 }
 
 
 def dense_mask(qr, kr, ty, tq: int, tk: int) -> torch.Tensor:
-    """bool [tq, tk] straight from the §1.2 definitions in local indices (independent of the library)."""
+    """bool [tq, tk] straight from the mask-type definitions (docs/attention.md#mask-types) in local indices (independent of the library)."""
     M = torch.zeros(tq, tk, dtype=torch.bool)
     qr, kr = np.asarray(qr).reshape(-1, 2), np.asarray(kr).reshape(-1, 2)
     ty = np.zeros(len(qr), np.int64) if ty is None else np.asarray(ty).reshape(-1)

@@ -17,7 +17,7 @@ def _grid(rows):
 
 
 @pytest.mark.parametrize("t, sq, sk, rows", [
-    # MagiAttention's docstring examples (magiattention.md §1.2), 1 = attend
+    # MagiAttention's mask-type docstring examples (docs/attention.md#mask-types), 1 = attend
     (AttnMaskType.CAUSAL, 5, 2, ["00", "00", "00", "10", "11"]),
     (AttnMaskType.CAUSAL, 2, 5, ["11110", "11111"]),
     (AttnMaskType.INV_CAUSAL, 5, 2, ["11", "01", "00", "00", "00"]),
@@ -94,7 +94,7 @@ def test_block_causal_plain_window_and_prefix():
 
 
 def _magi_spec_ranges(n, slice_point, r):
-    """magi1-spec §4.5 verbatim: q_range[j] = [j n, (j+1) n), k_range = [max(0, a+1-r_j) n, (a+1) n)."""
+    """MAGI-1's key-range rule (docs/magi1.md#attention-windows): q_range[j] = [j n, (j+1) n), k_range = [max(0, a+1-r_j) n, (a+1) n)."""
     return [(j * n, (j + 1) * n, max(0, slice_point + j + 1 - rj) * n, (slice_point + j + 1) * n, 0)
             for j, rj in enumerate(r)]
 
@@ -110,7 +110,7 @@ def test_magi1_window_mask_matches_spec():
 
 
 def test_magi1_schedule_t2v_example():
-    # magi1-spec §4.3: 4 chunks, W=4 -> clip_start [0,0,0,0,1,2,3], clip_end [1,2,3,4,4,4,4]; 32 steps
+    # MAGI-1's window example (docs/magi1.md#window-stages): 4 chunks, W=4 -> clip_start [0,0,0,0,1,2,3], clip_end [1,2,3,4,4,4,4]; 32 steps
     per = 8
     starts, counts = [], []
     for stage in range(7):

@@ -1,5 +1,5 @@
 """`python -m magi_model.generate` end to end on the tiny preset (random weights, CPU, no downloads):
-T2V / I2V / V2V write playable H.264 mp4s with the frame counts of spec §4.9; bad inputs fail clearly."""
+T2V / I2V / V2V write playable H.264 mp4s with the frame counts of docs/magi1.md#i2v-and-v2v; bad inputs fail clearly."""
 
 import json
 import os

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
 def _magi_forward_f64(x, weight, weight_scale, divisor, input_scale):
-    """MAGI-1 spec §8 written out: xq = fp8(bf16(clamp(x.float() / divisor, ±448))); y = (xq @ W^T) *
+    """MAGI-1's fp8 linear (docs/fp8.md#magi-1-static-quantization) written out: xq = fp8(bf16(clamp(x.float() / divisor, ±448))); y = (xq @ W^T) *
     input_scale.flatten()[0] * weight_scale[0], evaluated in float64 (bf16 output)."""
     xq = (x.float() / divisor).clamp(-448, 448).to(torch.bfloat16).to(E4M3)
     y = xq.double().reshape(-1, x.shape[-1]) @ weight[0].double().t()

@@ -1,4 +1,4 @@
-"""A straightforward float64 re-statement of MAGI-1's DiT forward (spec §2.3-§2.5), chunk by chunk.
+"""A straightforward float64 re-statement of MAGI-1's DiT forward (docs/magi1.md#dit-architecture), chunk by chunk.
 
 Written independently of magi_model / magi_kernels: plain torch ops, explicit loops over chunks,
 layers, TP8 groups and caption segments; own rope table; dense softmax attention. It only reads
@@ -22,7 +22,7 @@ def ln(x, w, b, eps, one_p):
 
 
 def rope_angles(bands, t_total, h, w):
-    """Spec §2.5: integer T positions, centred and rescaled spatial positions, [T|H|W] x bands."""
+    """docs/magi1.md#3d-rotary-embedding: integer T positions, centred and rescaled spatial positions, [T|H|W] x bands."""
     rescale = math.sqrt(h * w / 256)
     ref = [t_total, h / rescale, w / rescale]
     axes = []

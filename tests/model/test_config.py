@@ -1,4 +1,4 @@
-"""Config parsing (spec §1): official presets, defaults, and readable errors for bad configs."""
+"""Config parsing (docs/magi1.md#configuration): official presets, defaults, and readable errors for bad configs."""
 
 import json
 

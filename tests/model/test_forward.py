@@ -98,7 +98,7 @@ def test_fp8_variant_runs_and_linear_math():
     assert lin.weight.dtype == torch.float8_e4m3fn and tuple(lin.weight.shape) == (1, 256, 256)
     assert type(model.videodit_blocks.layers[0].self_attention.linear_qkv.q) is torch.nn.Linear
     xin = torch.randn(5, 256).to(torch.bfloat16)
-    # Spec §8: divide by input_scale, round fp32 -> bf16 -> fp8, fp32 GEMM, scale by input_scale[0] * weight_scale.
+    # MAGI-1's fp8 linear (docs/fp8.md#magi-1-static-quantization): divide by input_scale, round fp32 -> bf16 -> fp8, fp32 GEMM, scale by input_scale[0] * weight_scale.
     xq = (xin.float() / lin.input_scale).clamp(-448, 448).to(torch.bfloat16).to(torch.float8_e4m3fn).float()
     want = (xq @ lin.weight[0].float().T) * lin.input_scale[0] * lin.weight_scale[0]
     torch.testing.assert_close(lin(xin).float(), want.to(torch.bfloat16).float())
@@ -127,7 +127,7 @@ def test_slice_point_without_cache_shifts_rope_only():
     v = model(x, t, cap, mask, slice_point=3, key_windows=[1, 2])
     ref, _ = reference_forward(model, x, t, cap, mask, dropped=[False], slice_point=3, key_windows=[1, 2])
     assert rel_err(v, ref) < 1e-5
-    # Rope is relative: a uniform temporal shift leaves the output unchanged (spec §2.5), up to rounding.
+    # Rope is relative: a uniform temporal shift leaves the output unchanged (docs/magi1.md#3d-rotary-embedding), up to rounding.
     assert rel_err(model(x, t, cap, mask, slice_point=0, key_windows=[1, 2]), v) < 1e-5
 
 

@@ -1,4 +1,4 @@
-"""Exact official state-dict key sets (spec §3, §8), checked on the meta device (nothing allocated).
+"""Exact official state-dict key sets (docs/magi1.md#checkpoint-layout-and-keys), checked on the meta device (nothing allocated).
 
 The expected keys and shapes below are transcribed from the spec's tables, not derived from the
 model, so a renamed or reshaped parameter fails here.
@@ -13,7 +13,7 @@ from magi_model.loading import CheckpointError, check_state_dict, load_state_dic
 
 BF16, F32, FP8 = torch.bfloat16, torch.float32, torch.float8_e4m3fn
 
-# §3.1: 14 top-level keys; (24B shape, 4.5B shape).
+# Top level: 14 keys; (24B shape, 4.5B shape).
 TOP = {
     "x_embedder.weight": ([6144, 32, 1, 2, 2], [3072, 16, 1, 2, 2]),
     "t_embedder.mlp.0.weight": ([1536, 256], [768, 256]),
@@ -31,7 +31,7 @@ TOP = {
     "final_linear.linear.weight": ([128, 6144], [64, 3072]),
 }
 
-# §3.2: 26 keys per layer (prefix videodit_blocks.layers.{i}.).
+# 26 keys per layer (prefix videodit_blocks.layers.{i}.).
 LAYER = {
     "ada_modulate_layer.proj.0.weight": ([12288, 1536], [6144, 768]),
     "ada_modulate_layer.proj.0.bias": ([12288], [6144]),
@@ -61,7 +61,7 @@ LAYER = {
     "mlp_post_norm.bias": ([6144], [3072]),
 }
 
-# §8: in layers 1..L-2 these 7 plain weights become fp8 modules: (in, out) per model, kind.
+# fp8 checkpoints: in layers 1..L-2 these 7 plain weights become fp8 modules: (in, out) per model, kind.
 FP8_LINEARS = {
     "self_attention.linear_qkv.q": ("tensor", (6144, 6144), (3072, 3072)),
     "self_attention.linear_qkv.qx": ("tensor", (6144, 6144), (3072, 3072)),
@@ -73,7 +73,7 @@ FP8_LINEARS = {
 }
 
 VARIANTS = ["4.5B_base", "4.5B_distill", "4.5B_distill_quant", "24B_base", "24B_distill", "24B_distill_quant"]
-KEY_COUNTS = {"4.5B": (898, 1410), "24B": (1262, 1998)}  # §3 totals: (non-quant, fp8)
+KEY_COUNTS = {"4.5B": (898, 1410), "24B": (1262, 1998)}  # key totals: (non-quant, fp8)
 
 
 def official_meta_state_dict(variant: str) -> dict[str, torch.Tensor]:
@@ -146,8 +146,8 @@ def test_promotion_set():
 
 
 def test_parameter_counts():
-    # Sum of the §3 table shapes. (§2.6 quotes 2*H more per layer than its own §3.2 table adds up to;
-    # its embedding total, 39,082,512 for 24B, matches.)
+    # Sum of the key table's shapes (docs/magi1.md#checkpoint-layout-and-keys); the embedding part is
+    # 39,082,512 parameters for 24B.
     for variant, total, per_layer, layers in (("24B_base", 23_899_281_936, 497_087_488, 48),
                                               ("4.5B_base", 4_459_898_128, 130_579_456, 34)):
         model = build_dit(preset(variant), device="meta")

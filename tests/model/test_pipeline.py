@@ -1,4 +1,4 @@
-"""Autoregressive pipeline (spec §4.4-§4.9): which forwards run with what, CFG mixing, cache writes,
+"""Autoregressive pipeline (docs/magi1.md#sampling-schedule): which forwards run with what, CFG mixing, cache writes,
 stagger, distill blend, prefixes -- against hand-derived references from the time grid."""
 
 import pytest
@@ -85,7 +85,7 @@ def test_cfg3_passes_cache_writer_stagger_and_mixing():
             torch.testing.assert_close(p1["t"][0], grid[[2 * stage + d, 2 * (stage - 1) + d]])
             assert p3["N"] == 2
     # Independent reference: every chunk visits grid points 0..7 once; v = uncond + s_p (pre - uncond)
-    # + s_t (text - pre) with (1.5, 7.5) below t = 0.3 and (1, 0) from 0.3 on (spec §4.7).
+    # + s_t (text - pre) with (1.5, 7.5) below t = 0.3 and (1, 0) from 0.3 on (docs/magi1.md#classifier-free-guidance).
     x0 = initial_noise(cfg, 12, cfg.runtime.seed)
     inc = 0.0
     for i in range(8):
@@ -126,7 +126,7 @@ def test_i2v_and_v2v_prefixes():
     out = generate_latents(fake, cfg, captions(2), mode="i2v", prefix_latent=img, progress=False)
     x0 = initial_noise(cfg, 12, cfg.runtime.seed)
     assert out.shape[2] == S.chunk_plan(40, mode="i2v").output_latent_frames == 12
-    assert (out[:, :, :1] == 7).all() and torch.equal(out[:, :, 1:], x0[:, :, 1:])  # frame 0 kept (spec §4.9)
+    assert (out[:, :, :1] == 7).all() and torch.equal(out[:, :, 1:], x0[:, :, 1:])  # frame 0 kept (docs/magi1.md#i2v-and-v2v)
     assert all((c["x"][:, :, 0] == 7).all() for c in fake.calls if c["slice_point"] == 0)
 
     pre = torch.full((1, 16, 8, 4, 4), 5.0)

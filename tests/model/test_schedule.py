@@ -1,4 +1,4 @@
-"""Schedules vs the spec's worked examples (§4.2, §4.3, §4.5, §4.7, §4.8, §4.9)."""
+"""Schedules vs worked examples of MAGI-1's schedule (docs/magi1.md#sampling-schedule)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Text conditioning (spec §4.10, §6): special tokens, per-chunk captions, embedding sources."""
+"""Text conditioning (docs/magi1.md#text-conditioning): special tokens, per-chunk captions, embedding sources."""
 
 import numpy as np
 import pytest

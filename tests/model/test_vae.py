@@ -1,4 +1,4 @@
-"""MAGI-1 VAE (spec §5): checkpoint key set, tiling (vs untiled and vs hand-computed blends),
+"""MAGI-1 VAE (docs/magi1.md#vae): checkpoint key set, tiling (vs untiled and vs hand-computed blends),
 pixel conversions, strict loading."""
 
 import json

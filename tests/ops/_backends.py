@@ -8,7 +8,7 @@ from magi_kernels import registry
 ALL_BACKENDS = ("torch", "triton", "cuda")
 
 # One ulp of relative error allowed beyond the float64 reference rounded to the output dtype:
-# the Triton interpreter rounds fp32->bf16 stores by truncation-like rules (kernel-anchors §6.1).
+# the Triton interpreter rounds fp32->bf16 stores by truncation-like rules (docs/testing.md#triton-interpreter).
 ULP = {torch.float32: 2e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 

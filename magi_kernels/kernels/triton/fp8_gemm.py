@@ -54,7 +54,7 @@ def _load_k_tile(ptrs, k0, K, offs_k, K_AXIS: tl.constexpr, EVEN_K: tl.constexpr
 @triton.jit
 def _round_to_bf16_grid(x):
     # fp32 -> nearest-even bf16 value, kept in fp32. The later .to(bf16) is then exact on every backend;
-    # the Triton interpreter's own fp32->bf16 cast truncates (kernel-anchors §6.1). NaN stays NaN.
+    # the Triton interpreter's own fp32->bf16 cast truncates (docs/testing.md#triton-interpreter). NaN stays NaN.
     bits = x.to(tl.int32, bitcast=True)
     r = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     return tl.where(x != x, x, r.to(tl.float32, bitcast=True))
@@ -330,7 +330,7 @@ def _register_aot() -> None:
             if cfg.use_tma:
                 # TMA needs aligned operands (launch checks), but K may be ragged against BLOCK_K=128.
                 reg(arch, bucket, cfg, *heavy, even_k=False)
-        # Not covered (known, see the stop note): pointer-tile launches whose K or row strides are not multiples
+        # Not covered (known, docs/testing.md#known-gaps): pointer-tile launches whose K or row strides are not multiples
         # of 16 compile without those hints, and those variants spill (up to 88 STL on sm_90 in the AOT check).
 
 
