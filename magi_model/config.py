@@ -58,7 +58,7 @@ class ModelConfig:
     cond_gating_ratio: float = 1.0
     gated_linear_unit: bool = False
 
-    # Derived sizes (spec notation).
+    # Derived sizes (notation of docs/magi1.md).
     @property
     def head_dim(self) -> int:
         return self.kv_channels

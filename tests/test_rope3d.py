@@ -22,7 +22,7 @@ def test_720p_spatial_grid_is_centred_and_rescaled():
     assert cos.shape == (t * h * w, 48) and cos.dtype == torch.float32
     pt, ph, pw = positions(cos, sin, bands)
     assert ph.max().item() == pytest.approx(5.5, abs=1e-4) and ph.min().item() == pytest.approx(-5.5, abs=1e-4)
-    half_w = (80 / 3.75 - 1) / 2  # the spec's ±10.17
+    half_w = (80 / 3.75 - 1) / 2  # ±10.17, docs/magi1.md#3d-rotary-embedding
     assert pw.max().item() == pytest.approx(half_w, abs=1e-3) and pw.min().item() == pytest.approx(-half_w, abs=1e-3)
     # Rows are ordered (T, H, W) with W fastest; T positions are the frame index.
     assert pt[h * w].item() == pytest.approx(1.0, abs=1e-5) and pt[h * w - 1].item() == pytest.approx(0.0, abs=1e-6)

@@ -1,6 +1,7 @@
-"""Exact official state-dict key sets (docs/magi1.md#checkpoint-layout-and-keys), checked on the meta device (nothing allocated).
+"""Exact official state-dict key sets, checked on the meta device (nothing allocated); see
+docs/magi1.md#checkpoint-layout-and-keys.
 
-The expected keys and shapes below are transcribed from the spec's tables, not derived from the
+The expected keys and shapes below are transcribed from MAGI-1's module definitions, not derived from the
 model, so a renamed or reshaped parameter fails here.
 """
 
