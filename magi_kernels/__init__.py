@@ -9,9 +9,12 @@ from magi_kernels.ops import (flex_attn_func, fp8_gemm, fp8_quantize, gated_post
                               qk_norm_rope)
 from magi_kernels.ranges import AttnMaskType, BlockCausal, Magi1WindowMask, SlidingWindow, VarlenCausal, VarlenFull
 from magi_kernels.reference.rope3d import magi_rope_bands_init, magi_rope_table
+from magi_kernels.ops.attention import attention
+from magi_kernels.ranges import PackedMask
 
-__version__ = "0.1.0"
+# One place: [project] version in pyproject.toml (via the installed metadata).
+from magi_kernels._version import version as __version__  # noqa: E402
 
 __all__ = ["qk_norm_rope", "gated_post_norm_residual", "fp8_quantize", "fp8_gemm", "flex_attn_func",
            "merge_attn_states", "AttnMaskType", "VarlenFull", "VarlenCausal", "BlockCausal", "SlidingWindow",
-           "Magi1WindowMask", "magi_rope_table", "magi_rope_bands_init", "registry"]
+           "Magi1WindowMask", "PackedMask", "attention", "magi_rope_table", "magi_rope_bands_init", "registry"]

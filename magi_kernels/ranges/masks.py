@@ -91,6 +91,12 @@ class _MaskBase(abc.ABC):
         q, k, t = self.to_ranges("cpu")
         return union_area(q, k, t)
 
+    def repeat(self, batch: int) -> "PackedMask":
+        """This mask once per sample of a batch packed end to end (offsets computed here)."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            fail(type(self).__name__, "batch", f"must be an int >= 1, got {batch!r}")
+        return PackedMask((self,) * batch)
+
 
 @dataclasses.dataclass(frozen=True)
 class VarlenFull(_MaskBase):
@@ -381,3 +387,57 @@ class Magi1WindowMask(_MaskBase):
         s = cls.schedule(chunk_num, num_steps, step, window, chunk_offset)
         return cls.for_step(chunk_tokens, s["slice_point"], s["steps"], num_steps, noise2clean_kvrange,
                             clean_chunk_kvrange)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedMask(_MaskBase):
+    """Per-sample masks laid end to end, as a varlen batch: sample i's queries start at ``cu_seqlens_q[i]``
+    and its keys at ``cu_seqlens_k[i]`` (the totals of the samples before it).
+
+    ``PackedMask([m0, m1, ...])`` composes different masks (one per sample, any sizes);
+    ``mask.repeat(batch)`` is the same mask for every sample. No sample sees another sample's keys.
+    """
+
+    masks: Sequence[_MaskBase]
+
+    def __post_init__(self):
+        name = type(self).__name__
+        try:
+            masks = tuple(self.masks)
+        except TypeError:
+            fail(name, "masks", f"must be a sequence of masks, got {type(self.masks).__name__}")
+        if not masks:
+            fail(name, "masks", "must hold at least one mask")
+        for i, m in enumerate(masks):
+            if not isinstance(m, _MaskBase):
+                fail(name, "masks", f"must hold mask objects (VarlenFull, BlockCausal, ...); entry {i} is {type(m).__name__}")
+        object.__setattr__(self, "masks", masks)
+
+    @property
+    def cu_seqlens_q(self) -> tuple[int, ...]:
+        cu = [0]
+        for m in self.masks:
+            cu.append(cu[-1] + m.total_q)
+        return tuple(cu)
+
+    @property
+    def cu_seqlens_k(self) -> tuple[int, ...]:
+        cu = [0]
+        for m in self.masks:
+            cu.append(cu[-1] + m.total_k)
+        return tuple(cu)
+
+    @property
+    def total_q(self) -> int:
+        return sum(m.total_q for m in self.masks)
+
+    @property
+    def total_k(self) -> int:
+        return sum(m.total_k for m in self.masks)
+
+    def slices(self) -> list[Slice]:
+        out, oq, ok = [], 0, 0
+        for m in self.masks:
+            out.extend((qs + oq, qe + oq, ks + ok, ke + ok, t) for qs, qe, ks, ke, t in m.slices())
+            oq, ok = oq + m.total_q, ok + m.total_k
+        return out
