@@ -13,7 +13,9 @@ Masks and batches (B samples of Sq queries / Sk keys):
 - a mask describing ONE sample (``total_q == Sq``, ``total_k == Sk``) is applied to every sample
   (``mask.repeat(B)``);
 - a mask describing the whole batch (``total_q == B*Sq``, ``total_k == B*Sk``, e.g. a ``PackedMask``
-  of per-sample masks) is used as is.
+  of per-sample masks) is used as is;
+- ``kv_lens`` (a tensor [B], instead of a mask): key padding, sample b attends to its first
+  ``kv_lens[b]`` keys (text padded at the end). Built on the device, so no host sync and no graph break.
 
 Anything else raises and says which sizes disagree: a wrong offset never turns into silent zeros.
 """
@@ -63,9 +65,24 @@ def _batch_mask(mask: Optional[_MaskBase], batch: int, sq: int, sk: int) -> _Mas
                      f"e.g. PackedMask([...]) or mask.repeat({batch}))")
 
 
+def _kv_lens_ranges(kv_lens, batch: int, sq: int, sk: int, device: torch.device):
+    """Ranges for key padding: sample b's queries see keys [b*sk, b*sk + kv_lens[b])."""
+    check_tensor(OP, "kv_lens", kv_lens, ndim=1)
+    if kv_lens.is_floating_point() or kv_lens.shape[0] != batch:
+        fail(OP, "kv_lens", f"must be an integer tensor [{batch}] (one key count per sample), got {kv_lens.dtype} "
+                            f"shape {list(kv_lens.shape)}")
+    lens = kv_lens.to(device=device, dtype=torch.int32)
+    # A count above sk would reach into the next sample's keys: checked on the device (no sync, traceable).
+    torch._assert_async(((lens >= 0) & (lens <= sk)).all(), f"attention: argument 'kv_lens' must lie in [0, {sk}]")
+    b = torch.arange(batch, dtype=torch.int32, device=device)
+    q_ranges = torch.stack([b * sq, (b + 1) * sq], dim=-1)
+    k_ranges = torch.stack([b * sk, b * sk + lens], dim=-1)
+    return q_ranges, k_ranges, None
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Optional[_MaskBase] = None,
               layout: str = "bshd", scale: Optional[float] = None, softcap: float = 0.0, return_lse: bool = False,
-              backend: Optional[str] = None):
+              kv_lens: Optional[torch.Tensor] = None, backend: Optional[str] = None):
     """Masked attention over a batch (or a packed varlen batch) through ``flex_attn_func``.
 
     Args:
@@ -76,6 +93,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Option
         layout: "bshd" | "bhsd" | "thd".
         scale: softmax scale (default 1/sqrt(D)). softcap: tanh soft-capping of the scores (0 = off).
         return_lse: also return the fp32 natural-log logsumexp per (query, head).
+        kv_lens: int tensor [B] of valid keys per sample (key padding at the end), instead of ``mask``.
         backend: flex_attn backend ("triton" | "torch" | None = auto).
     Returns:
         out in q's layout, shape and dtype; with ``return_lse``, ``(out, lse)`` where lse is [B, Hq, Sq] for
@@ -98,7 +116,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Option
                 fail(OP, name, f"must have q's batch size {batch}, got shape {list(t.shape)} (layout {layout!r})")
         q3, k3, v3 = (t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3]) for t in (q, k, v))
     # flex_attn_func checks dtypes, heads, head_dim and devices and names the offending argument.
-    q_ranges, k_ranges, types = _ranges(_batch_mask(mask, batch, sq, sk), q.device)
+    if kv_lens is None:
+        q_ranges, k_ranges, types = _ranges(_batch_mask(mask, batch, sq, sk), q.device)
+    elif mask is not None or layout == "thd":
+        fail(OP, "kv_lens", "must not be combined with a mask, and needs layout 'bshd' or 'bhsd'")
+    else:
+        q_ranges, k_ranges, types = _kv_lens_ranges(kv_lens, batch, sq, sk, q.device)
     out, lse = flex_attn_func(q3, k3, v3, q_ranges, k_ranges, types, softmax_scale=scale, softcap=softcap,
                               backend=backend)
     if layout != "thd":

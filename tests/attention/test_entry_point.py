@@ -172,3 +172,20 @@ def test_bad_inputs_name_argument_and_sizes():
         mk.VarlenFull([0, 3]).repeat(0)
     with pytest.raises(MagiArgumentError, match="'masks'.*entry 1 is str"):
         mk.PackedMask([mk.VarlenFull([0, 3]), "causal"])
+
+
+def test_kv_lens_key_padding_traces_and_checks_on_device():
+    B, sq, sk, hq, hk, d = 3, 5, 9, 4, 2, 8
+    q, k, v = torch.randn(B, sq, hq, d), torch.randn(B, sk, hk, d), torch.randn(B, sk, hk, d)
+    lens = torch.tensor([9, 4, 0])  # full, padded, and a sample with no valid key (out 0, lse -inf)
+    out, lse = mk.attention(q, k, v, kv_lens=lens, return_lse=True)
+    dense = _block_diag([(torch.arange(sk) < n).expand(sq, sk) for n in lens.tolist()])
+    ref_o, ref_l = _sdpa64(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), dense)
+    _close(out.flatten(0, 1), ref_o)
+    _close(lse.transpose(1, 2).flatten(0, 1), ref_l)
+    explained = torch._dynamo.explain(lambda *a: mk.attention(*a, kv_lens=lens))(q, k, v)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    with pytest.raises(RuntimeError, match="'kv_lens' must lie in"):
+        mk.attention(q, k, v, kv_lens=torch.tensor([9, 10, 0]))
+    with pytest.raises(MagiArgumentError, match="'kv_lens' must not be combined with a mask"):
+        mk.attention(q, k, v, kv_lens=lens, mask=mk.VarlenFull([0, sq], [0, sk]))
