@@ -1,0 +1,22 @@
+"""Distributed attention on torch.distributed (NCCL on GPUs, gloo on CPUs), reusable by any DiT.
+
+Every function takes this rank's contiguous shard of the packed THD sequence and the GLOBAL mask
+(``q_ranges`` / ``k_ranges`` / ``attn_type_map`` exactly as for ``flex_attn_func``), works under
+autograd, and returns ``(out, lse)`` for the rank's tokens.
+
+- :func:`ulysses_attention`: all-to-all heads <-> sequence (MAGI-1's ``cp_ulysses``).
+- :func:`ring_attention`: K/V shards around a ring, empty steps skipped, transfer overlapped.
+- :func:`usp_attention`: Ulysses inside one mesh dimension, ring across the other.
+- :func:`dispatch` / :func:`undispatch`: load-balanced chunk placement for ring attention.
+
+See docs/distributed.md.
+"""
+
+from magi_kernels.distributed._comm import even_shard_sizes, shard
+from magi_kernels.distributed.dispatch import DispatchMeta, dispatch, plan_dispatch, undispatch
+from magi_kernels.distributed.ring import ring_attention
+from magi_kernels.distributed.ulysses import ulysses_attention
+from magi_kernels.distributed.usp import usp_attention
+
+__all__ = ["ulysses_attention", "ring_attention", "usp_attention", "dispatch", "undispatch", "plan_dispatch",
+           "DispatchMeta", "even_shard_sizes", "shard"]
