@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -229,6 +229,25 @@ class _ForwardContext:
     kv_cache: "KVCache | None"
     read_tokens: int  # cached tokens read (slice_point * n)
     write_tokens: int  # leading current tokens written to the cache (0 = no write)
+    # Self-attention of one layer, (layer_number, q, k, v, ctx) -> core (N*S, nh, d). None: this process
+    # holds every token (local_self_attention); magi_model.parallel installs its context-parallel ones.
+    self_attention: "Callable | None" = None
+
+
+def local_self_attention(layer_number: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         ctx: _ForwardContext) -> torch.Tensor:
+    """Block-causal GQA self-attention of all N*S tokens, reading/writing the KV cache (single process)."""
+    N, S, _, d = q.shape
+    ng = k.shape[2]
+    kv = torch.cat([k, v], dim=-1)  # (N, S, ng, 2d), the cache's layout
+    if ctx.kv_cache is not None:
+        kv_all = ctx.kv_cache.read_write(layer_number, kv, ctx.read_tokens, ctx.write_tokens)
+    else:
+        kv_all = kv
+    sk = kv_all.shape[1]
+    k_all = kv_all[..., :d].reshape(N * sk, ng, d)
+    v_all = kv_all[..., d:].reshape(N * sk, ng, d)
+    return range_attention(q.reshape(N * S, q.shape[2], d), k_all, v_all, ctx.self_q, ctx.self_k)
 
 
 class TransformerLayer(nn.Module):
@@ -263,15 +282,7 @@ class TransformerLayer(nn.Module):
         q, k = qk_norm_rope(q, k, ctx.cos, ctx.sin, q_weight=qn.weight, q_bias=qn.bias, k_weight=kn.weight,
                             k_bias=kn.bias, norm="layernorm", weight_offset=qn.weight_offset, eps=qn.eps,
                             rotary_dim=2 * ctx.cos.shape[-1], out_dtype=x.dtype)
-        kv = torch.cat([k, v], dim=-1)  # (N, S, ng, 2d), the cache's layout
-        if ctx.kv_cache is not None:
-            kv_all = ctx.kv_cache.read_write(self.layer_number, kv, ctx.read_tokens, ctx.write_tokens)
-        else:
-            kv_all = kv
-        sk = kv_all.shape[1]
-        k_all = kv_all[..., :d].reshape(N * sk, ng, d)
-        v_all = kv_all[..., d:].reshape(N * sk, ng, d)
-        core = range_attention(q.reshape(N * S, nh, d), k_all, v_all, ctx.self_q, ctx.self_k)
+        core = (ctx.self_attention or local_self_attention)(self.layer_number, q, k, v, ctx)
 
         # --- cross-attention to each chunk's own text tokens (no rope; bf16 norms).
         qx = sa.q_layernorm_xattn(_linear(qkv.qx, a).view(N, S, nh, d))
@@ -386,12 +397,25 @@ class VideoDiT(nn.Module):
 
     # ---------------------------------------------------------------- one denoising forward
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, t: torch.Tensor, caption: torch.Tensor, caption_mask: torch.Tensor, *,
+    def forward(self, x: torch.Tensor, t: torch.Tensor, caption: torch.Tensor, caption_mask: torch.Tensor,
+                **kwargs) -> torch.Tensor:
+        """One DiT forward (see :meth:`prepare` for the arguments): embed, every layer, unpatchify."""
+        h, ctx, geom = self.prepare(x, t, caption, caption_mask, **kwargs)
+        for layer in self.videodit_blocks.layers:
+            h = layer(h, ctx)
+        return self.finish(h, geom)
+
+    @torch.no_grad()
+    def prepare(self, x: torch.Tensor, t: torch.Tensor, caption: torch.Tensor, caption_mask: torch.Tensor, *,
                 caption_dropout: "bool | Sequence[bool] | torch.Tensor" = False, distill_dt: float | None = None,
                 kv_cache: KVCache | None = None, slice_point: int = 0,
                 key_windows: "Sequence[int] | None" = None, update_kv_cache: bool = False,
-                write_chunks: int | None = None) -> torch.Tensor:
-        """One DiT forward over a window of ``R`` consecutive chunks; returns the velocity.
+                write_chunks: int | None = None) -> "tuple[torch.Tensor, _ForwardContext, dict]":
+        """Validation and the fp32 embedding stage of one DiT forward over a window of ``R`` chunks.
+
+        Returns ``(h (N, S, H), ctx, geom)``: the layers' input, what every layer shares, and the shapes
+        :meth:`finish` needs (``geom`` also carries the per-batch-element window slices for
+        context-parallel layouts). :meth:`forward` = prepare, every layer, finish. over a window of ``R`` consecutive chunks; returns the velocity.
 
         Args:
             x: latent window ``(N, C, T, h8, w8)`` (scaled latents, ``C`` = 16 for both models; the
@@ -412,9 +436,8 @@ class VideoDiT(nn.Module):
                 previous, absolute), MAGI-1's kv range; ``<= 0`` or None = all previous chunks.
             update_kv_cache: write this forward's K/V at ``slice_point``; ``write_chunks`` limits it
                 to the leading chunks (the distill nearly-clean extra chunk is not cached).
-        Returns:
-            velocity ``(N, C, T, h8, w8)`` fp32, for every chunk of the window (callers drop the slot
-            of a clean re-forwarded chunk).
+        The velocity :meth:`forward` returns is ``(N, C, T, h8, w8)`` fp32, for every chunk of the window
+        (callers drop the slot of a clean re-forwarded chunk).
         """
         cfg = self.config.model
         N, R, S, n, y_tok, seg_len, dropped, t_flat = self._check_inputs(
@@ -466,9 +489,16 @@ class VideoDiT(nn.Module):
             cross_k=_ranges(list(zip(starts, ends)), dev), y_xattn=y_xattn, kv_cache=kv_cache, read_tokens=read,
             write_tokens=(R if write_chunks is None else write_chunks) * n if update_kv_cache else 0)
 
-        for layer in self.videodit_blocks.layers:
-            h = layer(h, ctx)
+        geom = {"N": N, "R": R, "S": S, "n": n, "tp": tp, "hp": hp, "wp": wp, "slice_point": slice_point,
+                "read": read, "shift": shift, "window_slices": one}
+        return h, ctx, geom
 
+    @torch.no_grad()
+    def finish(self, h: torch.Tensor, geom: dict) -> torch.Tensor:
+        """Final norm, final linear and unpatchify (fp32) of the last layer's output ``h`` (N, S, H)."""
+        cfg = self.config.model
+        p, pt = cfg.patch_size, cfg.t_patch_size
+        N, tp, hp, wp = geom["N"], geom["tp"], geom["hp"], geom["wp"]
         # Final stage, fp32.
         h = self.videodit_blocks.final_layernorm(h.float())
         out = _linear_fp32(self.final_linear.linear, h)  # (N, S, pt*p*p*C), C fastest
