@@ -67,7 +67,11 @@ def _compare(make, inputs, **apply_kwargs):
     ref_model, our_model = make(), make()
     report = apply_magi_kernels(our_model, verbose=False, **apply_kwargs)
     ref = _fwd_bwd(ref_model, inputs)
-    ours = _fwd_bwd(our_model, inputs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = _fwd_bwd(our_model, inputs)
+    fell_back = [str(w.message) for w in caught if "magi_kernels" in str(w.message)]
+    assert not fell_back, fell_back  # every routed call ran on magi_kernels (no fallback to diffusers)
     assert _rel(ours[0], ref[0]) <= REL, ("out", _rel(ours[0], ref[0]))
     assert _rel(ours[1], ref[1]) <= REL, ("d input", _rel(ours[1], ref[1]))
     assert ours[2].keys() == ref[2].keys()
