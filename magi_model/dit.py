@@ -30,6 +30,7 @@ from magi_kernels import gated_post_norm_residual, magi_rope_bands_init, magi_ro
 from magi_kernels.ranges import Magi1WindowMask
 from magi_model.attention import range_attention
 from magi_model.config import MagiConfig, load_config
+from magi_model.device import resolve_device
 from magi_model.fp8 import FP8, FP8_MAX, PER_CHANNEL, PER_TENSOR, make_fp8_linear
 
 TP_GROUPS = 8  # linear_proj input interleave, hard-coded "to align with TP8 training" (docs/magi1.md#transformer-layer)
@@ -265,7 +266,8 @@ class TransformerLayer(nn.Module):
 
     def _post(self, norm: LayerNorm1p, out, gate, residual, ctx):
         return gated_post_norm_residual(out, gate, residual, norm.weight, norm.bias, gate_index=ctx.gate_index,
-                                        weight_offset=norm.weight_offset, eps=norm.eps, out_dtype=residual.dtype)
+                                        preset="magi1", weight_offset=norm.weight_offset, eps=norm.eps,
+                                        out_dtype=residual.dtype)
 
     def forward(self, x: torch.Tensor, ctx: _ForwardContext) -> torch.Tensor:
         N, S, H = x.shape
@@ -280,7 +282,7 @@ class TransformerLayer(nn.Module):
         v = _linear(qkv.v, a).view(N, S, ng, d)
         qn, kn = sa.q_layernorm, sa.k_layernorm
         q, k = qk_norm_rope(q, k, ctx.cos, ctx.sin, q_weight=qn.weight, q_bias=qn.bias, k_weight=kn.weight,
-                            k_bias=kn.bias, norm="layernorm", weight_offset=qn.weight_offset, eps=qn.eps,
+                            k_bias=kn.bias, preset="magi1", weight_offset=qn.weight_offset, eps=qn.eps,
                             rotary_dim=2 * ctx.cos.shape[-1], out_dtype=x.dtype)
         core = (ctx.self_attention or local_self_attention)(self.layer_number, q, k, v, ctx)
 
@@ -605,9 +607,10 @@ def build_dit(config: "str | os.PathLike | Mapping | MagiConfig", device="cpu", 
     the fp32 promotion set (:func:`is_fp32_param`) and the fp8 modules of quant configs.
     """
     cfg = load_config(config)
+    device = resolve_device(device, argument="device", allow_meta=True)  # a clear error before any work
     with torch.device("meta"):
         model = VideoDiT(cfg)
-    if torch.device(device).type == "meta":
+    if device.type == "meta":
         return model
     model = model.to_empty(device=device)
     if seed is not None:

@@ -18,6 +18,7 @@ Chunks are decoded and appended to the mp4 (H.264, yuv420p, fps from the config)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ import torch
 
 from magi_model import schedule
 from magi_model.config import PRESETS, ConfigError, MagiConfig, load_config, preset
+from magi_model.device import DeviceError, resolve_device
 
 PREFIX_VIDEO_FRAMES = 32  # V2V uses the first 32 frames of the prefix video (docs/magi1.md#i2v-and-v2v)
 
@@ -126,67 +128,145 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("t2v", "i2v", "v2v"), default="t2v")
     p.add_argument("--prompt", action="append", help="text prompt; repeat for chunk-wise prompts (one per 24 frames)")
     p.add_argument("--text_embeddings", help="precomputed prompt features (.safetensors/.pt/.npz: 'embeddings' "
-                   "(P, L, 4096), optional 'mask' (P, L)) instead of T5")
+                   "(P, L, 4096), optional 'mask' (P, L)) instead of T5 and --prompt")
     p.add_argument("--image_path", help="i2v: the first frame")
     p.add_argument("--prefix_video_path", help="v2v: the video to continue (its first 32 frames)")
     p.add_argument("--output_path", required=True, help="output .mp4")
     p.add_argument("--seed", type=int, default=None, help="override runtime_config.seed")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--check_weights", action="store_true",
+                   help="scan every DiT and VAE weight for NaN/inf before generating (names the tensor and file)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
-def _check_args(a: argparse.Namespace, cfg: MagiConfig) -> None:
-    if not a.prompt and not a.text_embeddings:
-        raise CLIError("prompt: give --prompt (repeat for chunk-wise prompts) or --text_embeddings")
-    if a.mode == "i2v":
-        if not a.image_path:
-            raise CLIError("image_path: --mode i2v needs --image_path")
-        if not os.path.isfile(a.image_path):
-            raise CLIError(f"image_path: {a.image_path!r} does not exist")
-    elif a.image_path:
-        raise CLIError(f"image_path: only used with --mode i2v, got --mode {a.mode}")
-    if a.mode == "v2v":
-        if not a.prefix_video_path:
-            raise CLIError("prefix_video_path: --mode v2v needs --prefix_video_path")
-        if not os.path.isfile(a.prefix_video_path):
-            raise CLIError(f"prefix_video_path: {a.prefix_video_path!r} does not exist")
-    elif a.prefix_video_path:
-        raise CLIError(f"prefix_video_path: only used with --mode v2v, got --mode {a.mode}")
-    if not a.output_path.lower().endswith(".mp4"):
-        raise CLIError(f"output_path: must end in .mp4 (H.264 mp4 is written), got {a.output_path!r}")
-    parent = os.path.dirname(os.path.abspath(a.output_path))
+# --------------------------------------------------------------------------------------------------
+# Validation: everything a user can get wrong is checked here, before any weight is read.
+
+
+@dataclasses.dataclass
+class Job:
+    """A checked request: what :func:`run_job` needs, built by :func:`validate` in seconds."""
+
+    args: argparse.Namespace
+    cfg: MagiConfig
+    device: torch.device
+    seed: int
+    random_weights: bool
+    chunks: schedule.ChunkPlan
+    image: Optional[torch.Tensor] = None  # i2v: uint8 (H, W, 3) at the video size
+    frames: Optional[torch.Tensor] = None  # v2v: uint8 (T, H, W, 3), T a multiple of the VAE's time factor
+    text_embeddings: Optional[list] = None  # --text_embeddings, loaded: [(emb (L, C), mask (L,))] per prompt
+    special_tokens_path: Optional[str] = None  # None: random stand-ins (presets without a tokens file)
+
+
+def _check_readable_file(argument: str, path: str) -> None:
+    if not os.path.exists(path):
+        raise CLIError(f"{argument}: {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CLIError(f"{argument}: {path!r} is a directory, expected a file")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise CLIError(f"{argument}: cannot read {path!r} ({e.strerror or e})") from None
+
+
+def _check_writable_output(path: str) -> None:
+    """The mp4 can be created: its folder exists (created if needed), it is not a directory, and a file
+    can really be opened there (permission bits alone say nothing for root or for /proc)."""
+    if not path.lower().endswith(".mp4"):
+        raise CLIError(f"output_path: must end in .mp4 (H.264 mp4 is written), got {path!r}")
+    if os.path.isdir(path):
+        raise CLIError(f"output_path: {path!r} is an existing directory, expected a file name")
+    parent = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(parent, exist_ok=True)  # like most video tools: create the output folder
     except OSError as e:
         raise CLIError(f"output_path: cannot create folder {parent!r} ({e.strerror or e})") from None
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise CLIError(f"output_path: cannot write {path!r} ({e.strerror or e})") from None
+    if not existed:
+        os.remove(path)
+
+
+def _check_seed(seed: int) -> None:
+    # torch.manual_seed's range; anything else fails only when the noise is drawn.
+    if not -(2 ** 63) <= seed < 2 ** 64:
+        raise CLIError(f"seed: must be in [-2^63, 2^64), got {seed}")
+
+
+def _check_config_for_generation(cfg: MagiConfig) -> None:
     r = cfg.runtime
     if r.video_size_h is None or r.video_size_w is None:
         raise CLIError("config_file: runtime_config.video_size_h / video_size_w must be set")
+    f = r.temporal_downsample_factor
+    if (r.fps // 2) % f or r.fps // 2 < f:
+        # The VAE works in temporal tiles of fps // 2 frames, each a whole number of latent frames.
+        raise CLIError(f"config_file: runtime_config.fps // 2 (the VAE's temporal tile) must be a positive multiple "
+                       f"of temporal_downsample_factor ({f}), got fps={r.fps}")
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def run(a: argparse.Namespace) -> dict:
-    from magi_model import text as text_mod
+def _check_weight_files(cfg: MagiConfig) -> None:
+    """Folders and safetensors headers of the DiT and VAE (a few KB read, no weights)."""
+    from magi_model import loading
     from magi_model import vae as vae_mod
-    from magi_model.dit import build_dit
-    from magi_model.pipeline import generate_latents
 
-    t_start = time.time()
+    r = cfg.runtime
+    if r.load is None:
+        raise CLIError("config_file: runtime_config.load must name the checkpoint root (the folder holding "
+                       f"'{cfg.weight_subdir}/')")
+    loading.read_header(loading.checkpoint_files(loading.weight_dir(cfg)))
+    if r.vae_pretrained is None:
+        raise CLIError("config_file: runtime_config.vae_pretrained must name MAGI-1-VAE's folder")
+    vae_mod.check_vae_folder(r.vae_pretrained)
+
+
+def validate(a: argparse.Namespace) -> Job:
+    """Check every argument, path, device and config field; read the small inputs (image, prefix video,
+    text embeddings, safetensors headers). Raises one of :func:`input_errors` on the first problem."""
+    from magi_model import text as text_mod
+
     cfg = preset(a.preset) if a.preset else load_config(a.config_file)
-    _check_args(a, cfg)
+    _check_config_for_generation(cfg)
     r, m = cfg.runtime, cfg.model
-    seed = r.seed if a.seed is None else a.seed
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random_weights = a.preset is not None
-    if random_weights:
-        _say(f"NOTE: preset '{a.preset}' uses RANDOM weights (DiT, VAE and text encoder): the video shows "
-             f"structured noise, not the prompt. It demonstrates the pipeline; no downloads happen.")
+    device = resolve_device(a.device, argument="device")
+    seed = r.seed if a.seed is None else a.seed
+    _check_seed(seed)
 
-    # Inputs that can be wrong are read before any large model is loaded, so mistakes fail fast.
+    if a.prompt and a.text_embeddings:
+        raise CLIError("prompt: give --prompt or --text_embeddings, not both (the embeddings replace the prompts)")
+    if not a.prompt and not a.text_embeddings:
+        raise CLIError("prompt: give --prompt (repeat for chunk-wise prompts) or --text_embeddings")
+    for name, needed_by in (("image_path", "i2v"), ("prefix_video_path", "v2v")):
+        value = getattr(a, name)
+        if a.mode == needed_by:
+            if not value:
+                raise CLIError(f"{name}: --mode {needed_by} needs --{name}")
+            _check_readable_file(name, value)
+        elif value:
+            raise CLIError(f"{name}: only used with --mode {needed_by}, got --mode {a.mode}")
+    if a.text_embeddings:
+        _check_readable_file("text_embeddings", a.text_embeddings)
+    _check_writable_output(a.output_path)
+
+    tok_path = os.environ.get("SPECIAL_TOKEN_PATH", text_mod.DEFAULT_SPECIAL_TOKEN_PATH)
+    special_tokens_path: Optional[str] = tok_path
+    if random_weights and not os.path.isfile(tok_path):
+        special_tokens_path = None
+    else:
+        text_mod.load_special_tokens(tok_path)  # small; fails here rather than after the models load
+    if not random_weights:
+        _check_weight_files(cfg)
+        if a.prompt:
+            text_mod.t5_folder(r.t5_pretrained or "")
+
+    # Inputs that can be wrong are read now, before any large model is loaded.
     w, h = r.video_size_w, r.video_size_h
     image = frames = None
     if a.mode == "i2v":
@@ -202,25 +282,56 @@ def run(a: argparse.Namespace) -> dict:
         frames = frames[:keep]
     P = {"t2v": 0, "i2v": 1}.get(a.mode) if frames is None else schedule.prefix_latent_frames(
         frames.shape[0], tile_frames=r.fps // 2, temporal_downsample_factor=r.temporal_downsample_factor)
-    plan = schedule.chunk_plan(r.num_frames, mode=a.mode, prefix_latent_frames=P, chunk_width=r.chunk_width,
-                               temporal_downsample_factor=r.temporal_downsample_factor)
+    chunks = schedule.chunk_plan(r.num_frames, mode=a.mode, prefix_latent_frames=P, chunk_width=r.chunk_width,
+                                 temporal_downsample_factor=r.temporal_downsample_factor)
+
+    embeddings = None
+    if a.text_embeddings:
+        embeddings = text_mod.load_text_embeddings(a.text_embeddings, dim=m.caption_channels,
+                                                   max_length=m.caption_max_length)
+    n_prompts = len(embeddings) if embeddings is not None else len(a.prompt)
+    n_noisy = chunks.infer_chunk_num - chunks.chunk_offset
+    if n_prompts > n_noisy:
+        what = "--text_embeddings holds" if embeddings is not None else "got"
+        raise CLIError(f"prompt: {what} {n_prompts} chunk-wise prompts but the video has only {n_noisy} generated "
+                       f"chunk(s) (num_frames / 24, rounded up); pass at most {n_noisy}")
+    return Job(a, cfg, device, seed, random_weights, chunks, image=image, frames=frames,
+               text_embeddings=embeddings, special_tokens_path=special_tokens_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running a checked job
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_job(job: Job) -> dict:
+    from magi_model import text as text_mod
+    from magi_model import vae as vae_mod
+    from magi_model.dit import build_dit
+    from magi_model.loading import assert_finite, load_dit
+    from magi_model.pipeline import generate_latents
+
+    t_start = time.time()
+    a, cfg, device, seed = job.args, job.cfg, job.device, job.seed
+    r, m = cfg.runtime, cfg.model
+    chunks = job.chunks
+    if job.random_weights:
+        _say(f"NOTE: preset '{a.preset}' uses RANDOM weights (DiT, VAE and text encoder): the video shows "
+             f"structured noise, not the prompt. It demonstrates the pipeline; no downloads happen.")
 
     # --- text (T5 runs first and is released before the DiT loads, as MAGI-1 offloads it)
     L, Cc = m.caption_max_length, m.caption_channels
-    tok_path = os.environ.get("SPECIAL_TOKEN_PATH", text_mod.DEFAULT_SPECIAL_TOKEN_PATH)
-    if random_weights and not os.path.isfile(tok_path):
+    if job.special_tokens_path is None:
         special = text_mod.random_special_tokens(Cc, seed)
     else:
-        special = text_mod.load_special_tokens(tok_path)
-    if a.text_embeddings:
-        prompts = text_mod.load_text_embeddings(a.text_embeddings, dim=Cc, max_length=L)
+        special = text_mod.load_special_tokens(job.special_tokens_path)
+    if job.text_embeddings is not None:
+        prompts = job.text_embeddings
     else:
-        n_noisy = plan.infer_chunk_num - plan.chunk_offset
-        if len(a.prompt) > n_noisy:
-            raise text_mod.TextError(f"prompt: got {len(a.prompt)} chunk-wise prompts but the video has only "
-                                     f"{n_noisy} generated chunk(s) (num_frames / 24, rounded up); pass at most "
-                                     f"{n_noisy}")
-        if random_weights:
+        if job.random_weights:
             enc = text_mod.RandomTextEncoder(Cc, L, seed=seed)
         else:
             enc = text_mod.T5TextEncoder(r.t5_pretrained or "", device=r.t5_device if torch.cuda.is_available()
@@ -229,33 +340,37 @@ def run(a: argparse.Namespace) -> dict:
         del enc
 
     # --- models
-    if random_weights:
+    tile_frames = r.fps // 2
+    if job.random_weights:
         model = build_dit(cfg, device=device, seed=seed)
-        vae = vae_mod.tiny_vae(seed, dtype=torch.float32, tile_sample_min_length=r.fps // 2).to(device)
+        vae = vae_mod.tiny_vae(seed, dtype=torch.float32, tile_sample_min_length=tile_frames).to(device)
+        if a.check_weights:
+            assert_finite(model.state_dict().items(), source=f"preset '{a.preset}' DiT")
+            assert_finite(vae.state_dict().items(), source=f"preset '{a.preset}' VAE")
     else:
-        from magi_model.loading import load_dit
-        if r.vae_pretrained is None:
-            raise CLIError("config_file: runtime_config.vae_pretrained must name MAGI-1-VAE's folder")
-        vae = vae_mod.load_vae(r.vae_pretrained, device=device, tile_sample_min_length=r.fps // 2)
-        model = load_dit(cfg, device=device, progress=not a.no_progress)
+        vae = vae_mod.load_vae(r.vae_pretrained, device=device, tile_sample_min_length=tile_frames,
+                               check_finite=a.check_weights)
+        model = load_dit(cfg, device=device, progress=not a.no_progress, check_finite=a.check_weights)
 
     # --- prefix latents
     prefix = None
-    if image is not None:
-        prefix = vae_mod.encode_image(vae, image.to(device), r.scale_factor)
-    elif frames is not None:
-        prefix = vae_mod.encode_video(vae, frames.to(device), r.scale_factor)
-    if prefix is not None and prefix.shape[2] != P:
-        raise RuntimeError(f"prefix encoded to {prefix.shape[2]} latent frames, planned {P}")  # internal check
+    if job.image is not None:
+        prefix = vae_mod.encode_image(vae, job.image.to(device), r.scale_factor)
+    elif job.frames is not None:
+        prefix = vae_mod.encode_video(vae, job.frames.to(device), r.scale_factor)
+    if prefix is not None and prefix.shape[2] != chunks.prefix_latent_frames:
+        raise RuntimeError(f"prefix encoded to {prefix.shape[2]} latent frames, planned "
+                           f"{chunks.prefix_latent_frames}")  # internal check
 
-    null, null_mask = model.null_caption(plan.infer_chunk_num)
-    captions = text_mod.build_captions(prompts, num_chunks=plan.infer_chunk_num, chunk_offset=plan.chunk_offset,
+    null, null_mask = model.null_caption(chunks.infer_chunk_num)
+    captions = text_mod.build_captions(prompts, num_chunks=chunks.infer_chunk_num, chunk_offset=chunks.chunk_offset,
                                        null=null[0, 0].cpu(), null_mask=null_mask[0, 0].cpu(),
                                        special_tokens=special)
     captions = type(captions)(*(t.to(device) for t in (captions.cond, captions.cond_mask, captions.null,
                                                          captions.null_mask)))
 
     # --- denoise, decoding and writing each chunk as soon as it is done
+    w, h = r.video_size_w, r.video_size_h
     writer = Mp4Writer(a.output_path, w, h, r.fps)
 
     def on_chunk(_index: int, latents: torch.Tensor) -> None:
@@ -266,27 +381,31 @@ def run(a: argparse.Namespace) -> dict:
                          progress=not a.no_progress)
     finally:
         writer.close()
-    info = {"frames": writer.frames, "expected_frames": plan.output_frames, "path": a.output_path,
-            "seconds": time.time() - t_start, "random_weights": random_weights}
+    info = {"frames": writer.frames, "expected_frames": chunks.output_frames, "path": a.output_path,
+            "seconds": time.time() - t_start, "random_weights": job.random_weights}
     _say(f"wrote {writer.frames} frames ({w}x{h} @ {r.fps} fps) to {a.output_path} in {info['seconds']:.1f} s"
-         + (" [RANDOM weights]" if random_weights else ""))
+         + (" [RANDOM weights]" if job.random_weights else ""))
     return info
 
 
-def _input_errors() -> tuple:
+def run(a: argparse.Namespace) -> dict:
+    """Validate, then generate (see :func:`validate` and :func:`run_job`)."""
+    return run_job(validate(a))
+
+
+def input_errors() -> tuple:
+    """Exception types that mean "bad input": the CLI prints their one-line message, no traceback."""
     from magi_model.loading import CheckpointError
     from magi_model.text import TextError
     from magi_model.vae import VAEError
-    return (CLIError, ConfigError, CheckpointError, TextError, VAEError)
+    return (CLIError, ConfigError, CheckpointError, TextError, VAEError, DeviceError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
-    INPUT_ERRORS = _input_errors()
     try:
         run(a)
-    except INPUT_ERRORS as e:
-        # Input problems get one clear line, not a traceback.
+    except input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

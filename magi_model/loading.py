@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from magi_model.config import MagiConfig, load_config
+from magi_model.device import resolve_device
 from magi_model.dit import VideoDiT, build_dit, is_fp32_param
 from magi_model.fp8 import FP8
 
@@ -93,17 +94,50 @@ def checkpoint_files(ckpt_dir: str) -> dict[str, str]:
                           f"(found: {present[:10]}{' ...' if len(present) > 10 else ''})")
 
 
+def _unreadable(path: str, e: Exception) -> CheckpointError:
+    # safetensors reports truncated files, garbage and oversized headers without the file name.
+    return CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})")
+
+
 def _safe_open(path: str):
     try:
         from safetensors import safe_open
     except ImportError as e:  # pragma: no cover - dependency message
         raise ImportError("magi_model.loading needs the 'safetensors' package (pip install safetensors)") from e
-    return safe_open(path, framework="pt", device="cpu")
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError, OSError, ...: no common base class
+        raise _unreadable(path, e) from None
+
+
+def _get_tensor(handle, path: str, key: str) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read tensor {key!r} ({type(e).__name__}: {e})") from None
 
 
 def _file_keys(path: str) -> list[str]:
     with _safe_open(path) as f:
         return list(f.keys())
+
+
+def assert_finite(tensors: Iterable[tuple[str, torch.Tensor]], *, source: str,
+                 files: Mapping[str, str] | None = None) -> None:
+    """Raise CheckpointError naming the first floating-point tensor holding NaN or inf (and its file,
+    from ``files``: key -> path). Scans in slices, so the extra memory is bounded for any tensor size."""
+    for key, t in tensors:
+        if not t.is_floating_point() or t.is_meta:
+            continue
+        flat = t.detach().reshape(-1)
+        step = 1 << 24
+        for start in range(0, flat.numel(), step):
+            part = flat[start:start + step]
+            if part.element_size() == 1:  # fp8: isfinite has no kernel for it everywhere
+                part = part.float()
+            if not bool(torch.isfinite(part).all()):
+                where = files[key] if files and key in files else source
+                raise CheckpointError(f"{where}: tensor {key!r} holds NaN or inf values")
 
 
 def read_header(files: Mapping[str, str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -118,9 +152,13 @@ def read_header(files: Mapping[str, str]) -> dict[str, tuple[tuple[int, ...], to
             for k in keys:
                 if k not in present:
                     raise CheckpointError(f"{path}: the index maps {k!r} to this file but it does not contain it")
-                sl = f.get_slice(k)
-                st = sl.get_dtype()
-                out[k] = (tuple(sl.get_shape()), _ST_DTYPES.get(st, st))
+                try:
+                    sl = f.get_slice(k)
+                    st = sl.get_dtype()
+                    shape = tuple(sl.get_shape())
+                except Exception as e:
+                    raise _unreadable(path, e) from None
+                out[k] = (shape, _ST_DTYPES.get(st, st))
     return out
 
 
@@ -296,7 +334,8 @@ def meta_keys(model: nn.Module) -> list[str]:
 
 
 def load_dit(config: "MagiConfig | str | Mapping", *, checkpoint_dir: str | None = None, device="cpu",
-             dtype: torch.dtype | None = None, strict: bool = True, progress: bool = True) -> VideoDiT:
+             dtype: torch.dtype | None = None, strict: bool = True, progress: bool = True,
+             check_finite: bool = False) -> VideoDiT:
     """Build the DiT on meta and load the official weights into it.
 
     Args:
@@ -306,8 +345,11 @@ def load_dit(config: "MagiConfig | str | Mapping", *, checkpoint_dir: str | None
         device: where the parameters end up ("cpu" keeps unconverted tensors memory-mapped).
         dtype: optional dtype for the non-promoted floating tensors (default: as stored).
         strict: fail on missing / unexpected keys (shape and dtype mismatches always fail).
+        check_finite: scan every tensor for NaN / inf as it is read (CheckpointError names the key and
+            file); costs one pass over the weights.
     """
     cfg = load_config(config)
+    device = resolve_device(device, argument="device", allow_meta=True)
     ckpt = checkpoint_dir if checkpoint_dir is not None else weight_dir(cfg)
     files = checkpoint_files(ckpt)
     header = read_header(files)
@@ -320,7 +362,10 @@ def load_dit(config: "MagiConfig | str | Mapping", *, checkpoint_dir: str | None
         path = files[k]
         if path not in handles:
             handles[path] = _safe_open(path).__enter__()
-        return handles[path].get_tensor(k)
+        t = _get_tensor(handles[path], path, k)
+        if check_finite:
+            assert_finite([(k, t)], source=path)
+        return t
 
     # Visit keys file by file so each shard's mapping is walked once.
     ordered = dict(sorted(header.items(), key=lambda kv: (files[kv[0]], kv[0])))
@@ -373,4 +418,4 @@ def save_checkpoint(state: "nn.Module | Mapping[str, torch.Tensor]", ckpt_dir: s
 
 
 __all__ = ["CheckpointError", "weight_dir", "checkpoint_files", "read_header", "check_state_dict", "diff_keys",
-           "load_state_dict_into", "load_dit", "save_checkpoint", "meta_keys"]
+           "load_state_dict_into", "load_dit", "save_checkpoint", "meta_keys", "assert_finite"]

@@ -34,17 +34,21 @@ def time_grid(num_steps: int, *, shortcut_mode: str = "8,16,16", shift: float = 
     """The ``num_steps + 1`` time points, fp32 (docs/magi1.md#time-grid): ``s = u^2``, then ``s / (shift - (shift-1) s)``.
 
     ``num_steps == 12`` is the distill shortcut grid (3 uneven steps per quarter, docs/magi1.md#distilled-models).
+    Bit-identical to MAGI-1's ``init_t`` (``inference/pipeline/video_generate.py``): fp32 throughout, in
+    its order of operations, ``(inv * s) / (1 + (inv - 1) * s)`` with ``inv = 1 / shift`` rounded to fp32.
     """
-    if num_steps < 1:
-        _bad("num_steps", f"must be >= 1, got {num_steps}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        _bad("num_steps", f"must be an integer >= 1, got {num_steps!r}")
+    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift >= 1.0):
+        _bad("shift", f"must be a finite number >= 1 (MAGI-1's rule), got {shift!r}")
     if num_steps == 12:
         pts = _shortcut_quarter_points(shortcut_mode)
         u = torch.tensor([q / 4 + o for q in range(4) for o in pts] + [1.0], dtype=torch.float32)
     else:
-        u = torch.linspace(0, 1, num_steps + 1)
-    u = u ** 2
-    # The original's form: (u / shift) / (1 + (1 / shift - 1) * u)  ==  u / (shift - (shift - 1) u).
-    return (u / shift) / (1 + (1 / shift - 1) * u)
+        u = torch.linspace(0, 1, num_steps + 1, dtype=torch.float32)
+    s = u ** 2
+    inv = 1.0 / shift  # a Python float: PyTorch casts it to fp32 when it meets the fp32 tensor
+    return inv * s / (1 + (inv - 1) * s)
 
 
 def distill_step_size(num_steps: int, sub_step: int = 0, shortcut_mode: str = "8,16,16") -> float:

@@ -140,17 +140,23 @@ def clean_caption(caption: str) -> str:
 # Encoders
 
 
+def t5_folder(t5_pretrained: str) -> str:
+    """The folder holding T5's ``config.json``: ``t5_pretrained/t5-v1_1-xxl`` or ``t5_pretrained`` itself."""
+    path = t5_pretrained
+    if os.path.isdir(os.path.join(path, T5_SUBDIR)):
+        path = os.path.join(path, T5_SUBDIR)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise TextError(f"t5_pretrained: {t5_pretrained!r} must be a local folder with {T5_SUBDIR}/config.json "
+                        f"(MAGI-1's ckpt/t5); nothing is downloaded. Or pass precomputed --text_embeddings.")
+    return path
+
+
 class T5TextEncoder:
     """T5 v1.1 XXL encoder from ``t5_pretrained`` (the folder holding ``t5-v1_1-xxl/``, or that folder
     itself), fp32, never downloading."""
 
     def __init__(self, t5_pretrained: str, device="cpu", max_length: int = MAX_LENGTH):
-        path = t5_pretrained
-        if os.path.isdir(os.path.join(path, T5_SUBDIR)):
-            path = os.path.join(path, T5_SUBDIR)
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise TextError(f"t5_pretrained: {t5_pretrained!r} must be a local folder with {T5_SUBDIR}/config.json "
-                            f"(MAGI-1's ckpt/t5); nothing is downloaded. Or pass precomputed --text_embeddings.")
+        path = t5_folder(t5_pretrained)
         try:
             from transformers import AutoTokenizer, T5EncoderModel
         except ImportError:
@@ -192,34 +198,57 @@ class RandomTextEncoder:
         return emb, mask
 
 
+def _read_tensor_file(path: str) -> Mapping:
+    """The tensors of a ``.safetensors`` / ``.npz`` / torch file, never unpickling arbitrary objects:
+    safetensors and npz (``allow_pickle=False``) hold only arrays, torch files are read with
+    ``weights_only=True``. Any failure is a TextError naming the file."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                return {k: torch.from_numpy(np.asarray(z[k])) for k in z.files}
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors, zip, pickle and numpy errors have no common base class
+        raise TextError(f"text_embeddings: cannot read {path!r} as a tensor file (.safetensors, .npz or a "
+                        f"torch.save of tensors): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        ) from None
+    return {"embeddings": d} if isinstance(d, torch.Tensor) else d
+
+
 def load_text_embeddings(path: str, *, dim: int,
                          max_length: int = MAX_LENGTH) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Precomputed prompt features: a ``.safetensors`` / ``.pt`` / ``.npz`` holding ``embeddings``
     ``(P, L, dim)`` or ``(L, dim)`` and optionally ``mask`` ``(P, L)`` (default: all ones). One entry per
-    prompt (P > 1 = chunk-wise prompts). L is padded with zeros / truncated to ``max_length``."""
+    prompt (P > 1 = chunk-wise prompts). L is padded with zeros / truncated to ``max_length``.
+    Embeddings must be finite floating-point numbers; mask values 0 or 1."""
     if not os.path.isfile(path):
         raise TextError(f"text_embeddings: {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        d = load_file(path)
-    elif path.endswith(".npz"):
-        with np.load(path) as z:
-            d = {k: torch.from_numpy(np.asarray(z[k])) for k in z.files}
-    else:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(d, torch.Tensor):
-            d = {"embeddings": d}
-    if not isinstance(d, Mapping) or "embeddings" not in d:
+    d = _read_tensor_file(path)
+    if not isinstance(d, Mapping) or not isinstance(d.get("embeddings"), torch.Tensor):
         raise TextError(f"text_embeddings: {path} must hold a tensor named 'embeddings' (P, L, {dim})")
-    emb = d["embeddings"].float()
+    emb = d["embeddings"]
+    if not emb.is_floating_point():
+        raise TextError(f"text_embeddings: 'embeddings' in {path} must be floating point, got {emb.dtype}")
+    emb = emb.float()
     if emb.dim() == 2:
         emb = emb[None]
-    if emb.dim() != 3 or emb.shape[-1] != dim:
-        raise TextError(f"text_embeddings: 'embeddings' must be (P, L, {dim}), got {list(emb.shape)}")
+    if emb.dim() != 3 or emb.shape[-1] != dim or emb.shape[0] < 1 or emb.shape[1] < 1:
+        raise TextError(f"text_embeddings: 'embeddings' must be (P, L, {dim}) with P, L >= 1, got {list(emb.shape)}")
+    if not bool(torch.isfinite(emb).all()):
+        raise TextError(f"text_embeddings: 'embeddings' in {path} holds NaN or inf values")
     mask = d.get("mask")
-    mask = torch.ones(emb.shape[:2]) if mask is None else mask.float().reshape(emb.shape[0], -1)
-    if mask.shape != emb.shape[:2]:
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TextError(f"text_embeddings: 'mask' in {path} must be a tensor, got {type(mask).__name__}")
+    if mask is None:
+        mask = torch.ones(emb.shape[:2])
+    elif mask.numel() != emb.shape[0] * emb.shape[1]:
         raise TextError(f"text_embeddings: 'mask' must be (P, L) = {list(emb.shape[:2])}, got {list(mask.shape)}")
+    else:
+        mask = mask.float().reshape(emb.shape[0], -1)
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise TextError(f"text_embeddings: 'mask' in {path} must hold only 0 and 1")
     L = emb.shape[1]
     if L < max_length:
         emb = torch.cat([emb, emb.new_zeros(emb.shape[0], max_length - L, dim)], 1)
@@ -281,5 +310,5 @@ def build_captions(prompts: Sequence[tuple[torch.Tensor, torch.Tensor]], *, num_
                     nm[None].expand(num_chunks, -1).clone())
 
 
-__all__ = ["T5TextEncoder", "RandomTextEncoder", "load_text_embeddings", "load_special_tokens",
+__all__ = ["T5TextEncoder", "t5_folder", "RandomTextEncoder", "load_text_embeddings", "load_special_tokens",
            "random_special_tokens", "special_token_flags", "build_captions", "clean_caption", "TextError"]

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from magi_model.attention import range_attention, ranges_tensor
+from magi_model.device import resolve_device
 
 # MAGI-1-VAE's ddconfig (``ckpt/vae/config.json`` in the sand-ai/MAGI-1 Hugging Face repo).
 MAGI1_DDCONFIG = {
@@ -46,6 +47,10 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 NORM_EPS = 1e-5  # nn.LayerNorm default, used by norm / norm2
 QKV_NORM_EPS = 1e-5  # added to the std (not the variance) in the q/k/v normalization
 SPATIAL_OVERLAP = 0.25  # MAGI-1's TileProcessor: 25 % spatial overlap, none in time
+# Tile sizes of MAGI-1's pipeline (``inference/pipeline/video_process.py``): 256 x 256 px spatial tiles
+# and fps // 2 = 12 frames in time, whatever the ddconfig's reference video_size is.
+TILE_PX = 256
+TILE_FRAMES = 12
 
 
 class VAEError(ValueError):
@@ -74,11 +79,12 @@ def _check_ddconfig(dd: Mapping) -> dict:
 
 
 def _qkv_norm(x: torch.Tensor) -> torch.Tensor:
-    # MAGI-1's ManualLayerNorm: std (biased) + eps, not sqrt(var + eps); computed in fp32.
-    xf = x.float()
-    mean = xf.mean(-1, keepdim=True)
-    std = xf.std(-1, keepdim=True, unbiased=False)
-    return ((xf - mean) / (std + QKV_NORM_EPS)).to(x.dtype)
+    # MAGI-1's ManualLayerNorm (inference/model/vae/vae_module.py): std (biased) + eps, not
+    # sqrt(var + eps), and every step in x's own dtype (bf16 in MAGI-1): mean and std are reduced
+    # and rounded to x's dtype, then x - mean, std + eps and the quotient each round again.
+    mean = x.mean(-1, keepdim=True)
+    std = x.std(-1, keepdim=True, unbiased=False)
+    return (x - mean) / (std + QKV_NORM_EPS)
 
 
 class Attention(nn.Module):
@@ -185,11 +191,30 @@ class ViTDecoder(_ViTBase):
         return self.last_layer(x.reshape(B, c, t * pl, h * ps, w * ps))
 
 
+def _check_tiles(who: str, tile_frames, tile_px, temporal_factor: int, spatial_factor: int) -> None:
+    for name, v in (("tile_sample_min_length", tile_frames), ("tile_sample_min_size", tile_px)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise VAEError(f"{who}: argument '{name}' must be a positive integer, got {v!r}")
+    if tile_frames % temporal_factor:
+        raise VAEError(f"{who}: argument 'tile_sample_min_length' must be a multiple of the temporal factor "
+                       f"({temporal_factor}) so each tile is whole latent frames, got {tile_frames}")
+    if tile_px % (4 * spatial_factor):
+        # 1/4 overlap of a tile, in latents: tile_px / spatial_factor must be divisible by 4 for the
+        # pixel stride and the latent crop to agree.
+        raise VAEError(f"{who}: argument 'tile_sample_min_size' must be a multiple of {4 * spatial_factor} "
+                       f"(4 x the spatial factor, for the 1/4 tile overlap), got {tile_px}")
+
+
 class ViTVAE(nn.Module):
     """MAGI-1-VAE. ``encode`` / ``decode`` are tiled as MAGI-1's TileProcessor; ``encode_tile`` /
-    ``decode_tile`` run one tile (the untiled model)."""
+    ``decode_tile`` run one tile (the untiled model).
 
-    def __init__(self, ddconfig: Mapping, *, tile_sample_min_length: int = 12):
+    Tiles: ``tile_sample_min_length`` frames (MAGI-1: fps // 2 = 12) x ``tile_sample_min_size`` px
+    squares (MAGI-1: 256), overlapping by 1/4 in space; decode tiles are the same sizes in latents.
+    ``encode`` / ``decode`` also take per-call overrides."""
+
+    def __init__(self, ddconfig: Mapping, *, tile_sample_min_length: int = TILE_FRAMES,
+                 tile_sample_min_size: int = TILE_PX):
         super().__init__()
         self.ddconfig = _check_ddconfig(ddconfig)
         dd = self.ddconfig
@@ -197,9 +222,10 @@ class ViTVAE(nn.Module):
         self.decoder = ViTDecoder(dd)
         self.z_chans = dd["z_chans"]
         self.temporal_factor, self.spatial_factor = dd["patch_length"], dd["patch_size"]
-        # Tile sizes: fps//2 (= 12) frames x video_size (256) px; decode tiles are the same in latents.
+        _check_tiles("ViTVAE", tile_sample_min_length, tile_sample_min_size, self.temporal_factor,
+                     self.spatial_factor)
         self.tile_frames = tile_sample_min_length
-        self.tile_px = dd["video_size"]
+        self.tile_px = tile_sample_min_size
 
     @property
     def dtype(self) -> torch.dtype:
@@ -226,57 +252,87 @@ class ViTVAE(nn.Module):
         if x.shape[3] % factor_s or x.shape[4] % factor_s:
             raise VAEError(f"ViTVAE.{name}: height and width must be multiples of {factor_s}, got {list(x.shape)}")
 
+    def _tiles(self, who: str, tile_frames: Optional[int], tile_px: Optional[int]) -> tuple[int, int]:
+        tf = self.tile_frames if tile_frames is None else tile_frames
+        tp = self.tile_px if tile_px is None else tile_px
+        _check_tiles(f"ViTVAE.{who}", tf, tp, self.temporal_factor, self.spatial_factor)
+        return tf, tp
+
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixels (B, 3, T, H, W) in [-1, 1] -> latent mean (B, z, T', H/8, W/8), tiled: tiles of
-        ``tile_frames`` x ``tile_px``^2 px, spatial stride 3/4 of the tile, linear blends."""
+    def encode(self, x: torch.Tensor, *, tile_sample_min_length: Optional[int] = None,
+               tile_sample_min_size: Optional[int] = None) -> torch.Tensor:
+        """Pixels (B, 3, T, H, W) in [-1, 1] -> latent mean (B, z, T', H/8, W/8), tiled as MAGI-1's
+        ``TileProcessor.tiled_encode``: tiles of ``tile_frames`` x ``tile_px``^2 px, spatial stride 3/4
+        of the tile, each latent tile blended in place against its already-blended neighbours."""
         self._check("encode", x, self.temporal_factor, self.spatial_factor)
-        f, s = self.temporal_factor, self.spatial_factor
-        lat = self.tile_px // s
-        return tiled(self.encode_tile, x, tile=(self.tile_frames, self.tile_px, self.tile_px),
-                     stride=(self.tile_frames, int(self.tile_px * (1 - SPATIAL_OVERLAP)),
-                             int(self.tile_px * (1 - SPATIAL_OVERLAP))),
-                     blend=(0, int(lat * SPATIAL_OVERLAP), int(lat * SPATIAL_OVERLAP)),
-                     crop=(self.tile_frames // f, int(lat * (1 - SPATIAL_OVERLAP)), int(lat * (1 - SPATIAL_OVERLAP))))
+        tf, tp = self._tiles("encode", tile_sample_min_length, tile_sample_min_size)
+        lat = tp // self.spatial_factor
+        keep, ramp = int(lat * (1 - SPATIAL_OVERLAP)), int(lat * SPATIAL_OVERLAP)
+        stride_px = int(tp * (1 - SPATIAL_OVERLAP))
+        return tiled(self.encode_tile, x, tile=(tf, tp, tp), stride=(tf, stride_px, stride_px),
+                     blend=(0, ramp, ramp), crop=(tf // self.temporal_factor, keep, keep), blend_against="blended")
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, z, t, h, w) -> pixels (B, 3, 4t, 8h, 8w), tiled over 3 x 32 x 32 latent tiles."""
+    def decode(self, z: torch.Tensor, *, tile_sample_min_length: Optional[int] = None,
+               tile_sample_min_size: Optional[int] = None) -> torch.Tensor:
+        """Latents (B, z, t, h, w) -> pixels (B, 3, 4t, 8h, 8w), tiled as MAGI-1's
+        ``TileProcessor.tiled_decode`` (3 x 32 x 32 latent tiles at MAGI-1's sizes): each decoded tile
+        is blended against its neighbours' decoded, NOT yet blended, pixels."""
         self._check("decode", z, 1, 1)
-        f, s = self.temporal_factor, self.spatial_factor
-        lt, ls = self.tile_frames // f, self.tile_px // s
-        return tiled(self.decode_tile, z, tile=(lt, ls, ls),
-                     stride=(lt, int(ls * (1 - SPATIAL_OVERLAP)), int(ls * (1 - SPATIAL_OVERLAP))),
-                     blend=(0, int(self.tile_px * SPATIAL_OVERLAP), int(self.tile_px * SPATIAL_OVERLAP)),
-                     crop=(self.tile_frames, int(self.tile_px * (1 - SPATIAL_OVERLAP)),
-                           int(self.tile_px * (1 - SPATIAL_OVERLAP))))
+        tf, tp = self._tiles("decode", tile_sample_min_length, tile_sample_min_size)
+        lt, ls = tf // self.temporal_factor, tp // self.spatial_factor
+        stride = int(ls * (1 - SPATIAL_OVERLAP))
+        keep, ramp = int(tp * (1 - SPATIAL_OVERLAP)), int(tp * SPATIAL_OVERLAP)
+        return tiled(self.decode_tile, z, tile=(lt, ls, ls), stride=(lt, stride, stride), blend=(0, ramp, ramp),
+                     crop=(tf, keep, keep), blend_against="decoded")
 
 
-def _blend(a: torch.Tensor, b: torch.Tensor, dim: int, extent: int) -> None:
-    """In place: the first ``extent`` slices of ``b`` along ``dim`` ramp linearly from ``a``'s last ones."""
+def _blend(a: torch.Tensor, b: torch.Tensor, dim: int, extent: int, *, rounding: str) -> None:
+    """In place: the first ``extent`` slices of ``b`` along ``dim`` ramp linearly from ``a``'s last ones,
+    ``b[i] = a[-e + i] * (1 - i/e) + b[i] * (i/e)``.
+
+    ``rounding="each_op"`` rounds every product and the sum to b's dtype (MAGI-1's eager blends in
+    ``tiled_encode``); ``"once"`` computes in at least fp32 and rounds once (``tiled_decode`` runs its
+    blends through ``torch.compile``, whose fused kernel keeps the intermediates in fp32)."""
     e = min(a.shape[dim], b.shape[dim], extent)
+    wide = torch.promote_types(b.dtype, torch.float32)
     for i in range(e):
-        bi = b.select(dim, i)
-        bi.copy_(a.select(dim, a.shape[dim] - e + i) * (1 - i / e) + bi * (i / e))
+        bi, ai = b.select(dim, i), a.select(dim, a.shape[dim] - e + i)
+        if rounding == "once":
+            bi.copy_(ai.to(wide) * (1 - i / e) + bi.to(wide) * (i / e))
+        else:
+            bi.copy_(ai * (1 - i / e) + bi * (i / e))
 
 
-def tiled(fn, x: torch.Tensor, *, tile, stride, blend, crop) -> torch.Tensor:
-    """MAGI-1's TileProcessor on one device: run ``fn`` on overlapping tiles of x (dims T, H, W),
-    blend each output tile in place against its predecessor along t, then h, then w (blended
-    predecessors are used as they are, in scan order), crop each to ``crop`` and concatenate."""
+def tiled(fn, x: torch.Tensor, *, tile, stride, blend, crop, blend_against: str) -> torch.Tensor:
+    """MAGI-1's TileProcessor on one device: run ``fn`` on overlapping tiles of x (dims T, H, W), blend
+    each output tile against its predecessor along t, then h, then w, crop each to ``crop`` and
+    concatenate. Tiles start every ``stride`` (the last ones may be smaller).
+
+    ``blend_against="blended"`` (``tiled_encode``): tiles are blended in place in scan order, so a
+    tile's predecessors are already blended. ``"decoded"`` (``tiled_decode``): every tile is blended
+    against its predecessors' raw ``fn`` outputs, kept aside for that purpose."""
+    if blend_against not in ("blended", "decoded"):
+        raise ValueError(f"tiled: argument 'blend_against' must be 'blended' or 'decoded', got {blend_against!r}")
     T, H, W = x.shape[2:]
     starts = [list(range(0, max(n, 1), st)) for n, st in zip((T, H, W), stride)]
-    out = {}
+    raw, out = {}, {}
+    in_place = blend_against == "blended"
+    rounding = "each_op" if in_place else "once"
     for i, t0 in enumerate(starts[0]):
         for j, h0 in enumerate(starts[1]):
             for k, w0 in enumerate(starts[2]):
                 y = fn(x[:, :, t0:t0 + tile[0], h0:h0 + tile[1], w0:w0 + tile[2]])
+                raw[i, j, k] = y
+                src = out if in_place else raw
+                if not in_place:
+                    y = y.clone()
                 if i:
-                    _blend(out[i - 1, j, k], y, 2, blend[0])
+                    _blend(src[i - 1, j, k], y, 2, blend[0], rounding=rounding)
                 if j:
-                    _blend(out[i, j - 1, k], y, 3, blend[1])
+                    _blend(src[i, j - 1, k], y, 3, blend[1], rounding=rounding)
                 if k:
-                    _blend(out[i, j, k - 1], y, 4, blend[2])
+                    _blend(src[i, j, k - 1], y, 4, blend[2], rounding=rounding)
                 out[i, j, k] = y
     rows_t = []
     for i in range(len(starts[0])):
@@ -292,12 +348,19 @@ def tiled(fn, x: torch.Tensor, *, tile, stride, blend, crop) -> torch.Tensor:
 # Pixel conversions (docs/magi1.md#vae)
 
 
+# PyTorch's CUDA kernel divides by a scalar as a multiplication by its fp32 reciprocal; MAGI-1 runs
+# ``uint8 / 127.5 - 1.0`` on the GPU, so this is the factor its inputs see (bit-exact on any device).
+_INV_127_5 = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(127.5, dtype=torch.float32))
+
+
 def pixels_to_input(frames: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
-    """uint8 frames (T, H, W, 3) -> VAE input (1, 3, T, H, W) = x / 127.5 - 1 in ``dtype``."""
+    """uint8 frames (T, H, W, 3) -> VAE input (1, 3, T, H, W) = x / 127.5 - 1, as MAGI-1 computes it:
+    in fp32, then rounded once to ``dtype``."""
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
         raise VAEError(f"pixels_to_input: argument 'frames' must be uint8 (T, H, W, 3), got "
                        f"{frames.dtype} {list(frames.shape)}")
-    return (frames.permute(3, 0, 1, 2)[None].to(dtype) / 127.5 - 1)
+    x = frames.permute(3, 0, 1, 2)[None].to(torch.float32) * _INV_127_5 - 1.0
+    return x.to(dtype)
 
 
 def output_to_pixels(x: torch.Tensor) -> torch.Tensor:
@@ -347,51 +410,88 @@ def init_random_weights(vae: ViTVAE, seed: int = 0) -> ViTVAE:
 
 
 def build_vae(ddconfig: Optional[Mapping] = None, *, dtype=torch.bfloat16, device="cpu", seed: Optional[int] = 0,
-              tile_sample_min_length: int = 12) -> ViTVAE:
+              tile_sample_min_length: int = TILE_FRAMES, tile_sample_min_size: int = TILE_PX) -> ViTVAE:
     """A VAE from a ddconfig (default MAGI-1-VAE's); ``seed`` fills seeded random weights, None leaves
-    them uninitialized (to be loaded)."""
-    vae = ViTVAE(ddconfig or MAGI1_DDCONFIG, tile_sample_min_length=tile_sample_min_length)
+    them uninitialized (to be loaded). Tiles default to MAGI-1's (12 frames x 256 px)."""
+    device = resolve_device(device, argument="device")
+    vae = ViTVAE(ddconfig or MAGI1_DDCONFIG, tile_sample_min_length=tile_sample_min_length,
+                 tile_sample_min_size=tile_sample_min_size)
     if seed is not None:
         init_random_weights(vae, seed)
     return vae.to(device=device, dtype=dtype).eval()
 
 
-def tiny_vae(seed: int = 0, dtype=torch.float32, tile_sample_min_length: int = 12) -> ViTVAE:
-    """The tiny preset's VAE: MAGI-1-VAE's structure at demo size, seeded RANDOM weights."""
-    return build_vae(TINY_DDCONFIG, dtype=dtype, seed=seed, tile_sample_min_length=tile_sample_min_length)
+def tiny_vae(seed: int = 0, dtype=torch.float32, tile_sample_min_length: int = TILE_FRAMES,
+             tile_sample_min_size: int = TINY_DDCONFIG["video_size"]) -> ViTVAE:
+    """The tiny preset's VAE: MAGI-1-VAE's structure at demo size, seeded RANDOM weights. Its spatial
+    tiles default to its 64 px reference size (not MAGI-1's 256 px), so the 128 px demo video still
+    goes through 2 x 2 tiles and their blends."""
+    return build_vae(TINY_DDCONFIG, dtype=dtype, seed=seed, tile_sample_min_length=tile_sample_min_length,
+                     tile_sample_min_size=tile_sample_min_size)
 
 
-def load_vae(path: str, *, dtype=torch.bfloat16, device="cpu", tile_sample_min_length: int = 12) -> ViTVAE:
-    """MAGI-1-VAE from ``<path>/config.json`` (``_class_name: ViTVAE``, ``ddconfig``) and
-    ``<path>/diffusion_pytorch_model.safetensors``, strictly (every key, every shape)."""
+def check_vae_folder(path: str) -> tuple[dict, str]:
+    """Check MAGI-1-VAE's folder without reading weights: ``config.json`` (``_class_name: ViTVAE``, a
+    usable ``ddconfig``) and the safetensors header (every key and shape the model needs). Returns the
+    ddconfig and the weights file's path; raises VAEError naming the file otherwise."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise VAEError(f"vae_pretrained: {path!r} has no config.json (expected MAGI-1-VAE's folder)")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    if cfg.get("_class_name") != "ViTVAE":
-        raise VAEError(f"vae_pretrained: {cfg_path} has _class_name {cfg.get('_class_name')!r}, expected 'ViTVAE'")
-    if "ddconfig" not in cfg:
-        raise VAEError(f"vae_pretrained: {cfg_path} has no 'ddconfig'")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VAEError(f"vae_pretrained: {cfg_path} is not readable JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("_class_name") != "ViTVAE":
+        got = cfg.get("_class_name") if isinstance(cfg, dict) else type(cfg).__name__
+        raise VAEError(f"vae_pretrained: {cfg_path} has _class_name {got!r}, expected 'ViTVAE'")
+    if not isinstance(cfg.get("ddconfig"), dict):
+        raise VAEError(f"vae_pretrained: {cfg_path} has no 'ddconfig' dict")
+    with torch.device("meta"):
+        want = ViTVAE(cfg["ddconfig"]).state_dict()
     wpath = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(wpath):
         raise VAEError(f"vae_pretrained: {path!r} has no {WEIGHTS_FILE}")
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    vae = ViTVAE(cfg["ddconfig"], tile_sample_min_length=tile_sample_min_length)
-    sd = load_file(wpath)
-    want = vae.state_dict()
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
-    shapes = sorted(k for k in set(want) & set(sd) if tuple(want[k].shape) != tuple(sd[k].shape))
+    try:
+        with safe_open(wpath, framework="pt", device="cpu") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # truncated file, garbage, oversized header: safetensors' message lacks the path
+        raise VAEError(f"vae checkpoint {wpath}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    missing = sorted(set(want) - set(found))
+    unexpected = sorted(set(found) - set(want))
+    shapes = sorted(k for k in set(want) & set(found) if tuple(want[k].shape) != found[k])
     if missing or unexpected or shapes:
         raise VAEError(f"vae checkpoint {wpath}: missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
                        f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}, mis-shaped "
-                       + ", ".join(f"{k} {list(sd[k].shape)} vs {list(want[k].shape)}" for k in shapes[:10]))
+                       + ", ".join(f"{k} {list(found[k])} vs {list(want[k].shape)}" for k in shapes[:10]))
+    return cfg["ddconfig"], wpath
+
+
+def load_vae(path: str, *, dtype=torch.bfloat16, device="cpu", tile_sample_min_length: int = TILE_FRAMES,
+             tile_sample_min_size: int = TILE_PX, check_finite: bool = False) -> ViTVAE:
+    """MAGI-1-VAE from ``<path>/config.json`` (``_class_name: ViTVAE``, ``ddconfig``) and
+    ``<path>/diffusion_pytorch_model.safetensors``, strictly (every key, every shape).
+    ``check_finite``: fail naming the tensor and file if any weight holds NaN or inf."""
+    device = resolve_device(device, argument="device")
+    ddconfig, wpath = check_vae_folder(path)
+    from safetensors.torch import load_file
+
+    vae = ViTVAE(ddconfig, tile_sample_min_length=tile_sample_min_length, tile_sample_min_size=tile_sample_min_size)
+    try:
+        sd = load_file(wpath)
+    except Exception as e:
+        raise VAEError(f"vae checkpoint {wpath}: cannot read its tensors ({type(e).__name__}: {e})") from None
+    if check_finite:
+        from magi_model.loading import assert_finite
+
+        assert_finite(sd.items(), source=wpath)
     vae.load_state_dict(sd, strict=True)
     return vae.to(device=device, dtype=dtype).eval()
 
 
-__all__ = ["ViTVAE", "VAEError", "MAGI1_DDCONFIG", "TINY_DDCONFIG", "build_vae", "tiny_vae", "load_vae", "tiled",
+__all__ = ["ViTVAE", "VAEError", "MAGI1_DDCONFIG", "TINY_DDCONFIG", "TILE_PX", "TILE_FRAMES", "build_vae", "tiny_vae",
+           "load_vae", "check_vae_folder", "tiled",
            "pixels_to_input", "output_to_pixels", "encode_image", "encode_video", "decode_latents",
            "init_random_weights"]

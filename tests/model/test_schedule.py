@@ -1,5 +1,6 @@
 """Schedules vs worked examples of MAGI-1's schedule (docs/magi1.md#sampling-schedule)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,37 @@ def test_time_grid_16_steps():
     g = S.time_grid(16)
     assert g.dtype == torch.float32 and len(g) == 17
     torch.testing.assert_close(g, torch.tensor(want), atol=6e-6, rtol=0)
+
+
+def _magi1_init_t(num_steps, shortcut_mode="8,16,16", shift=3.0):
+    """MAGI-1's init_t (inference/pipeline/video_generate.py) restated in numpy float32: linspace (or the
+    12-step shortcut points), squared, then (inv * s) / (1 + (inv - 1) * s), inv = 1/shift in fp32."""
+    if num_steps == 12:
+        base = [0.0, 0.125, 0.1875] if shortcut_mode == "8,16,16" else [0.0, 0.0625, 0.125]
+        u = np.array([b + a for a in (0.0, 0.25, 0.5, 0.75, 1.0) for b in base][:13], dtype=np.float32)
+    else:
+        u = torch.linspace(0, 1, num_steps + 1, dtype=torch.float32).numpy()  # torch's own linspace
+    s = u * u
+    inv, inv_m1 = np.float32(1.0 / shift), np.float32(1.0 / shift - 1)
+    return (inv * s) / (np.float32(1) + inv_m1 * s)
+
+
+@pytest.mark.parametrize("steps, mode", [(1, None), (4, None), (8, None), (12, "8,16,16"), (12, "16,16,8"),
+                                         (16, None), (24, None), (32, None), (64, None), (100, None)])
+def test_time_grid_bit_identical_to_magi1(steps, mode):
+    g = S.time_grid(steps, shortcut_mode=mode or "8,16,16")
+    want = torch.from_numpy(_magi1_init_t(steps, mode or "8,16,16"))
+    assert g.dtype == torch.float32 and torch.equal(g.view(torch.int32), want.view(torch.int32))
+
+
+def test_time_grid_form_matters():
+    """The algebraically equal s / (3 - 2 s) is not bit-identical: the grid must follow MAGI-1's order."""
+    u = torch.linspace(0, 1, 65, dtype=torch.float32) ** 2
+    assert not torch.equal(S.time_grid(64), u / (3 - 2 * u))
+    with pytest.raises(ValueError, match="argument 'shift' must be a finite number >= 1"):
+        S.time_grid(16, shift=0.5)
+    with pytest.raises(ValueError, match="argument 'num_steps' must be an integer >= 1"):
+        S.time_grid(16.0)
 
 
 @pytest.mark.parametrize("steps", [16, 32, 64])
