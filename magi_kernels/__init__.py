@@ -12,7 +12,8 @@ from magi_kernels.reference.rope3d import magi_rope_bands_init, magi_rope_table
 from magi_kernels.ops.attention import attention
 from magi_kernels.ranges import PackedMask
 
-__version__ = "0.1.0"
+# One place: [project] version in pyproject.toml (via the installed metadata).
+from magi_kernels._version import version as __version__  # noqa: E402
 
 __all__ = ["qk_norm_rope", "gated_post_norm_residual", "fp8_quantize", "fp8_gemm", "flex_attn_func",
            "merge_attn_states", "AttnMaskType", "VarlenFull", "VarlenCausal", "BlockCausal", "SlidingWindow",

@@ -19,9 +19,12 @@ def _run(*args, env_drop=("TRITON_INTERPRET",), timeout=600):
 
 
 def test_selfcheck_runs_every_backend_and_passes():
-    r = _run("-m", "magi_kernels.tools.selfcheck")
+    r = _run("-m", "magi_kernels.tools.selfcheck", "--info")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all checks passed" in r.stdout
+    # --info puts the environment report (tools/info.py) first
+    assert r.stdout.startswith("magi-kernels "), r.stdout[:500]
+    assert "backends on " in r.stdout
     if not torch.cuda.is_available():
         # On CPU it must still have exercised the interpreter and the SIMT emulator, not skipped them.
         rows = [ln for ln in r.stdout.splitlines() if "qk_norm_rope" in ln]
@@ -46,3 +49,95 @@ def test_gpu_validate_without_gpu_says_so_and_exits_cleanly():
         pytest.skip("GPU host: gpu_validate validates for real there (minutes); run it by hand")
     r = _run("benchmarks/gpu_validate.py")
     assert r.returncode == 0 and "no CUDA GPU" in r.stdout, r.stdout + r.stderr
+
+
+# --- version and the environment report (tools/info.py) ---------------------------------------------------
+
+
+def _pyproject_version() -> str:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_version_comes_from_pyproject_via_metadata():
+    from importlib import metadata
+
+    import magi_kernels
+    from magi_kernels import _version
+
+    assert magi_kernels.__version__ == metadata.version("magi-kernels") == _pyproject_version()
+    # an uninstalled source tree reads the same field and says it is a source tree
+    assert _version._from_pyproject() == _pyproject_version() + "+source"
+
+
+def test_info_report_lists_versions_build_and_backends():
+    import triton
+
+    import magi_kernels
+    from magi_kernels import _ext, registry
+    from magi_kernels.tools import info
+
+    r = info.collect()
+    assert r["magi_kernels"] == magi_kernels.__version__
+    assert r["torch"] == torch.__version__ and r["triton"] == triton.__version__
+    bi = _ext.build_info()
+    assert r["_C"]["native"] and r["_C"]["cuda_archs"] == bi["cuda_archs"]
+    # compiler facts are recorded at build time, not guessed at run time
+    assert r["_C"]["cxx_compiler"].split()[0] in ("GNU", "Clang", "AppleClang", "IntelLLVM")
+    assert r["_C"]["python_version"].startswith(f"{sys.version_info.major}.{sys.version_info.minor}")
+    assert set(r["backends"]) == set(registry.ops())
+    for op, row in r["backends"].items():
+        assert row.keys() == registry.implementations(op).keys()
+        assert row["torch"] == "ok"
+    if bi["cuda"] and r["_C_device_code"] is not None:
+        code = r["_C_device_code"]
+        assert code["matches_build"], code
+        assert code["sass"] and set(code["sass"]) == {f"sm_{t}" for t, sass, _ in _ext.arch_targets() if sass}
+    text = info.render(r)
+    assert text.startswith(f"magi-kernels {magi_kernels.__version__}\n")
+    assert f"torch        {torch.__version__}" in text and "backends on " in text
+    assert json.loads(json.dumps(r)) == r  # --json output is plain JSON
+
+
+def test_arch_records_map_to_runnable_gpus(monkeypatch):
+    from magi_kernels import _ext
+
+    monkeypatch.setattr(_ext, "build_info", lambda: {"cuda_archs": "80-real,86-real,89-real,90a-real,100-real,120"})
+    assert _ext.cuda_archs() == (80, 86, 89, 90, 100, 120)
+    assert _ext.ptx_archs() == (120,)
+    assert _ext.kernel_image_for(86) == "SASS sm_86"
+    assert _ext.kernel_image_for(87) == "SASS sm_86"  # same major, newer minor
+    assert _ext.kernel_image_for(103) == "SASS sm_100"
+    assert _ext.kernel_image_for(121) == "SASS sm_120"
+    assert _ext.kernel_image_for(75) is None
+    assert _ext.kernel_image_for(110) is None  # compute_120 PTX cannot be JIT-compiled for an older GPU
+    assert _ext.kernel_image_for(130).startswith("PTX compute_120")
+    # arch-specific PTX ("90a") is not forward compatible
+    monkeypatch.setattr(_ext, "build_info", lambda: {"cuda_archs": "80,90a"})
+    assert _ext.ptx_archs() == (80,) and _ext.kernel_image_for(100).startswith("PTX compute_80")
+
+
+def _load_setup_py():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("magi_setup", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # setup() itself only runs as __main__
+    return mod
+
+
+def test_setup_cuda_arch_defaults_and_override(monkeypatch):
+    setup_py = _load_setup_py()
+    monkeypatch.delenv("MAGI_CUDA_ARCHS", raising=False)
+    release = setup_py.cuda_archs_for(editable=False)
+    assert release == "80-real;86-real;89-real;90a-real;100-real;120"
+    assert setup_py.cuda_archs_for(editable=True) == "80;89;90a"
+    monkeypatch.setenv("MAGI_CUDA_ARCHS", "release")
+    assert setup_py.cuda_archs_for(editable=True) == release
+    monkeypatch.setenv("MAGI_CUDA_ARCHS", " 89, 90a-real ;120-virtual")
+    assert setup_py.cuda_archs_for(editable=False) == "89;90a-real;120-virtual"
+    for bad in ("sm_90", "90a-fast", ";"):
+        monkeypatch.setenv("MAGI_CUDA_ARCHS", bad)
+        with pytest.raises(ValueError, match="MAGI_CUDA_ARCHS"):
+            setup_py.cuda_archs_for(editable=False)

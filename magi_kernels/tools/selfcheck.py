@@ -1,6 +1,8 @@
 """Self-check: run every op on every backend this machine can execute and compare with float64.
 
-    python -m magi_kernels.tools.selfcheck
+    python -m magi_kernels.tools.selfcheck [--info]
+
+``--info`` first prints the environment report of ``python -m magi_kernels.tools.info``.
 
 On a CPU-only machine this still exercises all three backends: ``torch`` natively, ``triton`` under
 the Triton interpreter (the process re-executes itself with TRITON_INTERPRET=1), and ``cuda`` as the
@@ -119,6 +121,10 @@ def _dequant(q, scale):
 
 def main() -> int:
     _maybe_reexec_for_interpreter()
+    if "--info" in sys.argv[1:]:  # the environment report first (see magi_kernels.tools.info)
+        from magi_kernels.tools.info import collect, render
+
+        print(render(collect()), flush=True)
     import torch
     from rich.console import Console
     from rich.table import Table
