@@ -44,7 +44,7 @@ def qk_case(tokens, hq, hk, d, norm, scope, rot, dtype, device):
     n_k = d if scope == "head" else hk * d
     w_q, w_k = torch.randn(n_q, device=device), torch.randn(n_k, device=device)
     moved = 2 * (q.numel() + k.numel()) * q.element_size() + 2 * cos.numel() * 4
-    kw = dict(q_weight=w_q, k_weight=w_k, norm=norm, norm_scope=scope, weight_offset=1.0)
+    kw = dict(q_weight=w_q, k_weight=w_k, norm=norm, norm_scope=scope, weight_offset=1.0, interleaved=False)
     return (lambda backend: mk.qk_norm_rope(q, k, cos, sin, backend=backend, **kw)), moved
 
 
@@ -55,7 +55,8 @@ def gate_case(tokens, hidden, g, dtype, device):
     gi = (torch.arange(tokens, device=device) * g // tokens).to(torch.int32)
     w, b = torch.randn(hidden, device=device), torch.randn(hidden, device=device)
     moved = x.numel() * 4 + 2 * res.numel() * res.element_size() + gi.numel() * 4 + gate.numel() * gate.element_size()
-    return (lambda backend: mk.gated_post_norm_residual(x, gate, res, w, b, gate_index=gi, backend=backend)), moved
+    return (lambda backend: mk.gated_post_norm_residual(x, gate, res, w, b, gate_index=gi, preset="magi1",
+                                                        backend=backend)), moved
 
 
 def main(argv=None) -> int:
@@ -89,13 +90,15 @@ def main(argv=None) -> int:
             break
 
     for op, name, tokens, (run, moved), extra in cases:
-        info = registry.CallInfo(device, dtype, extra)
         for backend in wanted:
             if not on_gpu and backend != "torch":
                 continue  # interpreter / emulator timings are meaningless
-            if registry.why_not(op, backend, info) is not None:
+            if registry.device_reason(backend, device) is not None:
                 continue
-            sec = bench(lambda: run(backend), device)
+            try:
+                sec = bench(lambda: run(backend), device)
+            except registry.BackendUnavailable:  # this backend's rules decline the shape
+                continue
             row = {"device": device_label(), "op": op, "shape": name, "tokens": tokens, "backend": backend,
                    "us": sec * 1e6, "GB/s": moved / sec / 1e9}
             if peak:

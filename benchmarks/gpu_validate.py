@@ -51,7 +51,7 @@ def _gate_cases(device):
         w, b = torch.randn(h, device=device) * 0.1, torch.randn(h, device=device) * 0.1
         yield ("gated_post_norm_residual", name, {"hidden": h}, torch.float32,
                lambda be, x=x, gate=gate, res=res, w=w, b=b, gi=gi:
-               mk.gated_post_norm_residual(x, gate, res, w, b, gate_index=gi, backend=be))
+               mk.gated_post_norm_residual(x, gate, res, w, b, gate_index=gi, preset="magi1", backend=be))
 
 
 def _attn_cases(device):
@@ -116,11 +116,10 @@ def main(argv=None) -> int:
     rows, failed = [], False
     for source in CASE_SOURCES:
         for op, name, extra, dtype, run in source(device):
-            info = registry.CallInfo(device, dtype, extra)
             ref = run("torch")
             t_ref = bench(lambda: run("torch"), device)
             for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
-                reason = registry.why_not(op, backend, info)
+                reason = registry.device_reason(backend, device)
                 if reason is not None:
                     rows.append({"op": op, "case": name, "backend": backend, "result": f"n/a ({reason})",
                                  "max rel err": "", "us": "", "torch us": t_ref * 1e6, "speedup": ""})

@@ -33,27 +33,21 @@ BACKENDS = ("cuda", "triton", "scaled_mm", "torch")
 ENV_VAR = "MAGI_KERNELS_BACKEND"
 
 
-@dataclasses.dataclass(frozen=True)
-class CallInfo:
-    """What backend selection looks at; ops fill ``extra`` with op-specific facts (e.g. head_dim)."""
-
-    device: torch.device
-    dtype: torch.dtype
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def capability(self) -> tuple[int, int] | None:
-        if self.device.type != "cuda":
-            return None
-        return torch.cuda.get_device_capability(self.device)
-
-
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run this call (the message says why)."""
 
 
-# A supports-check returns None when the backend can run the call, else a short reason.
-SupportsFn = Callable[[CallInfo], "str | None"]
+# A supports-check receives the op's validated, typed arguments (the ``*Args`` dataclass of its ops/
+# file, which has a ``device``) and returns None when the backend can run the call, else a short reason.
+SupportsFn = Callable[[Any], "str | None"]
+
+# Where each backend family keeps its device rules (``device_reason(device) -> reason | None``), next to
+# its kernels; imported only when that backend is considered, so the torch path never imports Triton.
+_DEVICE_RULES = {
+    "cuda": "magi_kernels.kernels.cuda",
+    "triton": "magi_kernels.kernels.triton",
+    "scaled_mm": "magi_kernels.kernels.vendor.scaled_mm",
+}
 
 
 @dataclasses.dataclass
@@ -85,7 +79,7 @@ def register_impl(op: str, backend: str, supports: SupportsFn | None = None):
     def deco(fn: Callable) -> Callable:
         if op not in _OPS:
             register_op(op)
-        _OPS[op][backend] = Impl(op, backend, fn, supports or (lambda info: None))
+        _OPS[op][backend] = Impl(op, backend, fn, supports or (lambda args: None))
         return fn
 
     return deco
@@ -101,8 +95,8 @@ def register_module_impl(op: str, backend: str, module: str, launch: str = "laun
     def _mod():
         return importlib.import_module(module)
 
-    def _supports(info: CallInfo) -> str | None:
-        return getattr(_mod(), supports)(info)
+    def _supports(args) -> str | None:
+        return getattr(_mod(), supports)(args)
 
     def _launch(*args) -> None:
         getattr(_mod(), launch)(*args)
@@ -141,86 +135,46 @@ def _env_request(op: str) -> str | None:
     return None if req == "auto" else req
 
 
-def _host_gate(backend: str, info: CallInfo) -> str | None:
-    """Generic device rules every backend shares; op-specific rules live in each Impl.supports."""
-    dev = info.device.type
-    if backend == "torch":
-        return None
-    if backend == "triton":
-        from magi_kernels.kernels.triton import triton_available, triton_interpreting
-
-        if not triton_available():
-            return "Triton is not installed"
-        if dev == "cpu":
-            return None if triton_interpreting() else (
-                "Triton on CPU tensors needs the interpreter: set TRITON_INTERPRET=1 before importing magi_kernels"
-            )
-        if dev != "cuda":
-            return f"Triton kernels run on CUDA devices, not {dev}"
-        if triton_interpreting():
-            return "TRITON_INTERPRET=1 is set, so Triton kernels run only on CPU tensors"
-        cap = info.capability
-        if cap is not None and cap < (8, 0):
-            return f"Triton kernels need sm_80 or newer, device is sm_{cap[0]}{cap[1]}"
-        return None
-    if backend == "scaled_mm":
-        if not hasattr(torch, "_scaled_mm"):
-            return f"torch {torch.__version__} has no torch._scaled_mm"
-        if dev not in ("cpu", "cuda"):
-            return f"torch._scaled_mm runs on CPU and CUDA devices, not {dev}"
-        cap = info.capability
-        if cap is not None and cap < (8, 9):
-            return f"fp8 tensor-core GEMMs need sm_89 or newer, device is sm_{cap[0]}{cap[1]}"
-        return None
-    if backend == "cuda":
-        from magi_kernels._ext import build_info, cuda_archs
-
-        bi = build_info()
-        if dev == "cpu":
-            return None if bi["simt"] else "the SIMT emulator needs magi_kernels._C, which is not built"
-        if dev != "cuda":
-            return f"CUDA kernels run on CUDA devices, not {dev}"
-        if not bi["cuda"]:
-            return "magi_kernels._C was built without nvcc, so it has no CUDA kernels"
-        cap = info.capability
-        cc = cap[0] * 10 + cap[1]
-        archs = cuda_archs()
-        # SASS for sm_XY runs on sm_XZ with Z >= Y (same major); "90a" SASS runs only on sm_90.
-        if not any(a // 10 == cc // 10 and a <= cc for a in archs):
-            return f"_C has SASS for sm {archs}, none of which runs on sm_{cc}; rebuild with MAGI_CUDA_ARCHS"
-        return None
-    return f"unknown backend {backend!r}"
+def device_reason(backend: str, device: torch.device) -> str | None:
+    """None if ``backend``'s kernels can run on ``device`` at all, else why not (op rules come on top)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    rule = _DEVICE_RULES.get(backend)
+    return None if rule is None else importlib.import_module(rule).device_reason(torch.device(device))
 
 
-def why_not(op: str, backend: str, info: CallInfo) -> str | None:
-    """None if ``backend`` can run this call of ``op``, else the reason it cannot."""
+def why_not(op: str, backend: str, args) -> str | None:
+    """None if ``backend`` can run this call of ``op``, else the reason it cannot.
+
+    ``args`` is the op's validated argument dataclass (e.g. ``magi_kernels.ops.qk_norm_rope.make_args(...)``).
+    """
     impls = implementations(op)
     if backend not in impls:
         return f"op {op!r} has no {backend!r} implementation (it has {sorted(impls)})"
-    reason = _host_gate(backend, info)
+    reason = device_reason(backend, args.device)
     if reason is None:
-        reason = impls[backend].supports(info)
+        reason = impls[backend].supports(args)
     return reason
 
 
-def select(op: str, info: CallInfo, requested: str | None = None) -> Impl:
+def select(op: str, args, requested: str | None = None) -> Impl:
     """Pick the implementation of ``op`` for this call (see module docstring for the rules)."""
     impls = implementations(op)
-    source = "backend="
+    source = "backend"
     if requested is None:
         requested, source = _env_request(op), f"{ENV_VAR}"
     if requested is not None and requested != "auto":
         if requested not in BACKENDS:
             raise ValueError(f"backend={requested!r} is not one of {BACKENDS} (or None/'auto')")
-        reason = why_not(op, requested, info)
+        reason = why_not(op, requested, args)
         if reason is not None:
-            raise BackendUnavailable(f"{op}: {source}{requested!r} cannot run this call: {reason}")
+            raise BackendUnavailable(f"{op}: {source}={requested!r} cannot run this call: {reason}")
         return impls[requested]
-    if info.device.type != "cuda":
+    if args.device.type != "cuda":
         return impls["torch"]
     reasons = []
     for b in _PREFERENCE[op]:
-        reason = why_not(op, b, info)
+        reason = why_not(op, b, args)
         if reason is None:
             return impls[b]
         reasons.append(f"{b}: {reason}")

@@ -5,46 +5,83 @@ import torch
 
 import magi_kernels as mk
 from magi_kernels import registry
+from magi_kernels.ops.gated_post_norm_residual import make_args as gpnr_args
+from magi_kernels.ops.qk_norm_rope import make_args as qk_args
+from magi_kernels.utils import device as device_facts
 
-CPU = registry.CallInfo(torch.device("cpu"), torch.float32, {"head_dim": 64, "norm_scope": "head", "hq": 2,
-                                                             "hk": 1, "hidden": 64})
+
+def _qk(device="cpu", dtype=torch.float32):
+    """Validated qk_norm_rope arguments on ``device`` (meta tensors stand in for CUDA ones: no data is read)."""
+    q = torch.empty(3, 4, 128, dtype=dtype, device=device)
+    k = torch.empty(3, 1, 128, dtype=dtype, device=device)
+    return qk_args(q, k, None, None, None, None, None, None, "layernorm", "head", 1.0, 1e-6, 0, False)
 
 
-def test_every_op_has_all_three_backends():
+class _OnCuda:
+    """The validated args of a call, reported as living on cuda:0 (backend selection reads only metadata)."""
+
+    def __init__(self, args):
+        self._args = args
+        self.device = torch.device("cuda", 0)
+
+    def __getattr__(self, name):
+        return getattr(self._args, name)
+
+
+def test_every_op_has_torch_and_triton():
     for op in registry.ops():
         assert {"torch", "triton"} <= set(registry.implementations(op)), op
 
 
 def test_auto_on_cpu_is_torch(monkeypatch):
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
-    for op in registry.ops():
-        assert registry.select(op, CPU).backend == "torch"
+    assert registry.select("qk_norm_rope", _qk()).backend == "torch"
+    x = torch.randn(4, 8)
+    assert registry.select("gated_post_norm_residual",
+                           gpnr_args(x, x, x, None, None, None, "rmsnorm", 0.0, 1e-6)).backend == "torch"
 
 
 def test_env_global_and_per_op(monkeypatch):
+    x = torch.randn(4, 8)
+    gp = gpnr_args(x, x, x, None, None, None, "rmsnorm", 0.0, 1e-6)
     monkeypatch.setenv(registry.ENV_VAR, "torch")
-    assert registry.select("qk_norm_rope", CPU).backend == "torch"
+    assert registry.select("qk_norm_rope", _qk()).backend == "torch"
     monkeypatch.setenv(registry.ENV_VAR, "qk_norm_rope=triton, gated_post_norm_residual=torch")
-    assert registry.select("qk_norm_rope", CPU).backend == "triton"  # interpreter is on in the tests
-    assert registry.select("gated_post_norm_residual", CPU).backend == "torch"
+    assert registry.select("qk_norm_rope", _qk()).backend == "triton"  # interpreter is on in the tests
+    assert registry.select("gated_post_norm_residual", gp).backend == "torch"
     monkeypatch.setenv(registry.ENV_VAR, "qk_norm_rope=tpu")
     with pytest.raises(ValueError, match="MAGI_KERNELS_BACKEND"):
-        registry.select("qk_norm_rope", CPU)
+        registry.select("qk_norm_rope", _qk())
 
 
 def test_explicit_argument_beats_env(monkeypatch):
     monkeypatch.setenv(registry.ENV_VAR, "triton")
-    assert registry.select("qk_norm_rope", CPU, "torch").backend == "torch"
+    assert registry.select("qk_norm_rope", _qk(), "torch").backend == "torch"
 
 
 def test_explicit_request_that_cannot_run_raises_with_reason(monkeypatch):
     import magi_kernels.kernels.triton as tri
 
     monkeypatch.setattr(tri, "triton_interpreting", lambda: False)
-    with pytest.raises(registry.BackendUnavailable, match="TRITON_INTERPRET=1"):
-        registry.select("qk_norm_rope", CPU, "triton")
+    with pytest.raises(registry.BackendUnavailable, match=r"backend='triton' cannot run.*TRITON_INTERPRET=1"):
+        registry.select("qk_norm_rope", _qk(), "triton")
+    monkeypatch.setenv(registry.ENV_VAR, "triton")
+    with pytest.raises(registry.BackendUnavailable, match=r"MAGI_KERNELS_BACKEND='triton' cannot run"):
+        registry.select("qk_norm_rope", _qk())
     with pytest.raises(ValueError, match="is not one of"):
-        registry.select("qk_norm_rope", CPU, "numpy")
+        registry.select("qk_norm_rope", _qk(), "numpy")
+
+
+def test_supports_reads_the_typed_arguments():
+    """Op rules come from the op's Args dataclass: a head_dim the CUDA kernel cannot hold is declined."""
+    from magi_kernels.kernels.cuda import qk_norm_rope as cuda_qk
+
+    a = _qk()
+    assert cuda_qk.supports(a) is None
+    a.q = torch.empty(3, 40, 512)  # hidden scope rows of 40 * 512 exceed the block-per-row kernel
+    a.k = torch.empty(3, 1, 512)
+    a.norm_scope = "hidden"
+    assert "exceed" in cuda_qk.supports(a)
 
 
 def test_op_backend_argument_reaches_registry(monkeypatch):
@@ -53,25 +90,8 @@ def test_op_backend_argument_reaches_registry(monkeypatch):
     orig = impl.fn
     monkeypatch.setattr(impl, "fn", lambda *a: (calls.append("torch"), orig(*a)))
     x = torch.randn(4, 8)
-    mk.gated_post_norm_residual(x, torch.randn(4, 8), x, backend="torch")
+    mk.gated_post_norm_residual(x, torch.randn(4, 8), x, preset="magi1", backend="torch")
     assert calls == ["torch"]
-
-
-class _FakeCuda(registry.CallInfo):
-    """A CUDA call with a chosen capability, to test auto-selection without a GPU."""
-
-    def __new__(cls, cap):
-        obj = object.__new__(cls)
-        return obj
-
-    def __init__(self, cap):
-        super().__init__(torch.device("cuda", 0), torch.bfloat16, {"head_dim": 128, "norm_scope": "head",
-                                                                    "hq": 4, "hk": 1, "hidden": 256})
-        object.__setattr__(self, "_cap", cap)
-
-    @property
-    def capability(self):
-        return self._cap
 
 
 @pytest.mark.parametrize("cap, built, expect", [
@@ -90,4 +110,13 @@ def test_auto_on_cuda_follows_preference_and_capability(monkeypatch, cap, built,
     monkeypatch.setattr(ext, "build_info", lambda: {"native": True, "cuda": bool(built), "cuda_archs": built,
                                                     "nvcc_version": "", "simt": True})
     monkeypatch.setattr(tri, "triton_interpreting", lambda: False)
-    assert registry.select("qk_norm_rope", _FakeCuda(cap)).backend == expect
+    monkeypatch.setattr(device_facts, "capability", lambda device: cap)
+    assert registry.select("qk_norm_rope", _OnCuda(_qk(dtype=torch.bfloat16))).backend == expect
+
+
+def test_device_rules_live_with_each_backend():
+    assert registry.device_reason("torch", torch.device("meta")) is None
+    assert "not meta" in registry.device_reason("cuda", torch.device("meta"))
+    assert "not meta" in registry.device_reason("scaled_mm", torch.device("meta"))
+    with pytest.raises(ValueError, match="is not one of"):
+        registry.device_reason("tpu", torch.device("cpu"))

@@ -19,11 +19,21 @@ import fnmatch
 import torch
 from torch import nn
 
-from magi_kernels.ops.fp8_gemm import fp8_gemm
-from magi_kernels.ops.fp8_quantize import fp8_quantize
+from magi_kernels.ops.fp8_linear import fp8_linear
+from magi_kernels.ops.fp8_quantize import fp8_quantize, scale_shape
 from magi_kernels.reference.fp8 import E4M3
+from magi_kernels.utils.checks import MagiArgumentError
 
 RECIPES = ("tensor", "channel", "block")
+
+
+def check_input(layer: nn.Module, x) -> None:
+    """The module input's last dim must be the layer's in_features (named in the error, not a GEMM operand)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != layer.in_features:
+        got = f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise MagiArgumentError(f"{type(layer).__name__}(in_features={layer.in_features}, "
+                                f"out_features={layer.out_features}): input must have last dim in_features="
+                                f"{layer.in_features}, got {got}")
 
 
 class _MagiQuantLinear(nn.Module):
@@ -38,9 +48,10 @@ class _MagiQuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
     def _forward(self, x: torch.Tensor, divisor: torch.Tensor, input_scale0: torch.Tensor) -> torch.Tensor:
-        xq, _ = fp8_quantize(x, "channel", scale=divisor, bf16_round=True, backend=self.backend)
-        return fp8_gemm(xq, self.weight[0], input_scale0, self.weight_scale, bias=self.bias,
-                        out_dtype=self.out_dtype, backend=self.backend)
+        check_input(self, x)
+        return fp8_linear(x, self.weight[0], self.weight_scale, self.bias, x_granularity="channel", x_scale=divisor,
+                          x_dequant_scale=input_scale0, bf16_round=True, out_dtype=self.out_dtype,
+                          backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -88,8 +99,6 @@ class Fp8Linear(nn.Module):
         self.in_features, self.out_features, self.recipe, self.backend = in_features, out_features, recipe, backend
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=E4M3, device=device),
                                    requires_grad=False)
-        from magi_kernels.ops.fp8_quantize import scale_shape
-
         shape = scale_shape(self._WEIGHT_GRAN[recipe], out_features, in_features)
         self.weight_scale = nn.Parameter(torch.ones(shape, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
@@ -104,15 +113,13 @@ class Fp8Linear(nn.Module):
         m.weight_scale.data = s.reshape(m.weight_scale.shape).clone()
         if linear.bias is not None:
             m.bias.data = linear.bias.detach().float().clone()
+            m.bias.requires_grad_(linear.bias.requires_grad)  # trainable if it was; the fp8 weight stays frozen
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype = x.dtype if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        xq, xs = fp8_quantize(x, self._ACT_GRAN[self.recipe], backend=self.backend)
-        return fp8_gemm(xq, self.weight, xs, self.weight_scale, bias=self.bias, out_dtype=out_dtype,
-                        backend=self.backend)
+        check_input(self, x)
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias, x_granularity=self._ACT_GRAN[self.recipe],
+                          backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe!r}"

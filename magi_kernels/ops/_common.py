@@ -9,9 +9,10 @@ import torch
 from magi_kernels import registry
 
 
-def dispatch(op: str, info: registry.CallInfo, requested: str | None, args, outs: Sequence[torch.Tensor]) -> str:
-    """Run the selected implementation of ``op``; it writes into ``outs``. Returns the backend used."""
-    impl = registry.select(op, info, requested)
+def dispatch(op: str, args, requested: str | None, outs: Sequence[torch.Tensor]) -> str:
+    """Run the selected implementation of ``op`` on its kernel-ready ``args``; it writes into ``outs``.
+    Returns the backend used."""
+    impl = registry.select(op, args, requested)
     impl.fn(args, *outs)
     return impl.backend
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from magi_kernels import registry
+from magi_kernels.ops._spec import define_op, register_backward, values
 from magi_kernels.plan.planner import AttnPlan, get_plan
 from magi_kernels.ranges.validate import check_ranges_meta, check_ranges_values
 from magi_kernels.reference import flex_attn as ref
@@ -34,6 +35,42 @@ OP = "flex_attn"
 OP_BWD = "flex_attn_bwd"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: torch backend only
 TORCH_TILE = (128, 128)  # the torch path's plan tile: big enough to keep Python overhead per tile small
+
+
+@dataclasses.dataclass
+class FlexAttnCall:
+    """The forward op's arguments, declared once (schema, fake and autograd derive from these)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_ranges: torch.Tensor
+    k_ranges: torch.Tensor
+    attn_type_map: Optional[torch.Tensor]
+    softmax_scale: Optional[float]
+    softcap: float
+    deterministic: bool
+    backend: Optional[str] = None
+
+
+@dataclasses.dataclass
+class FlexAttnBwdCall:
+    """The backward op's arguments: the forward call's plus the upstream gradients and saved outputs."""
+
+    dout: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+    dlse: Optional[torch.Tensor]
+    q_ranges: torch.Tensor
+    k_ranges: torch.Tensor
+    attn_type_map: Optional[torch.Tensor]
+    softmax_scale: Optional[float]
+    softcap: float
+    deterministic: bool
+    backend: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -66,6 +103,10 @@ class FlexAttnArgs:
     def groups(self) -> int:
         return self.q.shape[1] // self.k.shape[1]
 
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
     def plan(self, block_m: int, block_n: int) -> AttnPlan:
         return get_plan(self.qr, self.kr, self.types, self.total_q, self.total_k, block_m, block_n)
 
@@ -89,28 +130,38 @@ def check_qkv(q, k, v, op: str = OP) -> None:
         fail(op, "v", f"must have k's shape {list(k.shape)} [total_k, nh_kv, head_dim], got {list(v.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         fail(op, "k", f"must have a number of heads dividing q's ({q.shape[1]}) for GQA, got {k.shape[1]}")
+    if q.shape[2] == 0:
+        fail(op, "q", f"must have head_dim >= 1, got shape {list(q.shape)}")
 
 
 def check_scalars(softmax_scale, softcap, op: str = OP) -> None:
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
+    # bool is an int subclass: softmax_scale=True would silently mean 1.0.
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not (
+            isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale))):
         fail(op, "softmax_scale", f"must be a finite float or None, got {softmax_scale!r}")
-    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
+    if isinstance(softcap, bool) or not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
         fail(op, "softcap", f"must be a finite float >= 0 (0 disables it), got {softcap!r}")
 
 
-def make_args(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, deterministic) -> FlexAttnArgs:
-    check_qkv(q, k, v)
-    check_scalars(softmax_scale, softcap)
-    check_ranges_meta(OP, q_ranges, k_ranges, attn_type_map, q.device)
-    qr, kr, ty = check_ranges_values(OP, q_ranges, k_ranges, attn_type_map, q.shape[0], k.shape[0])
-    scale = ref.default_scale(q.shape[2]) if softmax_scale is None else float(softmax_scale)
-    return FlexAttnArgs(q, k, v, qr, kr, ty, scale, float(softcap), bool(deterministic))
+def check(c: FlexAttnCall) -> None:
+    """Metadata rules (no device sync; also run while tracing). Range values: ``build_args``."""
+    check_qkv(c.q, c.k, c.v)
+    check_scalars(c.softmax_scale, c.softcap)
+    check_ranges_meta(OP, c.q_ranges, c.k_ranges, c.attn_type_map, c.q.device)
 
 
-def _info(a: FlexAttnArgs) -> registry.CallInfo:
-    return registry.CallInfo(a.q.device, a.q.dtype, {"head_dim": a.q.shape[2], "hq": a.q.shape[1],
-                                                     "hk": a.k.shape[1], "softcap": a.softcap,
-                                                     "deterministic": a.deterministic})
+def build_args(c: FlexAttnCall) -> FlexAttnArgs:
+    """Value checks of the ranges (one host copy) and the kernel-ready arguments."""
+    qr, kr, ty = check_ranges_values(OP, c.q_ranges, c.k_ranges, c.attn_type_map, c.q.shape[0], c.k.shape[0])
+    scale = ref.default_scale(c.q.shape[2]) if c.softmax_scale is None else float(c.softmax_scale)
+    return FlexAttnArgs(c.q, c.k, c.v, qr, kr, ty, scale, float(c.softcap), bool(c.deterministic))
+
+
+def make_args(*args, **kwargs) -> FlexAttnArgs:
+    """Checked kernel arguments from a ``FlexAttnCall`` or its fields (tests, direct backend calls)."""
+    c = args[0] if len(args) == 1 and isinstance(args[0], FlexAttnCall) else FlexAttnCall(*args, **kwargs)
+    check(c)
+    return build_args(c)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,57 +195,49 @@ registry.register_module_impl(OP_BWD, "triton", "magi_kernels.kernels.triton.fle
 # --------------------------------------------------------------------------------------------------
 # Custom ops (torch.compile sees opaque nodes; planning happens inside, at run time).
 
-@torch.library.custom_op("magi_kernels::flex_attn", mutates_args=())
-def _flex_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: torch.Tensor, k_ranges: torch.Tensor,
-                  attn_type_map: Optional[torch.Tensor], softmax_scale: Optional[float], softcap: float,
-                  deterministic: bool, backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    a = make_args(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, deterministic)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    registry.select(OP, _info(a), backend).fn(a, out, lse)
+def _fwd_outputs(c: FlexAttnCall) -> tuple[torch.Tensor, torch.Tensor]:
+    return c.q.new_empty(c.q.shape), c.q.new_empty(c.q.shape[:2], dtype=torch.float32)
+
+
+def _run_fwd(c: FlexAttnCall) -> tuple[torch.Tensor, torch.Tensor]:
+    a = build_args(c)
+    out, lse = _fwd_outputs(c)
+    registry.select(OP, a, c.backend).fn(a, out, lse)
     return out, lse
 
 
-@_flex_attn_op.register_fake
-def _(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, deterministic, backend):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+def _bwd_outputs(c: FlexAttnBwdCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(c.q), torch.empty_like(c.k), torch.empty_like(c.v)
 
 
-@torch.library.custom_op("magi_kernels::flex_attn_bwd", mutates_args=())
-def _flex_attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                      lse: torch.Tensor, dlse: Optional[torch.Tensor], q_ranges: torch.Tensor, k_ranges: torch.Tensor,
-                      attn_type_map: Optional[torch.Tensor], softmax_scale: Optional[float], softcap: float,
-                      deterministic: bool, backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    a = make_args(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, deterministic)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    registry.select(OP_BWD, _info(a), backend).fn(a, dout, out, lse, dlse, dq, dk, dv)
+def _forward_call(c: FlexAttnBwdCall) -> FlexAttnCall:
+    return FlexAttnCall(**{f.name: getattr(c, f.name) for f in dataclasses.fields(FlexAttnCall)})
+
+
+def _run_bwd(c: FlexAttnBwdCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a = build_args(_forward_call(c))  # the plan cache makes the second planning free; ranges re-read once
+    dq, dk, dv = _bwd_outputs(c)
+    registry.select(OP_BWD, a, c.backend).fn(a, c.dout, c.out, c.lse, c.dlse, dq, dk, dv)
     return dq, dk, dv
 
 
-@_flex_attn_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, dlse, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, deterministic,
-      backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+_flex_attn_op = define_op(OP, FlexAttnCall, returns=tuple[torch.Tensor, torch.Tensor], impl=_run_fwd,
+                          fake=_fwd_outputs)
+_flex_attn_bwd_op = define_op(OP_BWD, FlexAttnBwdCall, returns=tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                              impl=_run_bwd, fake=_bwd_outputs)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, deterministic, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, q_ranges, k_ranges, attn_type_map, out, lse)
-    ctx.cfg = (softmax_scale, softcap, deterministic, backend)
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, q_ranges, k_ranges, attn_type_map, out, lse = ctx.saved_tensors
-    softmax_scale, softcap, deterministic, backend = ctx.cfg
+def _backward(c: FlexAttnCall, outs, dout, dlse) -> dict:
+    out, lse = outs
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _flex_attn_bwd_op(dout.contiguous(), q, k, v, out, lse, dlse, q_ranges, k_ranges, attn_type_map,
-                                   softmax_scale, softcap, deterministic, backend)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    bwd = FlexAttnBwdCall(dout=dout.contiguous(), out=out, lse=lse, dlse=dlse,
+                          **{f.name: getattr(c, f.name) for f in dataclasses.fields(FlexAttnCall)})
+    dq, dk, dv = _flex_attn_bwd_op(*values(bwd))
+    return {"q": dq, "k": dk, "v": dv}
 
 
-_flex_attn_op.register_autograd(_backward, setup_context=_setup_context)
+register_backward(_flex_attn_op, FlexAttnCall, _backward, save_outputs=True)
 
 
 def flex_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: torch.Tensor, k_ranges: torch.Tensor,
@@ -214,13 +257,12 @@ def flex_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: 
     Returns:
         (out [total_q, Hq, D] in q's dtype, lse fp32 [total_q, Hq], natural log; -inf for rows that see no key).
     """
-    # Metadata checks run eagerly (also under torch.compile tracing); value checks run inside the op.
-    check_qkv(q, k, v)
-    check_scalars(softmax_scale, softcap)
-    check_ranges_meta(OP, q_ranges, k_ranges, attn_type_map, q.device)
-    return _flex_attn_op(q, k, v, q_ranges, k_ranges, attn_type_map,
-                         None if softmax_scale is None else float(softmax_scale), float(softcap), bool(deterministic),
-                         backend)
+    # Metadata checks run here (also under torch.compile tracing); range values are checked inside the op.
+    c = FlexAttnCall(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, deterministic, backend)
+    check(c)
+    c.softmax_scale = None if softmax_scale is None else float(softmax_scale)
+    c.softcap, c.deterministic = float(softcap), bool(deterministic)
+    return _flex_attn_op(*values(c))
 
 
 def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,

@@ -27,13 +27,37 @@ from typing import Optional
 import torch
 
 from magi_kernels import registry
-from magi_kernels.ops._common import dispatch
+from magi_kernels.ops._common import dispatch, reference_vjp
+from magi_kernels.ops._spec import define_op, register_backward, values
 from magi_kernels.reference.fp8 import BLOCK, E4M3, cdiv, fp8_gemm_ref
-from magi_kernels.utils.checks import FLOAT_DTYPES, check_tensor, fail
+from magi_kernels.utils.checks import FLOAT_DTYPES, check_dtype_arg, check_tensor, fail
 
 OP = "fp8_gemm"
 EPILOGUES = (None, "gelu", "swiglu", "gate", "gelu+gate", "swiglu+gate")
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclasses.dataclass
+class Fp8GemmCall:
+    """The op's arguments, declared once (the custom op's schema, fake and autograd derive from these)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    a_scale: torch.Tensor
+    b_scale: torch.Tensor
+    bias: Optional[torch.Tensor]
+    epilogue: Optional[str]
+    gate: Optional[torch.Tensor]
+    out_dtype: torch.dtype = torch.bfloat16
+    backend: Optional[str] = None
+
+    @property
+    def act(self) -> Optional[str]:
+        return next((p for p in (self.epilogue or "").split("+") if p and p != "gate"), None)
+
+    @property
+    def n_out(self) -> int:
+        return self.b.shape[0] // 2 if self.act == "swiglu" else self.b.shape[0]
 
 
 @dataclasses.dataclass
@@ -51,10 +75,15 @@ class Fp8GemmArgs:
     bias: Optional[torch.Tensor]
     act: Optional[str]
     gate: Optional[torch.Tensor]
+    out_dtype: torch.dtype = torch.bfloat16
 
     @property
     def n_out(self) -> int:
         return self.b.shape[0] // 2 if self.act == "swiglu" else self.b.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.a.device
 
 
 def _scale_tensor(name: str, s) -> torch.Tensor:
@@ -86,13 +115,17 @@ def classify_b_scale(s: torch.Tensor, n: int, k: int) -> str:
                         f"with N={n}, K={k}; got shape {list(s.shape)}")
 
 
-def make_args(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype) -> Fp8GemmArgs:
+def make_args(*args, **kwargs) -> Fp8GemmArgs:
+    """Checked kernel arguments from an ``Fp8GemmCall`` or its fields. Metadata only (no device sync), so
+    the public function runs it once, and the op (which cannot be reached without it) only rebuilds views."""
+    c = args[0] if len(args) == 1 and isinstance(args[0], Fp8GemmCall) else Fp8GemmCall(*args, **kwargs)
+    a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype = (c.a, c.b, c.a_scale, c.b_scale, c.bias, c.epilogue,
+                                                               c.gate, c.out_dtype)
     check_tensor(OP, "a", a, dtypes=(E4M3,))
     check_tensor(OP, "b", b, dtypes=(E4M3,), ndim=2)
     if a.dim() < 1:
         fail(OP, "a", "must have at least 1 dim [..., K]")
-    if out_dtype not in OUT_DTYPES:
-        fail(OP, "out_dtype", f"must be one of {[str(d).replace('torch.', '') for d in OUT_DTYPES]}, got {out_dtype}")
+    check_dtype_arg(OP, "out_dtype", out_dtype, OUT_DTYPES, allow_none=False)
     if epilogue not in EPILOGUES:
         fail(OP, "epilogue", f"must be one of {list(EPILOGUES)}, got {epilogue!r}")
     k = a.shape[-1]
@@ -153,7 +186,7 @@ def make_args(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype) -> Fp8Gem
     elif gate is not None:
         fail(OP, "gate", f"was given but epilogue {epilogue!r} does not multiply by a gate (use '...+gate')")
     return Fp8GemmArgs(a=a2, b=b, a_scale=a_scale, b_scale=b_scale, a_mode=a_mode, b_mode=b_mode, bias=bias,
-                       act=act, gate=gate)
+                       act=act, gate=gate, out_dtype=out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,25 +209,45 @@ registry.register_module_impl(OP, "scaled_mm", "magi_kernels.kernels.vendor.scal
 
 # --------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("magi_kernels::fp8_gemm", mutates_args=())
-def _fp8_gemm_op(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-                 bias: Optional[torch.Tensor], epilogue: Optional[str], gate: Optional[torch.Tensor],
-                 out_dtype: torch.dtype, backend: Optional[str]) -> torch.Tensor:
-    args = make_args(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype)
-    out = torch.empty(*a.shape[:-1], args.n_out, dtype=out_dtype, device=a.device)
-    info = registry.CallInfo(a.device, a.dtype, {"m": args.a.shape[0], "n": b.shape[0], "k": b.shape[1],
-                                                 "a_mode": args.a_mode, "b_mode": args.b_mode, "act": args.act,
-                                                 "has_gate": gate is not None, "has_bias": bias is not None,
-                                                 "out_dtype": out_dtype})
-    dispatch(OP, info, backend, args, (out.view(args.a.shape[0], args.n_out),))
+def _output(c: Fp8GemmCall) -> torch.Tensor:
+    return c.a.new_empty(*c.a.shape[:-1], c.n_out, dtype=c.out_dtype)
+
+
+def _run(c: Fp8GemmCall) -> torch.Tensor:
+    args = make_args(c)  # metadata only: free, and it also derives the kernel views
+    out = _output(c)
+    dispatch(OP, args, c.backend, (out.view(args.a.shape[0], args.n_out),))
     return out
 
 
-@_fp8_gemm_op.register_fake
-def _(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype, backend):
-    n = b.shape[0]
-    n_out = n // 2 if epilogue is not None and "swiglu" in epilogue else n
-    return a.new_empty(*a.shape[:-1], n_out, dtype=out_dtype)
+_op = define_op(OP, Fp8GemmCall, returns=torch.Tensor, impl=_run, fake=_output)
+
+
+def _backward(c: Fp8GemmCall, _outs, grad) -> dict:
+    """Gradients for the float inputs (bias, gate, scales) through the fp32 reference.
+
+    The e4m3 operands get none: autograd casts a gradient to its input's dtype, so a gradient for ``a`` or
+    ``b`` would be rounded to e4m3 (3 mantissa bits, NaN past 448). Differentiate with respect to the float
+    activation instead: ``magi_kernels.fp8_linear`` (and ``Fp8Linear``) carry the gradient from the output to
+    the unquantized input through the dequantized weight.
+    """
+    for name in ("a", "b"):
+        if getattr(c, name).requires_grad:
+            fail(OP, name, "is an e4m3 operand and gets no gradient (it would be rounded to e4m3); differentiate "
+                           "the float input with magi_kernels.fp8_linear / Fp8Linear instead")
+    args = make_args(c)
+
+    def ref(a_scale, b_scale, bias, gate):
+        return fp8_gemm_ref(args.a, args.b, a_scale.reshape(args.a_scale.shape), b_scale.reshape(args.b_scale.shape),
+                            args.a_mode, args.b_mode, bias=bias, act=args.act,
+                            gate=None if gate is None else gate.reshape(-1, args.n_out).expand(args.a.shape[0], -1),
+                            out_dtype=torch.float32).reshape(*c.a.shape[:-1], args.n_out)
+
+    names = ("a_scale", "b_scale", "bias", "gate")
+    return dict(zip(names, reference_vjp(ref, [getattr(c, n) for n in names], (grad,))))
+
+
+register_backward(_op, Fp8GemmCall, _backward)
 
 
 def fp8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, *,
@@ -208,6 +261,8 @@ def fp8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: t
         bias: [N] (applied before the activation). epilogue: None | "gelu" | "swiglu" | "gate" |
         "gelu+gate" | "swiglu+gate". gate: [..., N_out] or [N_out]. out_dtype: bf16 | fp16 | fp32.
         backend: "triton" | "scaled_mm" | "torch" | None (auto).
+    Autograd: gradients flow to bias, gate and the scales; the e4m3 operands get none (see ``fp8_linear``).
     """
-    make_args(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype)
-    return _fp8_gemm_op(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype, backend)
+    c = Fp8GemmCall(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype, backend)
+    make_args(c)
+    return _op(*values(c))

@@ -20,11 +20,24 @@ import torch
 
 from magi_kernels import registry
 from magi_kernels.ops._common import dispatch
+from magi_kernels.ops._spec import define_op, values
 from magi_kernels.reference.fp8 import BLOCK, E4M3, GRANULARITIES, cdiv, quantize_ref
 from magi_kernels.utils.checks import FLOAT_DTYPES, check_choice, check_tensor, fail
 
 OP = "fp8_quantize"
 STATIC = ("tensor", "channel")
+
+
+@dataclasses.dataclass
+class Fp8QuantizeCall:
+    """The op's arguments, declared once (the custom op's schema and fake derive from these).
+    bf16_round None: True for "channel" (MAGI-1), else False."""
+
+    x: torch.Tensor
+    granularity: str
+    scale: Optional[torch.Tensor]
+    bf16_round: Optional[bool]
+    backend: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -36,15 +49,31 @@ class Fp8QuantizeArgs:
     scale: Optional[torch.Tensor]
     bf16_round: bool
 
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
 
 def scale_shape(granularity: str, m: int, k: int) -> tuple[int, ...]:
     return {"tensor": (1,), "channel": (k,), "row": (m, 1), "block1x128": (m, cdiv(k, BLOCK)),
             "block128x128": (cdiv(m, BLOCK), cdiv(k, BLOCK))}[granularity]
 
 
-def make_args(x, granularity, scale, bf16_round) -> Fp8QuantizeArgs:
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    try:
+        return x.view(-1, x.shape[-1])
+    except RuntimeError:
+        fail(OP, "x", f"must have leading dims that flatten to rows without a copy; got shape {list(x.shape)} "
+                      f"strides {list(x.stride())}")
+
+
+def check(c: Fp8QuantizeCall) -> None:
+    """Every rule on the arguments (metadata only; static scales' positivity is not checked: it would sync)."""
+    x, granularity, scale = c.x, c.granularity, c.scale
     check_tensor(OP, "x", x, dtypes=FLOAT_DTYPES)
     check_choice(OP, "granularity", granularity, GRANULARITIES)
+    if c.bf16_round is not None and not isinstance(c.bf16_round, bool):
+        fail(OP, "bf16_round", f"must be a bool or None, got {c.bf16_round!r}")
     if x.dim() < 1 or x.shape[-1] == 0:
         fail(OP, "x", f"must have a non-empty last (channel) dim, got shape {list(x.shape)}")
     if granularity == "block128x128" and x.dim() != 2:
@@ -52,11 +81,7 @@ def make_args(x, granularity, scale, bf16_round) -> Fp8QuantizeArgs:
     if x.stride(-1) != 1:
         fail(OP, "x", f"must have a contiguous last dim (stride 1), got strides {list(x.stride())}")
     k = x.shape[-1]
-    try:
-        x2 = x.view(-1, k)
-    except RuntimeError:
-        fail(OP, "x", f"must have leading dims that flatten to rows without a copy; got shape {list(x.shape)} "
-                      f"strides {list(x.stride())}")
+    _rows(x)
     if granularity in STATIC:
         if scale is None:
             if granularity == "channel":
@@ -69,12 +94,23 @@ def make_args(x, granularity, scale, bf16_round) -> Fp8QuantizeArgs:
                                   f"(shape (1,) or (K,) / (1, K)), got shape {list(scale.shape)}")
             if scale.device != x.device:
                 fail(OP, "scale", f"must be on x's device {x.device}, got {scale.device}")
-            scale = scale.reshape(want).to(torch.float32).contiguous()
     elif scale is not None:
         fail(OP, "scale", f"must be None for granularity {granularity!r} (its scale is computed from x)")
-    if bf16_round is None:
-        bf16_round = granularity == "channel"
-    return Fp8QuantizeArgs(x=x2, granularity=granularity, scale=scale, bf16_round=bool(bf16_round))
+
+
+def build_args(c: Fp8QuantizeCall) -> Fp8QuantizeArgs:
+    scale = c.scale
+    if scale is not None:
+        scale = scale.reshape(-1).to(torch.float32).contiguous()
+    bf16_round = c.granularity == "channel" if c.bf16_round is None else c.bf16_round
+    return Fp8QuantizeArgs(x=_rows(c.x), granularity=c.granularity, scale=scale, bf16_round=bool(bf16_round))
+
+
+def make_args(*args, **kwargs) -> Fp8QuantizeArgs:
+    """Checked kernel arguments from an ``Fp8QuantizeCall`` or its fields (tests, direct backend calls)."""
+    c = args[0] if len(args) == 1 and isinstance(args[0], Fp8QuantizeCall) else Fp8QuantizeCall(*args, **kwargs)
+    check(c)
+    return build_args(c)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,23 +133,21 @@ registry.register_module_impl(OP, "cuda", "magi_kernels.kernels.cuda.fp8_quant")
 
 # --------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("magi_kernels::fp8_quantize", mutates_args=())
-def _fp8_quantize_op(x: torch.Tensor, granularity: str, scale: Optional[torch.Tensor], bf16_round: bool,
-                     backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    args = make_args(x, granularity, scale, bf16_round)
-    m, k = args.x.shape
-    q = torch.empty(x.shape, dtype=E4M3, device=x.device)
-    scale_out = torch.empty(scale_shape(granularity, m, k), dtype=torch.float32, device=x.device)
-    info = registry.CallInfo(x.device, x.dtype, {"granularity": granularity})
-    dispatch(OP, info, backend, args, (q.view(m, k), scale_out))
+def _outputs(c: Fp8QuantizeCall) -> tuple[torch.Tensor, torch.Tensor]:
+    k = c.x.shape[-1]
+    m = c.x.numel() // k
+    return (c.x.new_empty(c.x.shape, dtype=E4M3),
+            c.x.new_empty(scale_shape(c.granularity, m, k), dtype=torch.float32))
+
+
+def _run(c: Fp8QuantizeCall) -> tuple[torch.Tensor, torch.Tensor]:
+    args = build_args(c)
+    q, scale_out = _outputs(c)
+    dispatch(OP, args, c.backend, (q.view(args.x.shape), scale_out))
     return q, scale_out
 
 
-@_fp8_quantize_op.register_fake
-def _(x, granularity, scale, bf16_round, backend):
-    k = x.shape[-1]
-    m = x.numel() // k if k else 0
-    return x.new_empty(x.shape, dtype=E4M3), x.new_empty(scale_shape(granularity, m, k), dtype=torch.float32)
+_op = define_op(OP, Fp8QuantizeCall, returns=tuple[torch.Tensor, torch.Tensor], impl=_run, fake=_outputs)
 
 
 def fp8_quantize(x: torch.Tensor, granularity: str = "row", *, scale: torch.Tensor | None = None,
@@ -127,7 +161,6 @@ def fp8_quantize(x: torch.Tensor, granularity: str = "row", *, scale: torch.Tens
         bf16_round: round to bf16 before e4m3 (MAGI-1's double rounding); default True only for "channel".
         backend: "cuda" | "triton" | "torch" | None (auto).
     """
-    make_args(x, granularity, scale, bf16_round)
-    if bf16_round is None:
-        bf16_round = granularity == "channel"
-    return _fp8_quantize_op(x, granularity, scale, bool(bf16_round), backend)
+    c = Fp8QuantizeCall(x, granularity, scale, bf16_round, backend)
+    check(c)
+    return _op(*values(c))

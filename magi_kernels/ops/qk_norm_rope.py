@@ -4,8 +4,8 @@
     y[..., :r] = rotate(y[..., :r], cos, sin)      NeoX half-split or interleaved pairs
     out = y.to(out_dtype)
 
-MAGI-1: LayerNorm "1p" per head (weight_offset=1.0, no bias), rotary_dim=96 of 128, NeoX.
-Wan / LTX: RMSNorm over the whole hidden size (norm_scope="hidden").
+The model-specific choices (norm kind, scope, weight offset, pair layout) have no defaults: pass them or
+a preset (``magi_kernels.ops.presets``: "magi1", "wan", "hunyuan").
 """
 
 from __future__ import annotations
@@ -16,18 +16,47 @@ from typing import Optional
 import torch
 
 from magi_kernels import registry
+from magi_kernels.ops import presets
 from magi_kernels.ops._common import dispatch, reference_vjp
+from magi_kernels.ops._spec import define_op, register_backward, values
 from magi_kernels.reference.norm_rope import qk_norm_rope_ref
-from magi_kernels.utils.checks import (FLOAT_DTYPES, check_choice, check_same_device, check_tensor, fail)
+from magi_kernels.utils.checks import (FLOAT_DTYPES, check_choice, check_dtype_arg, check_number, check_same_device,
+                                       check_tensor, fail)
 
 OP = "qk_norm_rope"
 NORMS = ("layernorm", "rmsnorm")
 SCOPES = ("head", "hidden")
+MAX_HEAD_DIM = 512
+
+
+@dataclasses.dataclass
+class QkNormRopeCall:
+    """The op's arguments, declared once (the custom op's schema, fake and autograd derive from these).
+
+    rotary_dim: resolved (0 = no rope). out_dtype None = q's dtype. backend None = auto.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    cos: Optional[torch.Tensor]
+    sin: Optional[torch.Tensor]
+    q_weight: Optional[torch.Tensor]
+    q_bias: Optional[torch.Tensor]
+    k_weight: Optional[torch.Tensor]
+    k_bias: Optional[torch.Tensor]
+    norm: str
+    norm_scope: str
+    weight_offset: float
+    eps: float
+    rotary_dim: int
+    interleaved: bool
+    out_dtype: Optional[torch.dtype] = None
+    backend: Optional[str] = None
 
 
 @dataclasses.dataclass
 class QkNormRopeArgs:
-    """Validated, kernel-ready arguments. Every backend reads these and writes q_out / k_out.
+    """Kernel-ready arguments. Every backend reads these and writes q_out / k_out.
 
     q, k: [T, H, D] views with stride(-1) == 1 and stride(-2) == D (any token stride, so q and k may
     be slices of a packed qkv buffer). cos, sin: fp32 contiguous [R, rotary_dim // 2]; token t uses row
@@ -57,6 +86,10 @@ class QkNormRopeArgs:
     def head_dim(self) -> int:
         return self.q.shape[2]
 
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
 
 def _flatten_tokens(name: str, x: torch.Tensor) -> torch.Tensor:
     """[..., H, D] -> [T, H, D] as a view; heads and head_dim must be packed."""
@@ -69,80 +102,88 @@ def _flatten_tokens(name: str, x: torch.Tensor) -> torch.Tensor:
         fail(OP, name, f"must have leading dims that flatten to one token dim without a copy; got shape {list(x.shape)} strides {list(x.stride())}")
 
 
-def _norm_param(name: str, t, size: int, device) -> Optional[torch.Tensor]:
-    if t is None:
-        return None
-    check_tensor(OP, name, t, dtypes=FLOAT_DTYPES)
-    if t.numel() != size or t.dim() != 1:
-        fail(OP, name, f"must be 1-D with {size} elements, got shape {list(t.shape)}")
-    if t.device != device:
-        fail(OP, name, f"must be on q's device {device}, got {t.device}")
-    return t.to(torch.float32).contiguous()
-
-
-def make_args(q, k, cos, sin, q_weight, q_bias, k_weight, k_bias, norm, norm_scope, weight_offset, eps,
-              rotary_dim, interleaved) -> tuple[QkNormRopeArgs, int]:
-    """Validate user arguments; return (kernel args, rope period S)."""
-    check_tensor(OP, "q", q, dtypes=FLOAT_DTYPES, ndim=(3, 4))
-    check_tensor(OP, "k", k, dtypes=FLOAT_DTYPES, ndim=(3, 4))
-    check_choice(OP, "norm", norm, NORMS)
-    check_choice(OP, "norm_scope", norm_scope, SCOPES)
+def check(c: QkNormRopeCall) -> None:
+    """Every rule on the arguments; metadata only (no device sync), so it also runs while tracing."""
+    check_tensor(OP, "q", c.q, dtypes=FLOAT_DTYPES, ndim=(3, 4))
+    check_tensor(OP, "k", c.k, dtypes=FLOAT_DTYPES, ndim=(3, 4))
+    check_choice(OP, "norm", c.norm, NORMS)
+    check_choice(OP, "norm_scope", c.norm_scope, SCOPES)
+    check_number(OP, "weight_offset", c.weight_offset)
+    check_number(OP, "eps", c.eps, minimum=0, exclusive_min=True)
+    if not isinstance(c.interleaved, bool):
+        fail(OP, "interleaved", f"must be a bool, got {c.interleaved!r}")
+    check_dtype_arg(OP, "out_dtype", c.out_dtype)
+    q, k = c.q, c.k
     if k.dim() != q.dim() or k.shape[:-2] != q.shape[:-2]:
         fail(OP, "k", f"must have q's leading (token) dims {list(q.shape[:-2])}, got shape {list(k.shape)}")
     if k.shape[-1] != q.shape[-1]:
         fail(OP, "k", f"must have q's head_dim {q.shape[-1]}, got {k.shape[-1]}")
     if k.dtype != q.dtype:
         fail(OP, "k", f"must have q's dtype {q.dtype}, got {k.dtype}")
-    check_same_device(OP, "q", q, k=k, cos=cos, sin=sin)
-    if not eps > 0:
-        fail(OP, "eps", f"must be > 0, got {eps}")
+    check_same_device(OP, "q", q, k=k, cos=c.cos, sin=c.sin, q_weight=c.q_weight, q_bias=c.q_bias,
+                      k_weight=c.k_weight, k_bias=c.k_bias)
     d = q.shape[-1]
-    if d > 512:
-        fail(OP, "q", f"must have head_dim <= 512, got {d}")
-    if (cos is None) != (sin is None):
-        fail(OP, "sin" if sin is None else "cos", "must be given together with the other of cos/sin")
-    if cos is None:
-        if rotary_dim not in (None, 0):
-            fail(OP, "rotary_dim", f"is {rotary_dim} but cos/sin were not given")
-        rotary_dim = 0
+    if d == 0 or d > MAX_HEAD_DIM:
+        fail(OP, "q", f"must have 1 <= head_dim <= {MAX_HEAD_DIM}, got {d}")
+    if (c.cos is None) != (c.sin is None):
+        fail(OP, "sin" if c.sin is None else "cos", "must be given together with the other of cos/sin")
+    check_number(OP, "rotary_dim", c.rotary_dim, integer=True, minimum=0)
+    if c.cos is None:
+        if c.rotary_dim != 0:
+            fail(OP, "rotary_dim", f"is {c.rotary_dim} but cos/sin were not given")
     else:
-        check_tensor(OP, "cos", cos, dtypes=FLOAT_DTYPES)
-        check_tensor(OP, "sin", sin, dtypes=FLOAT_DTYPES)
-        if sin.shape != cos.shape:
-            fail(OP, "sin", f"must have cos's shape {list(cos.shape)}, got {list(sin.shape)}")
-        if rotary_dim is None:
-            rotary_dim = 2 * cos.shape[-1]
-        if rotary_dim <= 0 or rotary_dim % 2:
-            fail(OP, "rotary_dim", f"must be a positive even number, got {rotary_dim}")
-        if rotary_dim > d:
-            fail(OP, "rotary_dim", f"must be <= head_dim {d}, got {rotary_dim}")
-        if cos.shape[-1] != rotary_dim // 2:
-            fail(OP, "cos", f"must have last dim rotary_dim/2 = {rotary_dim // 2}, got shape {list(cos.shape)}")
+        check_tensor(OP, "cos", c.cos, dtypes=FLOAT_DTYPES)
+        check_tensor(OP, "sin", c.sin, dtypes=FLOAT_DTYPES)
+        if c.sin.shape != c.cos.shape:
+            fail(OP, "sin", f"must have cos's shape {list(c.cos.shape)}, got {list(c.sin.shape)}")
+        r = c.rotary_dim
+        if r <= 0 or r % 2:
+            fail(OP, "rotary_dim", f"must be a positive even number, got {r}")
+        if r > d:
+            fail(OP, "rotary_dim", f"must be <= head_dim {d}, got {r}")
+        if c.cos.shape[-1] != r // 2:
+            fail(OP, "cos", f"must have last dim rotary_dim/2 = {r // 2}, got shape {list(c.cos.shape)}")
         lead = tuple(q.shape[:-2])
         # Accepted: per-position [S, r/2] shared by the batch, or per-token with q's leading dims.
-        if tuple(cos.shape[:-1]) == lead:
-            pass
-        elif q.dim() == 4 and tuple(cos.shape[:-1]) == lead[1:]:
-            pass
-        else:
-            want = f"[{', '.join(map(str, lead))}, {rotary_dim // 2}]"
+        rows = tuple(c.cos.shape[:-1])
+        if rows != lead and not (q.dim() == 4 and rows == lead[1:]):
+            want = f"[{', '.join(map(str, lead))}, {r // 2}]"
             if q.dim() == 4:
-                want += f" or [{lead[1]}, {rotary_dim // 2}]"
-            fail(OP, "cos", f"must have shape {want}, got {list(cos.shape)}")
-        cos = cos.reshape(-1, rotary_dim // 2).to(torch.float32).contiguous()
-        sin = sin.reshape(-1, rotary_dim // 2).to(torch.float32).contiguous()
-    q3, k3 = _flatten_tokens("q", q), _flatten_tokens("k", k)
-    hq, hk = q3.shape[1], k3.shape[1]
-    qn = d if norm_scope == "head" else hq * d
-    kn = d if norm_scope == "head" else hk * d
-    args = QkNormRopeArgs(
-        q=q3, k=k3, cos=cos, sin=sin,
-        q_weight=_norm_param("q_weight", q_weight, qn, q.device), q_bias=_norm_param("q_bias", q_bias, qn, q.device),
-        k_weight=_norm_param("k_weight", k_weight, kn, q.device), k_bias=_norm_param("k_bias", k_bias, kn, q.device),
-        norm=norm, norm_scope=norm_scope, weight_offset=float(weight_offset), eps=float(eps),
-        rotary_dim=int(rotary_dim), interleaved=bool(interleaved),
-    )
-    return args, (cos.shape[0] if cos is not None else 1)
+                want += f" or [{lead[1]}, {r // 2}]"
+            fail(OP, "cos", f"must have shape {want}, got {list(c.cos.shape)}")
+    hq, hk = _flatten_tokens("q", q).shape[1], _flatten_tokens("k", k).shape[1]
+    for name, t, heads in (("q_weight", c.q_weight, hq), ("q_bias", c.q_bias, hq), ("k_weight", c.k_weight, hk),
+                           ("k_bias", c.k_bias, hk)):
+        if t is None:
+            continue
+        size = d if c.norm_scope == "head" else heads * d
+        check_tensor(OP, name, t, dtypes=FLOAT_DTYPES)
+        if t.numel() != size or t.dim() != 1:
+            fail(OP, name, f"must be 1-D with {size} elements, got shape {list(t.shape)}")
+
+
+def build_args(c: QkNormRopeCall) -> QkNormRopeArgs:
+    """Kernel-ready views and fp32 copies of a checked call (no checks here: ``check`` ran already)."""
+    cos = sin = None
+    if c.cos is not None:
+        cos = c.cos.reshape(-1, c.rotary_dim // 2).to(torch.float32).contiguous()
+        sin = c.sin.reshape(-1, c.rotary_dim // 2).to(torch.float32).contiguous()
+
+    def f32(t):
+        return None if t is None else t.to(torch.float32).contiguous()
+
+    return QkNormRopeArgs(
+        q=_flatten_tokens("q", c.q), k=_flatten_tokens("k", c.k), cos=cos, sin=sin, q_weight=f32(c.q_weight),
+        q_bias=f32(c.q_bias), k_weight=f32(c.k_weight), k_bias=f32(c.k_bias), norm=c.norm, norm_scope=c.norm_scope,
+        weight_offset=float(c.weight_offset), eps=float(c.eps), rotary_dim=int(c.rotary_dim),
+        interleaved=bool(c.interleaved))
+
+
+def make_args(*args, **kwargs) -> QkNormRopeArgs:
+    """Checked kernel arguments from a ``QkNormRopeCall`` or its fields (for tests and direct backend calls)."""
+    c = args[0] if len(args) == 1 and isinstance(args[0], QkNormRopeCall) else QkNormRopeCall(*args, **kwargs)
+    check(c)
+    return build_args(c)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,76 +212,66 @@ registry.register_module_impl(OP, "cuda", "magi_kernels.kernels.cuda.qk_norm_rop
 # --------------------------------------------------------------------------------------------------
 # Custom op (torch.compile sees one opaque node) + autograd through the reference.
 
-@torch.library.custom_op("magi_kernels::qk_norm_rope", mutates_args=())
-def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-                     q_weight: Optional[torch.Tensor], q_bias: Optional[torch.Tensor],
-                     k_weight: Optional[torch.Tensor], k_bias: Optional[torch.Tensor], norm: str, norm_scope: str,
-                     weight_offset: float, eps: float, rotary_dim: int, interleaved: bool,
-                     out_dtype: Optional[torch.dtype], backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    args, _ = make_args(q, k, cos, sin, q_weight, q_bias, k_weight, k_bias, norm, norm_scope, weight_offset, eps,
-                        rotary_dim, interleaved)
-    dt = out_dtype or q.dtype
-    q_out = torch.empty(q.shape, dtype=dt, device=q.device)
-    k_out = torch.empty(k.shape, dtype=dt, device=k.device)
-    info = registry.CallInfo(q.device, q.dtype, {"head_dim": q.shape[-1], "norm_scope": norm_scope,
-                                                 "hq": args.q.shape[1], "hk": args.k.shape[1]})
-    dispatch(OP, info, backend, args, (q_out.view(args.q.shape), k_out.view(args.k.shape)))
+def _outputs(c: QkNormRopeCall) -> tuple[torch.Tensor, torch.Tensor]:
+    dt = c.out_dtype or c.q.dtype
+    return c.q.new_empty(c.q.shape, dtype=dt), c.k.new_empty(c.k.shape, dtype=dt)
+
+
+def _run(c: QkNormRopeCall) -> tuple[torch.Tensor, torch.Tensor]:
+    args = build_args(c)
+    q_out, k_out = _outputs(c)
+    dispatch(OP, args, c.backend, (q_out.view(args.q.shape), k_out.view(args.k.shape)))
     return q_out, k_out
 
 
-@_qk_norm_rope_op.register_fake
-def _(q, k, cos, sin, q_weight, q_bias, k_weight, k_bias, norm, norm_scope, weight_offset, eps, rotary_dim,
-      interleaved, out_dtype, backend):
-    dt = out_dtype or q.dtype
-    return q.new_empty(q.shape, dtype=dt), k.new_empty(k.shape, dtype=dt)
+_op = define_op(OP, QkNormRopeCall, returns=tuple[torch.Tensor, torch.Tensor], impl=_run, fake=_outputs)
 
 
-_TENSOR_ARGS = ("q", "k", "cos", "sin", "q_weight", "q_bias", "k_weight", "k_bias")
+def _backward(c: QkNormRopeCall, _outs, gq, gk) -> dict:
+    def ref(q, k, cos, sin, q_weight, q_bias, k_weight, k_bias):
+        return qk_norm_rope_ref(q, k, cos, sin, q_weight, q_bias, k_weight, k_bias, norm=c.norm,
+                                norm_scope=c.norm_scope, weight_offset=c.weight_offset, eps=c.eps,
+                                rotary_dim=c.rotary_dim, interleaved=c.interleaved, out_dtype=torch.float32)
+
+    names = ("q", "k", "cos", "sin", "q_weight", "q_bias", "k_weight", "k_bias")
+    grads = reference_vjp(ref, [getattr(c, n) for n in names], (gq, gk))
+    return dict(zip(names, grads))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:8])
-    ctx.cfg = inputs[8:14]
-
-
-def _backward(ctx, gq, gk):
-    q, k, cos, sin, qw, qb, kw, kb = ctx.saved_tensors
-    norm, scope, off, eps, rdim, inter = ctx.cfg
-
-    def ref(q, k, cos, sin, qw, qb, kw, kb):
-        return qk_norm_rope_ref(q, k, cos, sin, qw, qb, kw, kb, norm=norm, norm_scope=scope, weight_offset=off,
-                                eps=eps, rotary_dim=rdim if cos is not None else 0, interleaved=inter,
-                                out_dtype=torch.float32)
-
-    grads = reference_vjp(ref, (q, k, cos, sin, qw, qb, kw, kb), (gq, gk))
-    return (*grads, None, None, None, None, None, None, None, None)
-
-
-_qk_norm_rope_op.register_autograd(_backward, setup_context=_setup_context)
+register_backward(_op, QkNormRopeCall, _backward)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                 *, q_weight: torch.Tensor | None = None, q_bias: torch.Tensor | None = None,
-                 k_weight: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
-                 norm: str = "layernorm", norm_scope: str = "head", weight_offset: float = 0.0, eps: float = 1e-6,
-                 rotary_dim: int | None = None, interleaved: bool = False, out_dtype: torch.dtype | None = None,
+                 *, preset: str | None = None, q_weight: torch.Tensor | None = None,
+                 q_bias: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                 k_bias: torch.Tensor | None = None, norm: str | None = None, norm_scope: str | None = None,
+                 weight_offset: float | None = None, interleaved: bool | None = None, eps: float = 1e-6,
+                 rotary_dim: int | None = None, out_dtype: torch.dtype | None = None,
                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused QK-norm + rotary embedding for q [.., S, Hq, D] and k [.., S, Hk, D] in one call.
 
     Args:
         q, k: [T, H, D] or [B, S, H, D], fp32/fp16/bf16, heads packed (q, k may be slices of a qkv buffer).
         cos, sin: [S, rotary_dim/2] (shared over the batch) or per token with q's leading dims; None = no rope.
+        preset: "magi1" | "wan" | "hunyuan" (see ``magi_kernels.ops.presets``): fills norm, norm_scope,
+            weight_offset and interleaved; explicit arguments override it. Without a preset, norm,
+            norm_scope, weight_offset (and interleaved when cos is given) are required.
         q_weight, q_bias, k_weight, k_bias: norm affine params, [D] (norm_scope="head") or [H*D] ("hidden").
-        norm: "layernorm" or "rmsnorm". weight_offset: gamma = weight + weight_offset (1.0 for "1p" norms).
-        rotary_dim: dims rotated (default 2 * cos.shape[-1]); even, <= D. interleaved: GPT-J pairs instead of NeoX.
-        out_dtype: output dtype (default q.dtype). backend: "cuda" | "triton" | "torch" | None (auto).
+        norm: "layernorm" or "rmsnorm". norm_scope: "head" or "hidden". weight_offset: gamma = weight +
+            weight_offset (1.0 for "1p" norms). interleaved: GPT-J (2i, 2i+1) pairs instead of NeoX halves.
+        rotary_dim: dims rotated (default 2 * cos.shape[-1]); even, <= D.
+        out_dtype: float output dtype (default q.dtype). backend: "cuda" | "triton" | "torch" | None (auto).
     Returns:
         (q_out, k_out) with q's and k's shapes.
     """
-    # Validate eagerly so a bad call fails with a clear message before tracing/dispatch.
-    make_args(q, k, cos, sin, q_weight, q_bias, k_weight, k_bias, norm, norm_scope, weight_offset, eps, rotary_dim,
-              interleaved)
+    style = presets.resolve(OP, preset, presets.QK_NORM_PRESETS,
+                            dict(norm=norm, norm_scope=norm_scope, weight_offset=weight_offset,
+                                 interleaved=interleaved),
+                            ("norm", "norm_scope", "weight_offset") + (("interleaved",) if cos is not None else ()))
     if rotary_dim is None:
-        rotary_dim = 0 if cos is None else 2 * cos.shape[-1]
-    return _qk_norm_rope_op(q, k, cos, sin, q_weight, q_bias, k_weight, k_bias, norm, norm_scope,
-                            float(weight_offset), float(eps), int(rotary_dim), bool(interleaved), out_dtype, backend)
+        rotary_dim = 2 * cos.shape[-1] if isinstance(cos, torch.Tensor) and cos.dim() else 0
+    c = QkNormRopeCall(q, k, cos, sin, q_weight, q_bias, k_weight, k_bias, style["norm"], style["norm_scope"],
+                       style["weight_offset"], eps, rotary_dim, style["interleaved"] or False, out_dtype, backend)
+    check(c)
+    c.weight_offset, c.eps = float(c.weight_offset), float(c.eps)
+    return _op(*values(c))

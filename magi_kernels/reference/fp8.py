@@ -131,8 +131,8 @@ def dequantize_ref(q: torch.Tensor, scale: torch.Tensor, granularity: str,
     return q.to(compute_dtype) * expand_scale(scale, granularity, m, k).to(compute_dtype)
 
 
-_A_TO_GRAN = {"tensor": "tensor", "row": "row", "block": "block1x128"}
-_B_TO_GRAN = {"tensor": "tensor", "col": "row", "block": "block128x128"}
+A_MODE_TO_GRANULARITY = {"tensor": "tensor", "row": "row", "block": "block1x128"}
+B_MODE_TO_GRANULARITY = {"tensor": "tensor", "col": "row", "block": "block128x128"}
 
 
 def apply_epilogue_ref(y: torch.Tensor, bias: torch.Tensor | None, act: str | None,
@@ -158,8 +158,8 @@ def fp8_gemm_ref(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scal
                  gate: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
                  compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """a [M, K] e4m3, b [N, K] e4m3 -> out [M, N or N/2]: dequantize, matmul in compute_dtype, epilogue."""
-    da = dequantize_ref(a, a_scale, _A_TO_GRAN[a_mode], compute_dtype)
-    db = dequantize_ref(b, b_scale, _B_TO_GRAN[b_mode], compute_dtype)
+    da = dequantize_ref(a, a_scale, A_MODE_TO_GRANULARITY[a_mode], compute_dtype)
+    db = dequantize_ref(b, b_scale, B_MODE_TO_GRANULARITY[b_mode], compute_dtype)
     y = da @ db.t()
     return apply_epilogue_ref(y, bias, act, gate).to(out_dtype)
 

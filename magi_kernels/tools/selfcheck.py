@@ -26,7 +26,7 @@ def _maybe_reexec_for_interpreter() -> None:
 
 
 def _cases(device):
-    """(op, label, CallInfo extra, input dtype, run(backend) -> outputs, float64 reference[, bound(out, ref)])."""
+    """(op, label, shape facts for the table, input dtype, run(backend) -> outputs, float64 reference[, bound(out, ref)])."""
     import torch
 
     import magi_kernels as mk
@@ -43,12 +43,12 @@ def _cases(device):
     for dtype in (torch.float32, torch.float16):
         q, k = rnd(t * h * w, 3, 128, scale=2, shift=0.5).to(dtype), rnd(t * h * w, 1, 128).to(dtype)
         wq, wk = rnd(128, scale=0.2), rnd(128, scale=0.2)
-        ref = qk_norm_rope_ref(q.double(), k.double(), cos, sin, wq, None, wk, None, weight_offset=1.0, rotary_dim=96,
-                               out_dtype=torch.float64, compute_dtype=torch.float64)
+        ref = qk_norm_rope_ref(q.double(), k.double(), cos, sin, wq, None, wk, None, norm="layernorm", norm_scope="head",
+                               weight_offset=1.0, rotary_dim=96, out_dtype=torch.float64, compute_dtype=torch.float64)
         yield ("qk_norm_rope", f"MAGI-1 head LN-1p + rope96, {str(dtype)[6:]}",
                {"head_dim": 128, "norm_scope": "head", "hq": 3, "hk": 1}, dtype,
                lambda b, q=q, k=k, wq=wq, wk=wk: mk.qk_norm_rope(q, k, cos, sin, q_weight=wq, k_weight=wk,
-                                                                 weight_offset=1.0, backend=b), ref)
+                                                                 preset="magi1", backend=b), ref)
     # Wan-style RMSNorm over the hidden size, full rotary.
     q, k = rnd(9, 4, 64), rnd(9, 4, 64)
     ang = rnd(9, 32)
@@ -58,16 +58,16 @@ def _cases(device):
     yield ("qk_norm_rope", "hidden RMSNorm + rope64, float32", {"head_dim": 64, "norm_scope": "hidden", "hq": 4,
                                                                  "hk": 4}, torch.float32,
            lambda b: mk.qk_norm_rope(q, k, ang.cos(), ang.sin(), q_weight=wq, k_weight=wk, norm="rmsnorm",
-                                     norm_scope="hidden", backend=b), ref)
+                                     norm_scope="hidden", weight_offset=0.0, interleaved=False, backend=b), ref)
     # MAGI-1's gated sandwich post-norm: fp32 x, bf16 gate rows per chunk, bf16 residual.
     x, res = rnd(30, 96), rnd(30, 96).bfloat16()
     gate = rnd(3, 96).bfloat16()
     gi = (torch.arange(30, device=device) // 10).to(torch.int32)
     wn, bn = rnd(96, scale=0.1), rnd(96, scale=0.1)
-    ref = gated_post_norm_residual_ref(x.double(), gate.double(), res.double(), wn, bn, gi, out_dtype=torch.float64,
-                                       compute_dtype=torch.float64)
+    ref = gated_post_norm_residual_ref(x.double(), gate.double(), res.double(), wn, bn, gi, norm="layernorm",
+                                       weight_offset=1.0, out_dtype=torch.float64, compute_dtype=torch.float64)
     yield ("gated_post_norm_residual", "MAGI-1 post-norm, fp32 x / bf16 out", {"hidden": 96}, torch.float32,
-           lambda b: mk.gated_post_norm_residual(x, gate, res, wn, bn, gate_index=gi, backend=b), ref)
+           lambda b: mk.gated_post_norm_residual(x, gate, res, wn, bn, gate_index=gi, preset="magi1", backend=b), ref)
 
     # fp8: dynamic per-token quantization must land within half an e4m3 ulp (2^-4 relative) of x.
     xq = rnd(37, 200, scale=3.0)
@@ -156,16 +156,15 @@ def main() -> int:
         table.add_column(col)
     failures = 0
     for op, label, extra, dtype, run, ref, *custom_bound in _cases(device):
-        info = registry.CallInfo(device, dtype, extra)
         refs = ref if isinstance(ref, tuple) else (ref,)
         for backend in [b for b in registry.BACKENDS if b in registry.implementations(op)]:
-            reason = registry.why_not(op, backend, info)
+            reason = registry.device_reason(backend, device)
             if reason is not None:
                 table.add_row(op, label, backend, "-", "-", f"skipped: {reason}")
                 continue
             try:
                 outs = run(backend)
-            except registry.BackendUnavailable as e:  # the op's own checks know more than CallInfo above
+            except registry.BackendUnavailable as e:  # declined by the backend's rules for this call
                 table.add_row(op, label, backend, "-", "-", f"skipped: {str(e).split('cannot run this call: ')[-1]}")
                 continue
             outs = outs if isinstance(outs, tuple) else (outs,)

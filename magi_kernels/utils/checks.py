@@ -59,3 +59,27 @@ def check_choice(op: str, arg: str, value, choices: Iterable) -> None:
     choices = tuple(choices)
     if value not in choices:
         fail(op, arg, f"must be one of {list(choices)}, got {value!r}")
+
+
+def check_dtype_arg(op: str, arg: str, value, allowed: Iterable[torch.dtype] = FLOAT_DTYPES, *,
+                    allow_none: bool = True) -> None:
+    """A dtype-valued argument (e.g. ``out_dtype``): a ``torch.dtype`` from ``allowed`` (or None)."""
+    allowed = tuple(allowed)
+    if value is None and allow_none:
+        return
+    if not isinstance(value, torch.dtype) or value not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        fail(op, arg, f"must be a torch.dtype, one of ({names}){' or None' if allow_none else ''}; got {value!r}")
+
+
+def check_number(op: str, arg: str, value, *, integer: bool = False, minimum=None, exclusive_min: bool = False):
+    """A real scalar argument: int or float (int only if ``integer``), never bool, finite, >= / > ``minimum``."""
+    import math
+
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        fail(op, arg, f"must be {'an int' if integer else 'a number'}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        fail(op, arg, f"must be finite, got {value!r}")
+    if minimum is not None and (value <= minimum if exclusive_min else value < minimum):
+        fail(op, arg, f"must be {'>' if exclusive_min else '>='} {minimum}, got {value!r}")

@@ -64,5 +64,8 @@ def test_unsupported_layouts_are_declined_with_the_reason(kwargs, reason):
 
 
 def test_auto_selection_on_cpu_stays_torch():
-    info = registry.CallInfo(torch.device("cpu"), E4M3, {"a_mode": "tensor", "b_mode": "tensor"})
-    assert registry.select("fp8_gemm", info).backend == "torch"
+    from magi_kernels.ops.fp8_gemm import make_args
+
+    a, b = _operands(7, 40, 200)
+    args = make_args(a, b, torch.ones(1), torch.ones(1), None, None, None, torch.bfloat16)
+    assert registry.select("fp8_gemm", args).backend == "torch"

@@ -122,8 +122,8 @@ def test_kernel_output_rounding_matches_torch_cast():
 
     q, k = torch.randn(7, 3, 72) * 2, torch.randn(7, 1, 72)
     ang = torch.rand(7, 20) * 6
-    args, _ = make_args(q, k, ang.cos(), ang.sin(), torch.randn(72), None, None, None, "layernorm", "head", 1.0, 1e-6,
-                        40, True)
+    args = make_args(q, k, ang.cos(), ang.sin(), torch.randn(72), None, None, None, "layernorm", "head", 1.0, 1e-6,
+                     40, True)
     fn = registry.implementations("qk_norm_rope")["cuda"].fn
     outs = {}
     for dt in (torch.float32, torch.bfloat16, torch.float16):

@@ -12,9 +12,10 @@ ALL_BACKENDS = ("torch", "triton", "cuda")
 ULP = {torch.float32: 2e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
-def backend_param(op: str, backend: str, info: registry.CallInfo):
-    """Skip (with the reason) when this machine truly cannot run the backend on CPU tensors."""
-    reason = registry.why_not(op, backend, info)
+def backend_param(op: str, backend: str, args):
+    """Skip (with the reason) when this machine truly cannot run the backend on CPU tensors.
+    ``args``: the op's validated argument dataclass (its ``make_args(...)``)."""
+    reason = registry.why_not(op, backend, args)
     if reason is not None:
         pytest.skip(f"{backend} cannot run here: {reason}")
 

@@ -43,9 +43,7 @@ def make_inputs(c, row_stride_pad=0):
 
 def run_backend(c, backend, x, gate, residual, w, b, gate_index, out_dtype):
     args = make_args(x, gate, residual, w, b, gate_index, c["norm"], c["off"], 1e-6)
-    info = registry.CallInfo(x.device, x.dtype, {"hidden": c["h"], "gate_dtype": gate.dtype,
-                                                 "residual_dtype": residual.dtype})
-    backend_param("gated_post_norm_residual", backend, info)
+    backend_param("gated_post_norm_residual", backend, args)
     out = poison_like(torch.empty(args.x.shape, dtype=out_dtype))
     registry.implementations("gated_post_norm_residual")[backend].fn(args, out)
     return out
@@ -102,7 +100,7 @@ def test_public_api_and_magi1_semantics():
     w, b = torch.randn(h) * 0.1, torch.randn(h) * 0.1
     expect = (torch.nn.functional.layer_norm(o.float() * g[cmap].float(), (h,), w + 1, b, 1e-6)
               + residual.float()).to(torch.bfloat16)
-    got = mk.gated_post_norm_residual(o, g, residual, w, b, gate_index=cmap)
+    got = mk.gated_post_norm_residual(o, g, residual, w, b, gate_index=cmap, preset="magi1")
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expect.float(), rtol=2**-7, atol=1e-2)
 
@@ -111,7 +109,7 @@ def test_autograd_matches_float64():
     c = CASES["magi1_attn"] | {"xd": torch.float32, "gd": torch.float32, "rd": torch.float32}
     x, gate, residual, w, b, gi = make_inputs(c)
     leaves = [t.requires_grad_() for t in (x, gate, residual, w, b)]
-    out = mk.gated_post_norm_residual(x, gate, residual, w, b, gate_index=gi, backend="torch")
+    out = mk.gated_post_norm_residual(x, gate, residual, w, b, gate_index=gi, preset="magi1", backend="torch")
     go = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, go)
     dl = [t.detach().double().requires_grad_() for t in leaves]
@@ -141,4 +139,4 @@ def test_bad_input_names_the_argument(bad, match):
         kw["residual"] = torch.zeros(kw["x"].shape)
     x, gate, residual = kw.pop("x"), kw.pop("gate"), kw.pop("residual")
     with pytest.raises(MagiArgumentError, match=match):
-        mk.gated_post_norm_residual(x, gate, residual, **kw)
+        mk.gated_post_norm_residual(x, gate, residual, preset="magi1", **kw)

@@ -67,11 +67,9 @@ def reference64(c, q, k, cos, sin, p):
 
 def run_backend_into_poison(c, backend, q, k, cos, sin, p, out_dtype):
     """Call the backend implementation directly with NaN-poisoned outputs, so unwritten cells show."""
-    args, _ = make_args(q, k, cos, sin, p.get("q_weight"), p.get("q_bias"), p.get("k_weight"), p.get("k_bias"),
-                        c["norm"], c["scope"], c["off"], 1e-6, c["rot"] or None, c["inter"])
-    info = registry.CallInfo(q.device, q.dtype, {"head_dim": c["d"], "norm_scope": c["scope"],
-                                                 "hq": c["hq"], "hk": c["hk"]})
-    backend_param("qk_norm_rope", backend, info)
+    args = make_args(q, k, cos, sin, p.get("q_weight"), p.get("q_bias"), p.get("k_weight"), p.get("k_bias"),
+                     c["norm"], c["scope"], c["off"], 1e-6, c["rot"], c["inter"])
+    backend_param("qk_norm_rope", backend, args)
     q_out = poison_like(torch.empty(args.q.shape, dtype=out_dtype))
     k_out = poison_like(torch.empty(args.k.shape, dtype=out_dtype))
     registry.implementations("qk_norm_rope")[backend].fn(args, q_out, k_out)
@@ -105,9 +103,11 @@ def test_strided_qkv_slices_and_per_token_cos_and_out_dtype(backend):
 def test_public_api_shapes_dtypes_and_backend_choice():
     c = CASES["wan_hidden_rms"]
     q, k, cos, sin, p = make_inputs(c, torch.float16)
-    qo, ko = mk.qk_norm_rope(q, k, cos, sin, norm="rmsnorm", norm_scope="hidden", **p)
+    qo, ko = mk.qk_norm_rope(q, k, cos, sin, norm="rmsnorm", norm_scope="hidden", weight_offset=0.0,
+                             interleaved=False, **p)
     assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == torch.float16
-    qo32, _ = mk.qk_norm_rope(q, k, cos, sin, norm="rmsnorm", norm_scope="hidden", out_dtype=torch.float32, **p)
+    qo32, _ = mk.qk_norm_rope(q, k, cos, sin, norm="rmsnorm", norm_scope="hidden", weight_offset=0.0,
+                              interleaved=False, out_dtype=torch.float32, **p)
     assert qo32.dtype == torch.float32
     torch.testing.assert_close(qo32.half(), qo, atol=0, rtol=0)
 
@@ -119,8 +119,8 @@ def test_magi1_rope_table_end_to_end():
     cos, sin = mk.magi_rope_table(bands, t, h, w)
     q = torch.randn(t * h * w, 2, 128)
     k = torch.randn(t * h * w, 1, 128)
-    qo, ko = mk.qk_norm_rope(q, k, cos, sin, weight_offset=1.0)
-    qn, kn = mk.qk_norm_rope(q, k, weight_offset=1.0)  # norm only
+    qo, ko = mk.qk_norm_rope(q, k, cos, sin, preset="magi1")
+    qn, kn = mk.qk_norm_rope(q, k, preset="magi1")  # norm only
     assert torch.equal(qo[..., 96:], qn[..., 96:])
     # Rotation preserves the norm of each (i, i+48) pair.
     pair = lambda x: x[..., :48] ** 2 + x[..., 48:96] ** 2  # noqa: E731
@@ -132,7 +132,8 @@ def test_autograd_through_the_op_matches_float64_autograd():
     c = CASES["ln_bias_interleaved"]
     q, k, cos, sin, p = make_inputs(c, torch.float32)
     leaves = [q.requires_grad_(), k.requires_grad_(), *(v.requires_grad_() for v in p.values())]
-    qo, ko = mk.qk_norm_rope(q, k, cos, sin, norm="layernorm", interleaved=True, rotary_dim=40, **p,
+    qo, ko = mk.qk_norm_rope(q, k, cos, sin, norm="layernorm", norm_scope="head", weight_offset=0.0,
+                             interleaved=True, rotary_dim=40, **p,
                              backend="torch")
     gq, gk = torch.randn_like(qo), torch.randn_like(ko)
     grads = torch.autograd.grad([qo, ko], leaves, [gq, gk])
@@ -164,7 +165,8 @@ def test_autograd_through_the_op_matches_float64_autograd():
     (dict(cos=torch.zeros(4, 2, device="meta"), sin=torch.zeros(4, 2, device="meta")), "'cos' must be on q's device"),
 ])
 def test_bad_input_names_the_argument(bad, match):
-    kw = dict(q=torch.zeros(4, 2, 8), k=torch.zeros(4, 1, 8), cos=torch.zeros(4, 2), sin=torch.zeros(4, 2))
+    kw = dict(q=torch.zeros(4, 2, 8), k=torch.zeros(4, 1, 8), cos=torch.zeros(4, 2), sin=torch.zeros(4, 2),
+              preset="magi1")
     kw.update(bad)
     q, k, cos, sin = kw.pop("q"), kw.pop("k"), kw.pop("cos"), kw.pop("sin")
     with pytest.raises(MagiArgumentError, match=match):

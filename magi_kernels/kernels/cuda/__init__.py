@@ -1,6 +1,33 @@
 """Python wrappers over the CUDA launchers in ``magi_kernels._C``.
 
-Each module exposes ``supports(info) -> reason | None`` and ``launch(args, *outs)``. On CUDA tensors
-``launch`` calls ``_C.cuda.<kernel>`` on the current stream; on CPU tensors it calls ``_C.simt.<kernel>``,
-the same kernel source compiled for the host and run by the SIMT emulator (tests only).
+Each module exposes ``supports(args) -> reason | None`` (``args``: the op's validated argument dataclass)
+and ``launch(args, *outs)``. On CUDA tensors ``launch`` calls ``_C.cuda.<kernel>`` on the current stream;
+on CPU tensors it calls ``_C.simt.<kernel>``, the same kernel source compiled for the host and run by the
+SIMT emulator (tests only). ``device_reason`` below holds the device rules every CUDA kernel shares.
 """
+
+from __future__ import annotations
+
+import torch
+
+from magi_kernels.utils import device as _device
+
+
+def device_reason(device: torch.device) -> str | None:
+    """None if ``_C``'s CUDA kernels (or, for CPU tensors, the SIMT emulator) can run on ``device``."""
+    from magi_kernels._ext import build_info, cuda_archs
+
+    bi = build_info()
+    if device.type == "cpu":
+        return None if bi["simt"] else "the SIMT emulator needs magi_kernels._C, which is not built"
+    if device.type != "cuda":
+        return f"CUDA kernels run on CUDA devices, not {device.type}"
+    if not bi["cuda"]:
+        return "magi_kernels._C was built without nvcc, so it has no CUDA kernels"
+    cap = _device.capability(device)
+    cc = cap[0] * 10 + cap[1]
+    archs = cuda_archs()
+    # SASS for sm_XY runs on sm_XZ with Z >= Y (same major); "90a" SASS runs only on sm_90.
+    if not any(a // 10 == cc // 10 and a <= cc for a in archs):
+        return f"_C has SASS for sm {archs}, none of which runs on sm_{cc}; rebuild with MAGI_CUDA_ARCHS"
+    return None

@@ -18,13 +18,12 @@ MODES = {"tensor": 0, "channel": 1, "row": 2, "block1x128": 3, "block128x128": 4
 MAX_COLS = 65535 * 128  # grid-y limit of the block kernels (column groups of 128)
 
 
-def supports(info) -> str | None:
-    """None if the CUDA kernels handle this call, else why not (device/arch rules: registry._host_gate)."""
-    if info.dtype not in DTYPE_CODES:
-        return f"dtype {info.dtype} is not supported (fp32, fp16, bf16)"
-    gran = info.extra.get("granularity")
-    if gran is not None and gran not in MODES:
-        return f"granularity {gran!r} is not one of {tuple(MODES)}"
+def supports(a) -> str | None:
+    """None if the CUDA kernels handle this ``Fp8QuantizeArgs`` call, else why not (device rules: ``device_reason``)."""
+    if a.x.dtype not in DTYPE_CODES:
+        return f"dtype {a.x.dtype} is not supported (fp32, fp16, bf16)"
+    if a.granularity not in MODES:
+        return f"granularity {a.granularity!r} is not one of {tuple(MODES)}"
     return None
 
 

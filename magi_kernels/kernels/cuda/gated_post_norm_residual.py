@@ -12,15 +12,13 @@ from magi_kernels._ext import require_native
 from .qk_norm_rope import DTYPE_CODES, MAX_HIDDEN_ROW
 
 
-def supports(info) -> str | None:
-    """None if the CUDA kernel handles this call, else why not (device/arch rules: registry._host_gate)."""
-    for what, dt in (("x", info.dtype), ("gate", info.extra.get("gate_dtype", info.dtype)),
-                     ("residual", info.extra.get("residual_dtype", info.dtype))):
+def supports(a) -> str | None:
+    """None if the CUDA kernel handles this ``GatedPostNormArgs`` call, else why not (device rules: ``device_reason``)."""
+    for what, dt in (("x", a.x.dtype), ("gate", a.gate.dtype), ("residual", a.residual.dtype)):
         if dt not in DTYPE_CODES:
             return f"{what} dtype {dt} is not supported (fp32, fp16, bf16)"
-    h = info.extra.get("hidden")
-    if h is not None and h > MAX_HIDDEN_ROW:
-        return f"hidden size {h} exceeds the kernel's {MAX_HIDDEN_ROW}"
+    if a.hidden > MAX_HIDDEN_ROW:
+        return f"hidden size {a.hidden} exceeds the kernel's {MAX_HIDDEN_ROW}"
     return None
 
 

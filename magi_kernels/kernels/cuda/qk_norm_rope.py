@@ -15,15 +15,15 @@ MAX_HEAD_DIM = 512        # warp-per-head kernel: 32 lanes x 16 cached values
 MAX_HIDDEN_ROW = 16384    # block-per-row kernel: 1024 threads x 16 cached values
 
 
-def supports(info) -> str | None:
-    """None if the CUDA kernel handles this call, else why not (device/arch rules: registry._host_gate)."""
-    if info.dtype not in DTYPE_CODES:
-        return f"dtype {info.dtype} is not supported (fp32, fp16, bf16)"
-    d = info.extra.get("head_dim")
-    if d is not None and d > MAX_HEAD_DIM:
+def supports(a) -> str | None:
+    """None if the CUDA kernel handles this ``QkNormRopeArgs`` call, else why not (device rules: ``device_reason``)."""
+    if a.q.dtype not in DTYPE_CODES:
+        return f"dtype {a.q.dtype} is not supported (fp32, fp16, bf16)"
+    d = a.head_dim
+    if d > MAX_HEAD_DIM:
         return f"head_dim {d} > {MAX_HEAD_DIM}"
-    if info.extra.get("norm_scope") == "hidden" and d is not None:
-        row = max(info.extra.get("hq", 1), info.extra.get("hk", 1)) * d
+    if a.norm_scope == "hidden":
+        row = max(a.q.shape[1], a.k.shape[1]) * d
         if row > MAX_HIDDEN_ROW:
             return f"hidden-scope rows of H*head_dim = {row} elements exceed the kernel's {MAX_HIDDEN_ROW}"
     return None

@@ -16,22 +16,34 @@ from __future__ import annotations
 
 import torch
 
-from magi_kernels import registry
 from magi_kernels.reference.fp8 import apply_epilogue_ref
+from magi_kernels.utils import device as _device
 
 
-def supports(info: registry.CallInfo) -> str | None:
-    x = info.extra
-    a_mode, b_mode = x.get("a_mode"), x.get("b_mode")
-    if a_mode == "block" or b_mode == "block":
+def device_reason(device: torch.device) -> str | None:
+    """None if ``torch._scaled_mm`` can run fp8 GEMMs on ``device``."""
+    if not hasattr(torch, "_scaled_mm"):
+        return f"torch {torch.__version__} has no torch._scaled_mm"
+    if device.type not in ("cpu", "cuda"):
+        return f"torch._scaled_mm runs on CPU and CUDA devices, not {device.type}"
+    cap = _device.capability(device)
+    if cap is not None and cap < (8, 9):
+        return f"fp8 tensor-core GEMMs need sm_89 or newer, device is sm_{cap[0]}{cap[1]}"
+    return None
+
+
+def supports(a) -> str | None:
+    """None if this layout of an ``Fp8GemmArgs`` call is one torch._scaled_mm computes exactly, else why not."""
+    if a.a_mode == "block" or a.b_mode == "block":
         return "torch._scaled_mm here supports per-tensor and row/column scales, not 128-blocks"
-    if info.device.type == "cuda" and (x.get("k", 0) % 16 or x.get("n", 0) % 16):
-        return f"cuBLASLt fp8 GEMMs need K and N divisible by 16, got K={x.get('k')} N={x.get('n')}"
-    if a_mode == "tensor" and b_mode == "tensor":
+    n, k = a.b.shape
+    if a.device.type == "cuda" and (k % 16 or n % 16):
+        return f"cuBLASLt fp8 GEMMs need K and N divisible by 16, got K={k} N={n}"
+    if a.a_mode == "tensor" and a.b_mode == "tensor":
         return None
-    if x.get("act") or x.get("has_gate") or x.get("has_bias"):
+    if a.act or a.gate is not None or a.bias is not None:
         return "row-wise torch._scaled_mm rounds to bf16 before an epilogue could run; use triton or torch"
-    if x.get("out_dtype", torch.bfloat16) != torch.bfloat16:
+    if a.out_dtype != torch.bfloat16:
         return "row-wise torch._scaled_mm produces bfloat16 only"
     return None
 

@@ -1,0 +1,87 @@
+"""One declaration per op: a dataclass lists the op's arguments once (names, types, defaults).
+
+From that declaration this module derives everything torch needs:
+
+- the ``torch.library.custom_op`` schema (from the field annotations, in field order);
+- the fake (meta) implementation's and the real implementation's view of the arguments (one ``call``
+  object instead of a dozen positional parameters);
+- the autograd plumbing: which inputs are tensors to save, and the gradient tuple in schema order
+  (``backward`` returns ``{field name: gradient}``; every other field gets ``None``).
+
+So adding an option to an op means adding one field and reading it where it matters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from typing import Any, Callable
+
+import torch
+
+NAMESPACE = "magi_kernels"
+
+
+def field_names(call_cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(call_cls))
+
+
+def values(call) -> list[Any]:
+    """The call's field values in declaration (= schema) order. Not ``dataclasses.astuple``: that copies
+    tensors. Reads the names ``define_op`` stored on the class (``dataclasses.fields`` does not trace)."""
+    return [getattr(call, n) for n in type(call).op_fields]
+
+
+def _tensor_fields(call_cls: type) -> tuple[str, ...]:
+    hints = typing.get_type_hints(call_cls)
+    return tuple(n for n in field_names(call_cls)
+                 if hints[n] is torch.Tensor or hints[n] == typing.Optional[torch.Tensor])
+
+
+def define_op(name: str, call_cls: type, *, returns: Any, impl: Callable, fake: Callable):
+    """Register ``magi_kernels::<name>`` whose arguments are exactly ``call_cls``'s fields, in order.
+
+    ``impl(call)`` and ``fake(call)`` receive one ``call_cls`` instance. Returns the custom op object.
+    """
+    call_cls.op_fields = field_names(call_cls)
+    hints = typing.get_type_hints(call_cls)
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[n])
+              for n in field_names(call_cls)]
+
+    def run(*args):
+        return impl(call_cls(*args))
+
+    run.__signature__ = inspect.Signature(params, return_annotation=returns)
+    run.__name__ = name
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", run, mutates_args=())
+    op.register_fake(lambda *args: fake(call_cls(*args)))
+    return op
+
+
+def register_backward(op, call_cls: type, backward: Callable, *, save_outputs: bool = False) -> None:
+    """Attach autograd to ``op``: ``backward(call, outputs, *grads) -> {field name: gradient}``.
+
+    Tensor fields (and the outputs, when ``save_outputs``) go through ``ctx.save_for_backward``; the
+    other fields ride along as plain values. ``outputs`` is None unless ``save_outputs``.
+    """
+    names = field_names(call_cls)
+    tensors = _tensor_fields(call_cls)
+
+    def setup_context(ctx, inputs, output):
+        bound = dict(zip(names, inputs))
+        outs = tuple(output) if isinstance(output, (tuple, list)) else (output,)
+        ctx.save_for_backward(*(bound[n] for n in tensors), *(outs if save_outputs else ()))
+        ctx.plain = {n: v for n, v in bound.items() if n not in tensors}
+
+    def bwd(ctx, *grads):
+        saved = ctx.saved_tensors
+        call = call_cls(**dict(zip(tensors, saved)), **ctx.plain)
+        outs = tuple(saved[len(tensors):]) if save_outputs else None
+        got = backward(call, outs, *grads)
+        unknown = set(got) - set(names)
+        if unknown:  # a typo here would silently drop a gradient
+            raise KeyError(f"{op}: backward returned gradients for unknown arguments {sorted(unknown)}")
+        return tuple(got.get(n) for n in names)
+
+    op.register_autograd(bwd, setup_context=setup_context)
