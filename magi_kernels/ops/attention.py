@@ -34,20 +34,6 @@ OP = "attention"
 LAYOUTS = ("bshd", "bhsd", "thd")
 
 
-def _ranges(mask: _MaskBase, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The mask's slices as flex_attn's int32 range tensors.
-
-    Not ``mask.to_ranges``: that validates values on the host, which ``torch.compile`` cannot trace.
-    The masks build exact slices, their totals are checked against the tensors below, and flex_attn
-    validates range values again inside its op at run time.
-    """
-    sl = mask.slices()
-    q_ranges = torch.tensor([[s[0], s[1]] for s in sl], dtype=torch.int32, device=device).reshape(-1, 2)
-    k_ranges = torch.tensor([[s[2], s[3]] for s in sl], dtype=torch.int32, device=device).reshape(-1, 2)
-    types = torch.tensor([s[4] for s in sl], dtype=torch.int32, device=device).reshape(-1)
-    return q_ranges, k_ranges, types
-
-
 def _batch_mask(mask: Optional[_MaskBase], batch: int, sq: int, sk: int) -> _MaskBase:
     """Resolve ``mask`` against a batch of ``batch`` samples of sq queries / sk keys (see module doc)."""
     if mask is None:
@@ -117,7 +103,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Option
         q3, k3, v3 = (t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3]) for t in (q, k, v))
     # flex_attn_func checks dtypes, heads, head_dim and devices and names the offending argument.
     if kv_lens is None:
-        q_ranges, k_ranges, types = _ranges(_batch_mask(mask, batch, sq, sk), q.device)
+        # range_tensors reads no tensor values (traceable); flex_attn validates the values inside its op
+        q_ranges, k_ranges, types = _batch_mask(mask, batch, sq, sk).range_tensors(q.device)
     elif mask is not None or layout == "thd":
         fail(OP, "kv_lens", "must not be combined with a mask, and needs layout 'bshd' or 'bhsd'")
     else:

@@ -76,10 +76,7 @@ class _MaskBase(abc.ABC):
     def slices(self) -> list[Slice]: ...
 
     def to_ranges(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        sl = self.slices()
-        q = torch.tensor([[s[0], s[1]] for s in sl], dtype=torch.int32).reshape(-1, 2)
-        k = torch.tensor([[s[2], s[3]] for s in sl], dtype=torch.int32).reshape(-1, 2)
-        t = torch.tensor([s[4] for s in sl], dtype=torch.int32).reshape(-1)
+        q, k, t = self.range_tensors("cpu")
         # The builders are exact by construction; validating anyway keeps the contract in one place.
         validate_ranges(q, k, t, total_q=self.total_q, total_k=self.total_k, op=type(self).__name__)
         return q.to(device), k.to(device), t.to(device)
@@ -90,6 +87,24 @@ class _MaskBase(abc.ABC):
 
         q, k, t = self.to_ranges("cpu")
         return union_area(q, k, t)
+
+    def range_tensors(self, device: torch.device | str = "cpu", *, total_q: Optional[int] = None,
+                      total_k: Optional[int] = None, op: Optional[str] = None):
+        """``(q_ranges, k_ranges, attn_type_map)`` int32 tensors on ``device``, for passing straight to an op.
+
+        Unlike :meth:`to_ranges` this reads no tensor values, so ``torch.compile`` traces it without a graph
+        break (the op validates range values itself at run time). ``total_q`` / ``total_k``: the token counts
+        of the q and k the ranges will index; a mask of other sizes raises (``op`` names the caller).
+        """
+        name = op or type(self).__name__
+        for arg, want, have in (("total_q", total_q, self.total_q), ("total_k", total_k, self.total_k)):
+            if want is not None and want != have:
+                fail(name, "mask", f"covers {arg}={have} tokens but the {arg[-1]} tensor has {want}")
+        sl = self.slices()
+        q = torch.tensor([[s[0], s[1]] for s in sl], dtype=torch.int32, device=device).reshape(-1, 2)
+        k = torch.tensor([[s[2], s[3]] for s in sl], dtype=torch.int32, device=device).reshape(-1, 2)
+        t = torch.tensor([s[4] for s in sl], dtype=torch.int32, device=device).reshape(-1)
+        return q, k, t
 
     def repeat(self, batch: int) -> "PackedMask":
         """This mask once per sample of a batch packed end to end (offsets computed here)."""

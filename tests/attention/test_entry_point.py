@@ -189,3 +189,15 @@ def test_kv_lens_key_padding_traces_and_checks_on_device():
         mk.attention(q, k, v, kv_lens=torch.tensor([9, 10, 0]))
     with pytest.raises(MagiArgumentError, match="'kv_lens' must not be combined with a mask"):
         mk.attention(q, k, v, kv_lens=lens, mask=mk.VarlenFull([0, sq], [0, sk]))
+
+
+def test_flex_attn_func_takes_a_mask_object():
+    mask = mk.PackedMask([mk.BlockCausal(chunk_lens=[2, 3]), mk.VarlenCausal([0, 4], [0, 6])])
+    q, k, v = torch.randn(mask.total_q, 2, 8), torch.randn(mask.total_k, 1, 8), torch.randn(mask.total_k, 1, 8)
+    out, lse = mk.flex_attn_func(q, k, v, mask)
+    ref_o, ref_l = mk.flex_attn_func(q, k, v, *mask.to_ranges())
+    assert torch.equal(out, ref_o) and torch.equal(lse, ref_l)
+    with pytest.raises(MagiArgumentError, match=r"flex_attn: argument 'mask' covers total_k=11 tokens but the k tensor has 10"):
+        mk.flex_attn_func(q, k[:10], v[:10], mask)
+    with pytest.raises(MagiArgumentError, match="'k_ranges' must be None"):
+        mk.flex_attn_func(q, k, v, mask, mask.to_ranges()[1])
