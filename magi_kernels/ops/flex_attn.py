@@ -27,6 +27,7 @@ import torch
 from magi_kernels import registry
 from magi_kernels.ops._spec import define_op, register_backward, values
 from magi_kernels.plan.planner import AttnPlan, get_plan
+from magi_kernels.ranges.masks import _MaskBase
 from magi_kernels.ranges.validate import check_ranges_meta, check_ranges_values
 from magi_kernels.reference import flex_attn as ref
 from magi_kernels.utils.checks import check_last_dim_contiguous, check_tensor, fail
@@ -240,7 +241,7 @@ def _backward(c: FlexAttnCall, outs, dout, dlse) -> dict:
 register_backward(_flex_attn_op, FlexAttnCall, _backward, save_outputs=True)
 
 
-def flex_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: torch.Tensor, k_ranges: torch.Tensor,
+def flex_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges, k_ranges: Optional[torch.Tensor] = None,
                    attn_type_map: Optional[torch.Tensor] = None, *, softmax_scale: Optional[float] = None,
                    softcap: float = 0.0, deterministic: bool = False,
                    backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,6 +251,8 @@ def flex_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: 
         q: [total_q, Hq, D]; k, v: [total_k, Hk, D]; fp16/bf16/fp32 (fp64 on the torch backend), same dtype,
             last dim contiguous, Hq % Hk == 0.
         q_ranges, k_ranges: int32 [n, 2], half-open [start, end) global token indices; on q's device or CPU.
+            Or a mask object (VarlenFull, BlockCausal, PackedMask, ...) as q_ranges, k_ranges and
+            attn_type_map left None; its total_q / total_k must match q's and k's token counts.
         attn_type_map: int32 [n] mask types (0 FULL, 1 CAUSAL, 2 INV_CAUSAL, 3 BI_CAUSAL), None = all FULL.
         softmax_scale: default 1/sqrt(D). softcap: FA3 soft-capping (0 = off).
         deterministic: bitwise-repeatable gradients (the torch backend always is).
@@ -257,6 +260,13 @@ def flex_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: 
     Returns:
         (out [total_q, Hq, D] in q's dtype, lse fp32 [total_q, Hq], natural log; -inf for rows that see no key).
     """
+    if isinstance(q_ranges, _MaskBase):  # a typed mask in place of the three range tensors
+        if k_ranges is not None or attn_type_map is not None:
+            fail(OP, "k_ranges", "must be None (attn_type_map too) when q_ranges is a mask object")
+        check_tensor(OP, "q", q, ndim=3)
+        check_tensor(OP, "k", k, ndim=3)
+        q_ranges, k_ranges, attn_type_map = q_ranges.range_tensors(q.device, total_q=q.shape[0],
+                                                                   total_k=k.shape[0], op=OP)
     # Metadata checks run here (also under torch.compile tracing); range values are checked inside the op.
     c = FlexAttnCall(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, deterministic, backend)
     check(c)
