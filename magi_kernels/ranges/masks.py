@@ -16,8 +16,8 @@ Each mask is a frozen dataclass with ``total_q``, ``total_k``, ``slices()`` (a l
 from __future__ import annotations
 
 import abc
-
 import dataclasses
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -47,6 +47,15 @@ def _int_list(op: str, name: str, value, *, allow_none_items: bool = False) -> t
             fail(op, name, f"must contain ints, got {x!r}")
         out.append(int(x))
     return tuple(out)
+
+
+def _check_int(op: str, name: str, value, *, minimum: int) -> None:
+    """A whole-number argument (int or any integer with ``__index__``, not bool; 4.5 or "4" would otherwise be
+    truncated or parsed) >= minimum."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        fail(op, name, f"must be an int, got {type(value).__name__} {value!r}")
+    if operator.index(value) < minimum:
+        fail(op, name, f"must be >= {minimum}, got {value}")
 
 
 def _cu_seqlens(op: str, name: str, value) -> tuple[int, ...]:
@@ -182,17 +191,16 @@ class BlockCausal(_MaskBase):
         else:
             if self.chunk_size is None or self.num_chunks is None:
                 fail(name, "chunk_size", "and num_chunks must both be given when chunk_lens is None")
-            if int(self.chunk_size) <= 0:
-                fail(name, "chunk_size", f"must be > 0, got {self.chunk_size}")
-            if int(self.num_chunks) < 0:
-                fail(name, "num_chunks", f"must be >= 0, got {self.num_chunks}")
+            _check_int(name, "chunk_size", self.chunk_size, minimum=1)
+            _check_int(name, "num_chunks", self.num_chunks, minimum=0)
             lens = (int(self.chunk_size),) * int(self.num_chunks)
         for i, n in enumerate(lens):
             if n < 0:
                 fail(name, "chunk_lens", f"must be >= 0; chunk {i} has {n}")
-        if int(self.prefix_len) < 0:
-            fail(name, "prefix_len", f"must be >= 0, got {self.prefix_len}")
+        _check_int(name, "prefix_len", self.prefix_len, minimum=0)
         w = self.window_chunks
+        if isinstance(w, (bool, float, str)):
+            fail(name, "window_chunks", f"must be an int, a sequence of ints/None, or None; got {w!r}")
         if w is None or isinstance(w, int):
             wins = (w,) * len(lens)
         else:
@@ -208,8 +216,8 @@ class BlockCausal(_MaskBase):
                 pcs = lens[0]
             else:
                 fail(name, "prefix_chunk_size", "must be given when chunks have unequal sizes and windows reach a prefix")
-        if pcs is not None and int(pcs) <= 0:
-            fail(name, "prefix_chunk_size", f"must be > 0, got {pcs}")
+        if pcs is not None:
+            _check_int(name, "prefix_chunk_size", pcs, minimum=1)
         object.__setattr__(self, "_lens", lens)
         object.__setattr__(self, "_wins", wins)
         object.__setattr__(self, "_pcs", None if pcs is None else int(pcs))
