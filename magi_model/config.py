@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -132,11 +133,12 @@ class EngineConfig:
 
 
 _SECTIONS = (("model_config", ModelConfig), ("runtime_config", RuntimeConfig), ("engine_config", EngineConfig))
-_INT_FIELDS = {"num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-               "kv_channels", "patch_size", "t_patch_size", "in_channels", "out_channels", "caption_channels",
-               "caption_max_length", "cfg_number", "clean_chunk_kvrange", "seed", "num_frames", "video_size_h",
-               "video_size_w", "num_steps", "window_size", "fps", "chunk_width", "temporal_downsample_factor",
-               "pp_size", "cp_size", "ulysses_overlap_degree", "distributed_timeout_minutes"}
+# Fields that may be null although their type says otherwise: an unset video size (only the DiT is
+# being configured; generation checks it is set).
+_NULLABLE = {"video_size_h", "video_size_w"}
+# Element types of the list fields (the dataclass annotations say only "list").
+_LIST_ITEMS = {"cfg_t_range": "float", "prev_chunk_scales": "float", "text_scales": "float",
+               "noise2clean_kvrange": "int"}
 
 
 @dataclasses.dataclass
@@ -236,6 +238,9 @@ class MagiConfig:
         if m.gating_hidden != m.hidden_size:
             bad("model_config.cond_gating_ratio", f"must give gates of hidden_size ({m.hidden_size}) channels "
                 f"(the gate multiplies the sublayer output), got int(H*ratio) = {m.gating_hidden}")
+        for f in ("cond_hidden_ratio", "xattn_cond_hidden_ratio", "cond_gating_ratio"):
+            if not getattr(m, f) > 0:
+                bad(f"model_config.{f}", f"must be > 0, got {getattr(m, f)}")
         if m.cond_hidden < 1 or m.xattn_hidden < 1:
             bad("model_config.cond_hidden_ratio / xattn_cond_hidden_ratio", "must give at least 1 channel")
         if m.half_channel_vae and m.in_channels % 2:
@@ -291,6 +296,28 @@ class MagiConfig:
             bad("runtime_config.cfg_t_range", f"must be ascending, got {r.cfg_t_range}")
         if r.temporal_downsample_factor < 1:
             bad("runtime_config.temporal_downsample_factor", f"must be >= 1, got {r.temporal_downsample_factor}")
+        if r.fps < 1:
+            bad("runtime_config.fps", f"must be >= 1 (frames per second of the output), got {r.fps}")
+        if not r.scale_factor > 0:
+            bad("runtime_config.scale_factor", f"must be > 0 (latents are divided by it), got {r.scale_factor}")
+        if not 0 <= r.clean_t <= 1:
+            bad("runtime_config.clean_t", f"must be in [0, 1] (t = 1 is clean), got {r.clean_t}")
+        if any(not 0 <= t <= 1 for t in r.cfg_t_range):
+            bad("runtime_config.cfg_t_range", f"entries must be in [0, 1], got {r.cfg_t_range}")
+        if any(k < 0 for k in r.noise2clean_kvrange):
+            bad("runtime_config.noise2clean_kvrange", f"entries must be >= 0 chunks, got {r.noise2clean_kvrange}")
+        if not -(2 ** 63) <= r.seed < 2 ** 64:
+            bad("runtime_config.seed", f"must be in [-2^63, 2^64) (torch.manual_seed's range), got {r.seed}")
+        try:
+            torch.device(r.t5_device)
+        except RuntimeError:
+            bad("runtime_config.t5_device", f"must be a torch device such as 'cpu' or 'cuda', got {r.t5_device!r}")
+        for f in ("pp_size", "cp_size", "ulysses_overlap_degree", "distributed_timeout_minutes"):
+            if getattr(e, f) < 1:
+                bad(f"engine_config.{f}", f"must be >= 1, got {getattr(e, f)}")
+        if not 0 <= e.distill_nearly_clean_chunk_threshold <= 1:
+            bad("engine_config.distill_nearly_clean_chunk_threshold", f"must be in [0, 1] (a time t), got "
+                f"{e.distill_nearly_clean_chunk_threshold}")
         if e.shortcut_mode not in ("8,16,16", "16,16,8"):
             bad("engine_config.shortcut_mode", f"must be '8,16,16' or '16,16,8', got {e.shortcut_mode!r}")
         if e.cp_strategy not in ("none", "cp_ulysses", "cp_shuffle_overlap"):
@@ -315,6 +342,39 @@ class MagiConfig:
         if not self.engine.distill:
             return None
         return self.runtime.num_steps / 4 * 2
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _coerce(what: str, kind: str, v, item_kind: str | None = None):
+    """Check one JSON value against its field's annotation ("int", "float", "bool", "str", "str | None",
+    "list"); integral floats are accepted for ints (JSON writers emit 4.0), numbers must be finite."""
+    base = kind.replace(" | None", "")
+    if base == "int":
+        if not (_is_number(v) and math.isfinite(v) and float(v).is_integer()):
+            raise ConfigError(f"{what} must be an integer, got {v!r} ({type(v).__name__})")
+        return int(v)
+    if base == "float":
+        if not _is_number(v):
+            raise ConfigError(f"{what} must be a number, got {v!r} ({type(v).__name__})")
+        if not math.isfinite(v):
+            raise ConfigError(f"{what} must be finite, got {v!r}")
+        return float(v)
+    if base == "bool":
+        if not isinstance(v, bool):
+            raise ConfigError(f"{what} must be true or false, got {v!r} ({type(v).__name__})")
+        return v
+    if base == "str":
+        if not isinstance(v, str):
+            raise ConfigError(f"{what} must be a string, got {v!r} ({type(v).__name__})")
+        return v
+    if base == "list":
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"{what} must be a list, got {v!r} ({type(v).__name__})")
+        return [_coerce(f"{what}[{i}]", item_kind or "float", x) for i, x in enumerate(v)]
+    return v
 
 
 def _parse_section(name: str, klass, raw, *, strict: bool, where: str, allow_none: bool = False):
@@ -347,25 +407,18 @@ def _parse_section(name: str, klass, raw, *, strict: bool, where: str, allow_non
         raise ConfigError(msg)
     for fname, v in list(kwargs.items()):
         if v is None:
-            continue
+            if "None" in str(fields[fname].type) or fname in _NULLABLE:
+                continue
+            raise ConfigError(f"config{where}: {name}.{fname} must be set, got null")
         if fname == "params_dtype":
             if isinstance(v, torch.dtype):
                 continue
             if v not in _DTYPES:
                 raise ConfigError(f"config{where}: {name}.params_dtype must be one of {sorted(_DTYPES)}, got {v!r}")
             kwargs[fname] = _DTYPES[v]
-        elif fname in _INT_FIELDS:
-            if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
-                raise ConfigError(f"config{where}: {name}.{fname} must be an integer, got {v!r}")
-            kwargs[fname] = int(v)
-        elif isinstance(fields[fname].default, bool):
-            if not isinstance(v, bool):
-                raise ConfigError(f"config{where}: {name}.{fname} must be true or false, got {v!r}")
-    if name == "model_config":
-        for fname in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
-                      "params_dtype"):
-            if kwargs.get(fname) is None:
-                raise ConfigError(f"config{where}: {name}.{fname} must be set, got null")
+            continue
+        kwargs[fname] = _coerce(f"config{where}: {name}.{fname}", str(fields[fname].type), v,
+                                _LIST_ITEMS.get(fname))
     return klass(**kwargs)
 
 
