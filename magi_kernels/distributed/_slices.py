@@ -79,3 +79,32 @@ def concat_slices(parts: list[Slices]) -> Slices:
         return empty_slices()
     return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
             np.concatenate([p[2] for p in parts]))
+
+
+def permute_slices(s: Slices, q_segments, k_segments) -> Slices:
+    """Rewrite a mask for reordered tokens.
+
+    ``q_segments`` / ``k_segments``: ``(original_start, length)`` runs of tokens in their NEW order
+    (together a permutation of the rows / keys). Returns the same cells in the new coordinates."""
+    def starts(segs):
+        out, pos = [], 0
+        for _, n in segs:
+            out.append(pos)
+            pos += n
+        return out
+
+    qn, kn = starts(q_segments), starts(k_segments)
+    k_hi = max((a + n for a, n in k_segments), default=0)
+    pieces = []
+    for (a, n), na in zip(q_segments, qn):
+        part = clip_slices(*s, a, a + n, 0, k_hi)
+        if not len(part[2]):
+            continue
+        lo, hi = int(part[1][:, 0].min()), int(part[1][:, 1].max())
+        for (b, m), nb in zip(k_segments, kn):
+            if b >= hi or b + m <= lo:
+                continue
+            sub = clip_slices(*part, a, a + n, b, b + m)
+            if len(sub[2]):
+                pieces.append(shift_slices(sub, na - a, nb - b))
+    return concat_slices(pieces)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from magi_kernels.distributed._args import ranges_tensors
 from magi_kernels.distributed._comm import even_shard_sizes, resolve_group
-from magi_kernels.distributed._slices import clip_slices, concat_slices, shift_slices
+from magi_kernels.distributed._slices import clip_slices, permute_slices
 from magi_kernels.plan.stats import union_area
 from magi_kernels.ranges.validate import validate_ranges
 from magi_kernels.utils.checks import fail
@@ -132,21 +132,10 @@ def plan_dispatch(ranges_or_mask, world: int, chunk_size: int, *, total_q: Optio
     q_sizes = tuple(sum(bounds[c][1] - bounds[c][0] for c in range(n_chunks) if owner[c] == r) for r in range(world))
     areas = tuple(sum(chunk_area[c] for c in range(n_chunks) if owner[c] == r) for r in range(world))
 
-    pieces = []
     follow = tk == tq
-    for c, part in enumerate(chunk_parts):
-        if not len(part[2]):
-            continue
-        dq = new_start[c] - bounds[c][0]
-        if not follow:
-            pieces.append(shift_slices(part, dq, 0))
-            continue
-        k_lo, k_hi = int(part[1][:, 0].min()), int(part[1][:, 1].max())
-        for c2 in range(k_lo // chunk_size, -(-k_hi // chunk_size)):
-            sub = clip_slices(*part, bounds[c][0], bounds[c][1], *bounds[c2])
-            if len(sub[2]):
-                pieces.append(shift_slices(sub, dq, new_start[c2] - bounds[c2][0]))
-    qr, kr, ty = ranges_tensors(concat_slices(pieces))
+    q_segments = [(bounds[c][0], bounds[c][1] - bounds[c][0]) for c in order]
+    remapped = permute_slices(sl, q_segments, q_segments if follow else [(0, tk)])
+    qr, kr, ty = ranges_tensors(remapped)
     k_perm = q_perm if follow else torch.arange(tk)
     k_sizes = q_sizes if follow else tuple(even_shard_sizes(tk, world))
     return DispatchMeta(world, chunk_size, tq, tk, tuple(owner), q_perm, k_perm, q_sizes, k_sizes, areas, qr, kr, ty)
