@@ -234,8 +234,8 @@ class WanQkNormRopeProcessor(_FusedProcessor):
         q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         cos = rotary_emb[0][0, :, 0, 0::2].float()
         sin = rotary_emb[1][0, :, 0, 1::2].float()
-        q, k = _qk_norm_rope(q, k, cos, sin, q_weight=q_weight, q_bias=q_bias, k_weight=k_weight, k_bias=k_bias,
-                             norm="rmsnorm", norm_scope="hidden", weight_offset=0.0, eps=eps, interleaved=True)
+        q, k = _qk_norm_rope(q, k, cos, sin, preset="wan", q_weight=q_weight, q_bias=q_bias, k_weight=k_weight,
+                             k_bias=k_bias, eps=eps)
         out = self._attend(q, k, v, attention_mask).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -270,14 +270,14 @@ class HunyuanQkNormRopeProcessor(_FusedProcessor):
             cos = torch.cat([cos, cos.new_ones(n_text, cos.shape[1])])
             sin = torch.cat([sin, sin.new_zeros(n_text, sin.shape[1])])
         q_weight, k_weight, q_bias, k_bias, eps = params
-        q, k = _qk_norm_rope(q, k, cos, sin, q_weight=q_weight, q_bias=q_bias, k_weight=k_weight, k_bias=k_bias,
-                             norm="rmsnorm", norm_scope="head", weight_offset=0.0, eps=eps, interleaved=True)
+        q, k = _qk_norm_rope(q, k, cos, sin, preset="hunyuan", q_weight=q_weight, q_bias=q_bias, k_weight=k_weight,
+                             k_bias=k_bias, eps=eps)
         if added is not None:
             eq, ek, ev = (proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
                           for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
             aq_weight, ak_weight, aq_bias, ak_bias, a_eps = added
-            eq, ek = _qk_norm_rope(eq, ek, q_weight=aq_weight, q_bias=aq_bias, k_weight=ak_weight, k_bias=ak_bias,
-                                   norm="rmsnorm", norm_scope="head", weight_offset=0.0, eps=a_eps)
+            eq, ek = _qk_norm_rope(eq, ek, preset="hunyuan", q_weight=aq_weight, q_bias=aq_bias, k_weight=ak_weight,
+                                   k_bias=ak_bias, eps=a_eps)
             q, k, v = torch.cat([q, eq], dim=1), torch.cat([k, ek], dim=1), torch.cat([v, ev], dim=1)
         out = self._attend(q, k, v, attention_mask).flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is None:
