@@ -152,8 +152,11 @@ def markdown_files() -> list[Path]:
 
 
 def test_docs_pages_exist():
-    for name in ("README.md", "architecture.md", "attention.md", "fp8.md", "magi1.md", "testing.md"):
+    pages = ("architecture.md", "attention.md", "distributed.md", "fp8.md", "magi1.md", "testing.md")
+    for name in ("README.md",) + pages:
         assert (REPO / "docs" / name).is_file(), f"docs/{name} is missing"
+    index = (REPO / "docs" / "README.md").read_text(encoding="utf-8")
+    assert all(f"]({name})" in index for name in pages), "docs/README.md must link every page"
 
 
 def test_slug_rule():
