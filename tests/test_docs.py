@@ -210,3 +210,20 @@ def test_docs_pointers_in_code_resolve():
                     problems.append(f"{p.relative_to(REPO)}:{i}: docs/{why}")
     assert count > 10, "expected the code to point at docs/ sections"
     assert not problems, "pointers to missing docs sections:\n  " + "\n  ".join(problems)
+
+
+REPO_PATH = re.compile(r"`((?:magi_kernels|magi_model|csrc|tests|benchmarks|scripts|docs)/[\w./*-]*)")
+
+
+def test_repository_paths_named_in_docs_exist():
+    """A renamed or deleted file must not leave the docs pointing at nothing (globs must match something)."""
+    problems, count = [], 0
+    for md in sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]:
+        for i, line in enumerate(md.read_text(encoding="utf-8").splitlines(), 1):
+            for raw in REPO_PATH.findall(line):
+                path = raw.rstrip(".:,")
+                count += 1
+                if not any(REPO.glob(path)):
+                    problems.append(f"{md.relative_to(REPO)}:{i}: {path}")
+    assert count > 20, "expected the docs to name repository files"
+    assert not problems, "docs name files that do not exist:\n  " + "\n  ".join(problems)
