@@ -32,13 +32,16 @@ def worker_env(extra: dict | None = None) -> dict:
     return env
 
 
-def launch(argv_for_rank, world: int, timeout: float, env: dict | None = None) -> list[tuple[int, str, float]]:
-    """Start ``world`` processes, wait up to ``timeout`` s; returns (returncode, stderr tail, seconds) per rank.
+def launch(argv_for_rank, world: int, timeout: float, env=None) -> list[tuple[int, str, float]]:
+    """Start ``world`` processes, wait up to ``timeout`` s; returns (returncode, output tail, seconds) per rank.
+
+    ``env``: one environment for all ranks, a list with one per rank, or None (:func:`worker_env`).
 
     Stragglers are killed (returncode -9) so a hang fails the test instead of blocking CI."""
     t0 = time.monotonic()
     logs = [tempfile.TemporaryFile() for _ in range(world)]
-    procs = [subprocess.Popen(argv_for_rank(r), cwd=REPO, env=env or worker_env(), stdout=logs[r],
+    envs = env if isinstance(env, list) else [env or worker_env()] * world
+    procs = [subprocess.Popen(argv_for_rank(r), cwd=REPO, env=envs[r], stdout=logs[r],
                               stderr=subprocess.STDOUT) for r in range(world)]
     ended = [None] * world
     while time.monotonic() - t0 < timeout and any(p.poll() is None for p in procs):
