@@ -101,6 +101,9 @@ def test_op_backend_argument_reaches_registry(monkeypatch):
     ((8, 9), "90a", "triton"),  # no SASS that runs on sm_89 -> next preference
     ((9, 0), "", "triton"),  # built without nvcc
     ((7, 5), "80;89;90a", "torch"),  # neither kernel family supports Turing
+    ((10, 3), "80-real,90a-real,100-real,120", "cuda"),  # sm_100 SASS runs on sm_103
+    ((11, 0), "80-real,90a-real,100-real,120", "triton"),  # compute_120 PTX cannot JIT for an older GPU
+    ((13, 0), "80-real,90a-real,100-real,120", "cuda"),  # ... but can for a newer one
 ])
 def test_auto_on_cuda_follows_preference_and_capability(monkeypatch, cap, built, expect):
     import magi_kernels._ext as ext

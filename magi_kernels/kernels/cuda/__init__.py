@@ -15,7 +15,7 @@ from magi_kernels.utils import device as _device
 
 def device_reason(device: torch.device) -> str | None:
     """None if ``_C``'s CUDA kernels (or, for CPU tensors, the SIMT emulator) can run on ``device``."""
-    from magi_kernels._ext import build_info, cuda_archs
+    from magi_kernels._ext import build_info, cuda_archs, kernel_image_for, ptx_archs
 
     bi = build_info()
     if device.type == "cpu":
@@ -26,8 +26,8 @@ def device_reason(device: torch.device) -> str | None:
         return "magi_kernels._C was built without nvcc, so it has no CUDA kernels"
     cap = _device.capability(device)
     cc = cap[0] * 10 + cap[1]
-    archs = cuda_archs()
-    # SASS for sm_XY runs on sm_XZ with Z >= Y (same major); "90a" SASS runs only on sm_90.
-    if not any(a // 10 == cc // 10 and a <= cc for a in archs):
-        return f"_C has SASS for sm {archs}, none of which runs on sm_{cc}; rebuild with MAGI_CUDA_ARCHS"
+    # SASS of the same major and an older-or-equal minor, or portable PTX the driver can JIT (_ext explains)
+    if kernel_image_for(cc) is None:
+        return (f"_C has SASS for sm {cuda_archs()} and PTX for compute {ptx_archs()}, none of which runs on "
+                f"sm_{cc}; rebuild with MAGI_CUDA_ARCHS")
     return None
