@@ -16,6 +16,7 @@ Each mask is a frozen dataclass with ``total_q``, ``total_k``, ``slices()`` (a l
 from __future__ import annotations
 
 import abc
+import itertools
 import dataclasses
 import operator
 from typing import Optional, Sequence
@@ -438,29 +439,24 @@ class PackedMask(_MaskBase):
 
     @property
     def cu_seqlens_q(self) -> tuple[int, ...]:
-        cu = [0]
-        for m in self.masks:
-            cu.append(cu[-1] + m.total_q)
-        return tuple(cu)
+        """Where each sample's queries start (and the total at the end)."""
+        return tuple(itertools.accumulate((m.total_q for m in self.masks), initial=0))
 
     @property
     def cu_seqlens_k(self) -> tuple[int, ...]:
-        cu = [0]
-        for m in self.masks:
-            cu.append(cu[-1] + m.total_k)
-        return tuple(cu)
+        """Where each sample's keys start (and the total at the end)."""
+        return tuple(itertools.accumulate((m.total_k for m in self.masks), initial=0))
 
     @property
     def total_q(self) -> int:
-        return sum(m.total_q for m in self.masks)
+        return self.cu_seqlens_q[-1]
 
     @property
     def total_k(self) -> int:
-        return sum(m.total_k for m in self.masks)
+        return self.cu_seqlens_k[-1]
 
     def slices(self) -> list[Slice]:
-        out, oq, ok = [], 0, 0
-        for m in self.masks:
+        out = []
+        for m, oq, ok in zip(self.masks, self.cu_seqlens_q, self.cu_seqlens_k):
             out.extend((qs + oq, qe + oq, ks + ok, ke + ok, t) for qs, qe, ks, ke, t in m.slices())
-            oq, ok = oq + m.total_q, ok + m.total_k
         return out

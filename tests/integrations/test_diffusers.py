@@ -140,10 +140,12 @@ def test_block_causal_mask_on_wan_self_attention():
         apply_magi_kernels(_wan(), attention=False, mask=mask, verbose=False)
 
 
-def test_compile_fullgraph_no_graph_breaks():
-    model = _wan()
+@pytest.mark.parametrize("make, make_inputs", [(_wan, lambda: _wan_inputs(batch=1)), (_hunyuan, _hunyuan_inputs)],
+                         ids=["wan", "hunyuan"])
+def test_compile_fullgraph_no_graph_breaks(make, make_inputs):
+    model = make()
     apply_magi_kernels(model, verbose=False)
-    inputs = _wan_inputs(batch=1)
+    inputs = make_inputs()
     with torch.no_grad():
         # fullgraph=True raises on any graph break; "eager" keeps the test fast (Dynamo capture is what matters)
         compiled = torch.compile(model, backend="eager", fullgraph=True)
