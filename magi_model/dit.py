@@ -346,20 +346,47 @@ class KVCache:
         return cls(len(model.videodit_blocks.layers), capacity_tokens, batch=batch,
                    device=device if device is not None else model.device, dtype=model.act_dtype)
 
+    def _allocate(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
+        buf = torch.zeros(self.batch, self.capacity, kv.shape[2], kv.shape[3], dtype=self.dtype,
+                          device=self.device if self.device is not None else kv.device)
+        self.buffers[layer] = buf
+        return buf
+
     def read_write(self, layer: int, kv: torch.Tensor, read_tokens: int, write_tokens: int) -> torch.Tensor:
         N = kv.shape[0]
         if N != self.batch:
             raise ValueError(f"KVCache: batch {N} of this forward does not match the cache's batch {self.batch}")
         buf = self.buffers[layer]
         if buf is None and (write_tokens or read_tokens):
-            buf = torch.zeros(self.batch, self.capacity, kv.shape[2], kv.shape[3], dtype=self.dtype,
-                              device=self.device if self.device is not None else kv.device)
-            self.buffers[layer] = buf
+            buf = self._allocate(layer, kv)
         read = buf[:, :read_tokens].to(device=kv.device, dtype=kv.dtype) if read_tokens else kv[:, :0]
         if write_tokens:
             buf[:, read_tokens:read_tokens + write_tokens] = kv[:, :write_tokens].to(buf.device, buf.dtype)
             self.filled = max(self.filled, read_tokens + write_tokens)
         return torch.cat([read, kv], dim=1) if read_tokens else kv
+
+    def fill_rows(self, layer: int, kv: torch.Tensor, *, start: int = 0) -> None:
+        """Seed cache rows with precomputed K|V: ``kv`` is ``(batch, n, ng, 2d)`` (post-norm, post-rope K
+        and V concatenated on the last dim, as the layer writes them), stored at absolute tokens
+        ``[start, start + n)`` of ``layer``. Use it to resume from a saved cache or to inject a prefix
+        computed elsewhere; ``filled`` grows to cover the rows."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"KVCache.fill_rows: argument 'layer' must be in [0, {self.num_layers}), got {layer}")
+        if kv.dim() != 4 or kv.shape[0] != self.batch:
+            raise ValueError(f"KVCache.fill_rows: argument 'kv' must be (batch={self.batch}, n, ng, 2d), "
+                             f"got {list(kv.shape)}")
+        n = kv.shape[1]
+        if start < 0 or start + n > self.capacity:
+            raise ValueError(f"KVCache.fill_rows: rows [{start}, {start + n}) do not fit the capacity "
+                             f"{self.capacity} (argument 'start' / 'kv')")
+        buf = self.buffers[layer]
+        if buf is None:
+            buf = self._allocate(layer, kv)
+        elif tuple(buf.shape[2:]) != tuple(kv.shape[2:]):
+            raise ValueError(f"KVCache.fill_rows: argument 'kv' has (ng, 2d) = {list(kv.shape[2:])}, the cache "
+                             f"holds {list(buf.shape[2:])}")
+        buf[:, start:start + n] = kv.to(buf.device, buf.dtype)
+        self.filled = max(self.filled, start + n)
 
 
 # ---------------------------------------------------------------------------------------------------

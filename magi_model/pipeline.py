@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -67,11 +67,42 @@ class Window:
     key_windows: list[int]
 
 
-class ChunkSampler:
-    """Runs the schedule on a DiT (or any callable with VideoDiT.forward's signature)."""
+class SamplerModel(Protocol):
+    """What :class:`ChunkSampler` and :func:`generate_latents` use of a model. :class:`VideoDiT`
+    provides it; a wrapper (``magi_model.parallel.ParallelDiT``, a test double) must provide the same:
 
-    def __init__(self, model, config: MagiConfig, captions: Captions, *, mode: str = "t2v",
+    - ``device``: where the noise, the prefix latent and (unless ``kv_offload``) the KV cache live;
+    - ``act_dtype``: the KV cache's dtype;
+    - ``videodit_blocks.layers``: a sized sequence, one KV cache layer per entry
+      (:meth:`KVCache.for_model`);
+    - ``__call__(x, t, caption, caption_mask, *, caption_dropout, distill_dt, kv_cache, slice_point,
+      key_windows, update_kv_cache, write_chunks=None)``: the velocity, with VideoDiT.forward's contract.
+    """
+
+    device: torch.device
+    act_dtype: torch.dtype
+    videodit_blocks: Any
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, caption: torch.Tensor, caption_mask: torch.Tensor,
+                 **kwargs: Any) -> torch.Tensor: ...
+
+
+def _check_model(model) -> None:
+    missing = [a for a in ("device", "act_dtype", "videodit_blocks") if not hasattr(model, a)]
+    if missing or not callable(model) or not hasattr(getattr(model, "videodit_blocks", None), "layers"):
+        what = f"lacks {missing}" if missing else ("is not callable" if not callable(model)
+                                                     else "has no videodit_blocks.layers")
+        _bad("model", f"must provide the SamplerModel interface (device, act_dtype, videodit_blocks.layers, "
+             f"VideoDiT.forward's call); this {type(model).__name__} {what}")
+
+
+class ChunkSampler:
+    """Runs the schedule on a DiT: a :class:`VideoDiT` or anything with the :class:`SamplerModel`
+    interface."""
+
+    def __init__(self, model: SamplerModel, config: MagiConfig, captions: Captions, *, mode: str = "t2v",
                  prefix_latent: Optional[torch.Tensor] = None, prev_chunks_scale: Optional[float] = None):
+        _check_model(model)
         self.model, self.cfg = model, config
         r, e = config.runtime, config.engine
         if r.video_size_h is None or r.video_size_w is None:
@@ -276,7 +307,7 @@ def initial_noise(config: MagiConfig, num_latent_frames: int, seed: int, device=
     return x.to(device)
 
 
-def generate_latents(model, config: MagiConfig, captions: Captions, *, mode: str = "t2v",
+def generate_latents(model: SamplerModel, config: MagiConfig, captions: Captions, *, mode: str = "t2v",
                      prefix_latent: Optional[torch.Tensor] = None, seed: Optional[int] = None,
                      on_chunk: Optional[Callable[[int, torch.Tensor], None]] = None, progress: bool = True,
                      prev_chunks_scale: Optional[float] = None) -> torch.Tensor:
@@ -285,11 +316,11 @@ def generate_latents(model, config: MagiConfig, captions: Captions, *, mode: str
     chunk finishes, in order. ``seed`` defaults to ``runtime_config.seed``."""
     sampler = ChunkSampler(model, config, captions, mode=mode, prefix_latent=prefix_latent,
                            prev_chunks_scale=prev_chunks_scale)
-    dev = getattr(model, "device", torch.device("cpu"))
+    dev = model.device
     x = initial_noise(config, sampler.plan.latent_frames, config.runtime.seed if seed is None else seed, dev)
     if sampler.prefix is not None:
         sampler.prefix = sampler.prefix.to(dev)
     return sampler.run(x, on_chunk=on_chunk, progress=progress)
 
 
-__all__ = ["Captions", "ChunkSampler", "Window", "generate_latents", "initial_noise", "DEFAULT_PREV_CHUNKS_SCALE"]
+__all__ = ["Captions", "ChunkSampler", "SamplerModel", "Window", "generate_latents", "initial_noise", "DEFAULT_PREV_CHUNKS_SCALE"]
