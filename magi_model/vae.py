@@ -260,7 +260,7 @@ class ViTVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, *, tile_sample_min_length: Optional[int] = None,
-               tile_sample_min_size: Optional[int] = None) -> torch.Tensor:
+               tile_sample_min_size: Optional[int] = None, run_tiles=None) -> torch.Tensor:
         """Pixels (B, 3, T, H, W) in [-1, 1] -> latent mean (B, z, T', H/8, W/8), tiled as MAGI-1's
         ``TileProcessor.tiled_encode``: tiles of ``tile_frames`` x ``tile_px``^2 px, spatial stride 3/4
         of the tile, each latent tile blended in place against its already-blended neighbours."""
@@ -270,11 +270,12 @@ class ViTVAE(nn.Module):
         keep, ramp = int(lat * (1 - SPATIAL_OVERLAP)), int(lat * SPATIAL_OVERLAP)
         stride_px = int(tp * (1 - SPATIAL_OVERLAP))
         return tiled(self.encode_tile, x, tile=(tf, tp, tp), stride=(tf, stride_px, stride_px),
-                     blend=(0, ramp, ramp), crop=(tf // self.temporal_factor, keep, keep), blend_against="blended")
+                     blend=(0, ramp, ramp), crop=(tf // self.temporal_factor, keep, keep), blend_against="blended",
+                     run_tiles=run_tiles)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, *, tile_sample_min_length: Optional[int] = None,
-               tile_sample_min_size: Optional[int] = None) -> torch.Tensor:
+               tile_sample_min_size: Optional[int] = None, run_tiles=None) -> torch.Tensor:
         """Latents (B, z, t, h, w) -> pixels (B, 3, 4t, 8h, 8w), tiled as MAGI-1's
         ``TileProcessor.tiled_decode`` (3 x 32 x 32 latent tiles at MAGI-1's sizes): each decoded tile
         is blended against its neighbours' decoded, NOT yet blended, pixels."""
@@ -284,7 +285,7 @@ class ViTVAE(nn.Module):
         stride = int(ls * (1 - SPATIAL_OVERLAP))
         keep, ramp = int(tp * (1 - SPATIAL_OVERLAP)), int(tp * SPATIAL_OVERLAP)
         return tiled(self.decode_tile, z, tile=(lt, ls, ls), stride=(lt, stride, stride), blend=(0, ramp, ramp),
-                     crop=(tf, keep, keep), blend_against="decoded")
+                     crop=(tf, keep, keep), blend_against="decoded", run_tiles=run_tiles)
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, dim: int, extent: int, *, rounding: str) -> None:
@@ -304,14 +305,17 @@ def _blend(a: torch.Tensor, b: torch.Tensor, dim: int, extent: int, *, rounding:
             bi.copy_(ai * (1 - i / e) + bi * (i / e))
 
 
-def tiled(fn, x: torch.Tensor, *, tile, stride, blend, crop, blend_against: str) -> torch.Tensor:
+def tiled(fn, x: torch.Tensor, *, tile, stride, blend, crop, blend_against: str, run_tiles=None) -> torch.Tensor:
     """MAGI-1's TileProcessor on one device: run ``fn`` on overlapping tiles of x (dims T, H, W), blend
     each output tile against its predecessor along t, then h, then w, crop each to ``crop`` and
     concatenate. Tiles start every ``stride`` (the last ones may be smaller).
 
     ``blend_against="blended"`` (``tiled_encode``): tiles are blended in place in scan order, so a
     tile's predecessors are already blended. ``"decoded"`` (``tiled_decode``): every tile is blended
-    against its predecessors' raw ``fn`` outputs, kept aside for that purpose."""
+    against its predecessors' raw ``fn`` outputs, kept aside for that purpose.
+
+    ``run_tiles(fn, tiles) -> outputs`` evaluates ``fn`` on the list of tile inputs (default: one after
+    the other); tiles are independent, so it may spread them over devices (magi_model.parallel.vae)."""
     if blend_against not in ("blended", "decoded"):
         raise ValueError(f"tiled: argument 'blend_against' must be 'blended' or 'decoded', got {blend_against!r}")
     T, H, W = x.shape[2:]
@@ -319,21 +323,22 @@ def tiled(fn, x: torch.Tensor, *, tile, stride, blend, crop, blend_against: str)
     raw, out = {}, {}
     in_place = blend_against == "blended"
     rounding = "each_op" if in_place else "once"
-    for i, t0 in enumerate(starts[0]):
-        for j, h0 in enumerate(starts[1]):
-            for k, w0 in enumerate(starts[2]):
-                y = fn(x[:, :, t0:t0 + tile[0], h0:h0 + tile[1], w0:w0 + tile[2]])
-                raw[i, j, k] = y
-                src = out if in_place else raw
-                if not in_place:
-                    y = y.clone()
-                if i:
-                    _blend(src[i - 1, j, k], y, 2, blend[0], rounding=rounding)
-                if j:
-                    _blend(src[i, j - 1, k], y, 3, blend[1], rounding=rounding)
-                if k:
-                    _blend(src[i, j, k - 1], y, 4, blend[2], rounding=rounding)
-                out[i, j, k] = y
+    grid = [(i, j, k) for i in range(len(starts[0])) for j in range(len(starts[1])) for k in range(len(starts[2]))]
+    inputs = [x[:, :, starts[0][i]:starts[0][i] + tile[0], starts[1][j]:starts[1][j] + tile[1],
+                starts[2][k]:starts[2][k] + tile[2]] for i, j, k in grid]
+    outputs = run_tiles(fn, inputs) if run_tiles is not None else [fn(t) for t in inputs]
+    for (i, j, k), y in zip(grid, outputs):  # blend in scan order (t, then h, then w)
+        raw[i, j, k] = y
+        src = out if in_place else raw
+        if not in_place:
+            y = y.clone()
+        if i:
+            _blend(src[i - 1, j, k], y, 2, blend[0], rounding=rounding)
+        if j:
+            _blend(src[i, j - 1, k], y, 3, blend[1], rounding=rounding)
+        if k:
+            _blend(src[i, j, k - 1], y, 4, blend[2], rounding=rounding)
+        out[i, j, k] = y
     rows_t = []
     for i in range(len(starts[0])):
         rows_h = []
