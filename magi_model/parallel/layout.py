@@ -52,6 +52,7 @@ class ParallelLayout:
     device: torch.device
     cp_group: object = None  # ProcessGroup of this stage's context-parallel ranks
     pp_group: object = None  # ProcessGroup of the ranks with this cp_rank, one per stage
+    vae_group: object = None  # this stage's cp ranks again: tile exchange on a decode thread, beside the DiT's
 
     @property
     def world_size(self) -> int:
@@ -145,8 +146,14 @@ def make_layout(cp: int, pp: int, strategy: str, device) -> ParallelLayout:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(torch.device(device).type, (pp, cp), mesh_dim_names=("pp", "cp"))
-    return ParallelLayout(cp, pp, strategy, dist.get_rank(), torch.device(device), mesh["cp"].get_group(),
-                          mesh["pp"].get_group())
+    rank = dist.get_rank()
+    vae_group = None
+    for stage in range(pp):  # every rank takes part in creating every group, in the same order
+        g = dist.new_group(list(range(stage * cp, (stage + 1) * cp)))
+        if stage == rank // cp:
+            vae_group = g
+    return ParallelLayout(cp, pp, strategy, rank, torch.device(device), mesh["cp"].get_group(),
+                          mesh["pp"].get_group(), vae_group)
 
 
 def fingerprint(obj) -> str:

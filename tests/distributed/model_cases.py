@@ -114,6 +114,8 @@ def cases(world: int) -> dict:
         c["cp2_shuffle_overlap"] = lambda r, w, s: check_generation(r, w, s, cp=2, pp=1,
                                                                     strategy="cp_shuffle_overlap")
         c["pp2_interleaved_requests"] = check_interleaved_requests
+        c["tile_parallel_vae"] = check_tile_parallel_vae
+        c["decode_overlapped_with_denoising"] = check_decode_overlapped_with_denoising
     if world == 4:
         c["cp4_ulysses"] = lambda r, w, s: check_generation(r, w, s, cp=4, pp=1, strategy="cp_ulysses")
         c["pp2_cp2_ulysses"] = lambda r, w, s: check_generation(r, w, s, cp=2, pp=2, strategy="cp_ulysses")
@@ -122,3 +124,68 @@ def cases(world: int) -> dict:
     if world == 8:
         c["pp2_cp4_ulysses"] = lambda r, w, s: check_generation(r, w, s, cp=4, pp=2, strategy="cp_ulysses")
     return c
+
+
+def _vae(seed):
+    from magi_model.vae import tiny_vae
+
+    return tiny_vae(seed, dtype=torch.float32, tile_sample_min_length=12, tile_sample_min_size=32)
+
+
+def check_tile_parallel_vae(rank, world, seed):
+    """Decode and encode with tiles spread over the group give exactly the one-process frames."""
+    from magi_model.parallel.vae import tile_runner
+
+    vae = _vae(seed)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(1, 16, 6, 8, 8, generator=g)  # 2 x 3 x 3 = 18 tiles
+    want = vae.decode(z)
+    got = vae.decode(z, run_tiles=tile_runner())
+    assert torch.equal(got, want), float((got - want).abs().max())
+    x = torch.rand(1, 3, 24, 64, 64, generator=g) * 2 - 1
+    assert torch.equal(vae.encode(x, run_tiles=tile_runner()), vae.encode(x))
+
+
+def check_decode_overlapped_with_denoising(rank, world, seed):
+    """cp=world: chunks decode (tile-parallel, on a side thread and group) while the DiT denoises later
+    chunks; the frames equal a serial decode of the final latents, and chunk 0 was handed over while
+    DiT forwards were still to come."""
+    from magi_model.parallel.vae import OverlappedDecoder, tile_runner
+    from magi_model.vae import decode_latents
+
+    cfg = tiny_cfg()
+    layout = make_layout(world, 1, "cp_ulysses", "cpu")
+    pdit = ParallelDiT(build_stage_dit(cfg, layout, seed=seed), layout)
+    vae = _vae(seed)
+    calls = {"n": 0}
+    submitted_at = {}
+    inner = pdit.forward_many
+
+    def counting(c):
+        calls["n"] += len(c)
+        return inner(c)
+    pdit.forward_many = counting
+    frames = {}
+    runner = tile_runner(layout.vae_group)
+    dec = OverlappedDecoder(lambda lat: decode_latents(_Tiles(vae, runner), lat, cfg.runtime.scale_factor),
+                            lambda i, f: frames.__setitem__(i, f))
+
+    def on_chunk(i, lat):
+        submitted_at[i] = calls["n"]
+        dec(i, lat)
+    lat = generate_latents(pdit, cfg, captions(pdit, 2, seed), seed=seed, on_chunk=on_chunk, progress=False)
+    dec.close()
+    assert submitted_at[0] < calls["n"], (submitted_at, calls)  # DiT work remained after chunk 0 was final
+    serial = decode_latents(vae, lat, cfg.runtime.scale_factor)
+    assert torch.equal(torch.cat([frames[i] for i in sorted(frames)]), serial)
+    assert [e for e in dec.events if e[0] == "done"] == [("done", 0), ("done", 1)]
+
+
+class _Tiles:
+    """A VAE whose decode spreads its tiles with ``runner`` (what generate does under cp)."""
+
+    def __init__(self, vae, runner):
+        self.vae, self.runner, self.dtype = vae, runner, vae.dtype
+
+    def decode(self, z):
+        return self.vae.decode(z, run_tiles=self.runner)
