@@ -123,3 +123,31 @@ def test_device_rules_live_with_each_backend():
     assert "not meta" in registry.device_reason("scaled_mm", torch.device("meta"))
     with pytest.raises(ValueError, match="is not one of"):
         registry.device_reason("tpu", torch.device("cpu"))
+
+
+def test_import_and_cpu_ops_do_not_import_triton():
+    """Triton (about a second to import) loads only when the Triton backend is selected."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+import magi_kernels as mk
+assert "triton" not in sys.modules, "import magi_kernels loaded triton"
+q, k = torch.randn(5, 2, 16, requires_grad=True), torch.randn(5, 1, 16)
+qo, ko = mk.qk_norm_rope(q, k, torch.randn(5, 4), torch.randn(5, 4), preset="magi1")
+qo.sum().backward()
+x = torch.randn(6, 8)
+mk.gated_post_norm_residual(x, torch.randn(6, 8), x, preset="magi1")
+r = torch.tensor([[0, 5]], dtype=torch.int32)
+mk.flex_attn_func(q, k, k, r, r)
+layer = mk.Fp8Linear.from_linear(torch.nn.Linear(16, 8))
+layer(torch.randn(3, 16, requires_grad=True)).sum().backward()
+assert "triton" not in sys.modules, "a CPU op call loaded triton"
+mk.qk_norm_rope(q, k, preset="magi1", backend="triton")
+assert "triton" in sys.modules
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != registry.ENV_VAR}
+    env["TRITON_INTERPRET"] = "1"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 NAMESPACE = "magi_kernels"
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # owns every registration below (kept alive here)
 
 
 def field_names(call_cls: type) -> tuple[str, ...]:
@@ -42,21 +43,27 @@ def _tensor_fields(call_cls: type) -> tuple[str, ...]:
 def define_op(name: str, call_cls: type, *, returns: Any, impl: Callable, fake: Callable):
     """Register ``magi_kernels::<name>`` whose arguments are exactly ``call_cls``'s fields, in order.
 
-    ``impl(call)`` and ``fake(call)`` receive one ``call_cls`` instance. Returns the custom op object.
+    ``impl(call)`` and ``fake(call)`` receive one ``call_cls`` instance. Returns the op (an OpOverload).
+
+    Registered with ``torch.library.define`` / ``impl`` rather than ``torch.library.custom_op``: the latter
+    wraps every kernel in a lazy ``torch._dynamo`` import, which imports Triton on the first eager call,
+    and a CPU-only user of the torch backend should never load Triton. torch.compile treats both alike
+    (one opaque node, the fake for shapes).
     """
     call_cls.op_fields = field_names(call_cls)
     hints = typing.get_type_hints(call_cls)
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[n])
-              for n in field_names(call_cls)]
+              for n in call_cls.op_fields]
 
     def run(*args):
         return impl(call_cls(*args))
 
     run.__signature__ = inspect.Signature(params, return_annotation=returns)
-    run.__name__ = name
-    op = torch.library.custom_op(f"{NAMESPACE}::{name}", run, mutates_args=())
-    op.register_fake(lambda *args: fake(call_cls(*args)))
-    return op
+    qualname = f"{NAMESPACE}::{name}"
+    torch.library.define(qualname, torch.library.infer_schema(run, mutates_args=()), lib=_LIB)
+    torch.library.impl(qualname, "CompositeExplicitAutograd", run, lib=_LIB)
+    torch.library.register_fake(qualname, lambda *args: fake(call_cls(*args)), lib=_LIB)
+    return getattr(getattr(torch.ops, NAMESPACE), name).default
 
 
 def register_backward(op, call_cls: type, backward: Callable, *, save_outputs: bool = False) -> None:
@@ -84,4 +91,4 @@ def register_backward(op, call_cls: type, backward: Callable, *, save_outputs: b
             raise KeyError(f"{op}: backward returned gradients for unknown arguments {sorted(unknown)}")
         return tuple(got.get(n) for n in names)
 
-    op.register_autograd(bwd, setup_context=setup_context)
+    torch.library.register_autograd(op, bwd, setup_context=setup_context, lib=_LIB)
