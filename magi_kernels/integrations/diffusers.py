@@ -130,9 +130,9 @@ class MagiBackend:
                 mask = VarlenCausal((0, sq), (0, sk))
         if reason is not None:
             _warn_once(reason)
+            extra = {} if parallel_config is None else {"parallel_config": parallel_config}  # diffusers < 0.36: none
             return fallback(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                            scale=scale, enable_gqa=enable_gqa, attention_kwargs=attention_kwargs,
-                            parallel_config=parallel_config)
+                            scale=scale, enable_gqa=enable_gqa, attention_kwargs=attention_kwargs, **extra)
         return _attention(query, key, value, mask=mask, kv_lens=kv_lens, layout="bshd", scale=scale,
                           backend=self.kernel_backend)
 
@@ -173,7 +173,7 @@ class _FusedProcessor:
     # diffusers reads and sets these on processors (set_attention_backend, context parallel); keep them in one place
     @property
     def _attention_backend(self):
-        return self.stock._attention_backend
+        return getattr(self.stock, "_attention_backend", None)  # None: diffusers' active backend
 
     @_attention_backend.setter
     def _attention_backend(self, value):
@@ -181,7 +181,7 @@ class _FusedProcessor:
 
     @property
     def _parallel_config(self):
-        return self.stock._parallel_config
+        return getattr(self.stock, "_parallel_config", None)  # diffusers < 0.36 has no context parallelism
 
     @_parallel_config.setter
     def _parallel_config(self, value):
@@ -192,8 +192,8 @@ class _FusedProcessor:
         if isinstance(self._attention_backend, MagiBackend):
             return self._attention_backend.run(stock_dispatch, q, k, v, attn_mask,
                                                parallel_config=self._parallel_config)
-        return stock_dispatch(q, k, v, attn_mask=attn_mask, backend=self._attention_backend,
-                              parallel_config=self._parallel_config)
+        extra = {} if self._parallel_config is None else {"parallel_config": self._parallel_config}
+        return stock_dispatch(q, k, v, attn_mask=attn_mask, backend=self._attention_backend, **extra)
 
 
 def _rms_params(norm_q, norm_k, dtype):
@@ -372,6 +372,9 @@ def apply_magi_kernels(model: nn.Module, *, attention: bool = True, qk_norm_rope
         if proc is None or not hasattr(module, "set_processor"):
             continue
         stock = proc.stock if isinstance(proc, _FusedProcessor) else proc
+        if mask is not None and isinstance(stock, _hunyuan_processor_class()):
+            fail(OP, "mask", "is for self-attention over video tokens only (the Wan family); "
+                             "HunyuanVideo's attention is joint over video and text tokens")
         if attention:
             why = _route_module_of(stock)
             if why is not None:
@@ -381,9 +384,6 @@ def apply_magi_kernels(model: nn.Module, *, attention: bool = True, qk_norm_rope
             else:
                 module_mask = None
                 if mask is not None:
-                    if isinstance(stock, _hunyuan_processor_class()):
-                        fail(OP, "mask", "is for self-attention over video tokens only (the Wan family); "
-                                         "HunyuanVideo's attention is joint over video and text tokens")
                     if getattr(module, "is_cross_attention", None) is False:
                         module_mask = mask
                         report.applied[f"mask {type(mask).__name__} on self-attention"].append(name)
