@@ -9,7 +9,8 @@ Importing this module (``magi_kernels.ops`` does) registers:
   comes from :func:`magi_kernels.plan.union_area`, so a cell two slices cover counts once);
 - ``magi_kernels::flex_attn_bwd``: ``2.5x`` the forward (recomputed ``q k^T``, ``dv``, ``dp``,
   ``dq``, ``dk``: five matmuls over the same area);
-- ``magi_kernels::fp8_gemm``: ``2 * M * N * K`` (epilogues are not counted, as for ``addmm``).
+- ``magi_kernels::fp8_gemm``: ``2 * M * N * K`` (epilogues are not counted, as for ``addmm``);
+- ``magi_kernels::fp8_linear`` (quantize + fp8 GEMM in one op): ``2 * tokens * out * in``.
 
 Under fake / meta tensors (``torch.compile`` tracing) the range values are unknown; the attention
 formulas then return the dense bound ``total_q * total_k`` cells, an upper bound.
@@ -50,7 +51,10 @@ def fp8_gemm_flops(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 def _register(name: str, formula) -> None:
-    packet = getattr(torch.ops.magi_kernels, name)
+    try:
+        packet = getattr(torch.ops.magi_kernels, name)
+    except (AttributeError, RuntimeError):  # an op this build does not define
+        return
     if packet not in flop_registry:  # importing twice (reload) must not raise "duplicate registrations"
         register_flop_formula(packet, get_raw=True)(formula)
 
@@ -68,14 +72,18 @@ def _fp8_gemm(a, b, *args, out_val=None, **kwargs) -> int:
     return fp8_gemm_flops(a, b)
 
 
+def _fp8_linear(x, weight, *args, out_val=None, **kwargs) -> int:
+    return fp8_gemm_flops(x, weight)  # weight [out, in]: the same count as the GEMM it runs
+
+
 def register_all() -> None:
     """Register every formula (idempotent). The op modules must be imported first."""
-    import magi_kernels.ops.flex_attn  # noqa: F401  (defines the custom ops)
-    import magi_kernels.ops.fp8_gemm  # noqa: F401
+    import magi_kernels.ops  # noqa: F401  (defines the custom ops)
 
     _register("flex_attn", _flex_attn)
     _register("flex_attn_bwd", _flex_attn_bwd)
     _register("fp8_gemm", _fp8_gemm)
+    _register("fp8_linear", _fp8_linear)
 
 
 register_all()

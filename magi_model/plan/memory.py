@@ -5,9 +5,9 @@ meta device (their stored dtypes: fp8 / bf16 / fp32), split into pipeline stages
 cache is the buffer ``magi_model.dit.KVCache`` allocates. The activation peak is a live-tensor model
 of one forward (what is alive at each point of ``TransformerLayer.forward``), for two implementations:
 
-- ``"magi_model"``: this package's DiT as written (it keeps the layer's intermediate tensors alive
-  until the layer returns, forms SwiGLU with fp32 temporaries and keeps the fp32 patch embedding for
-  the whole forward). Checked against a measurement on CPU (``tests/model/test_plan.py``).
+- ``"magi_model"``: this package's DiT as written (``TransformerLayer.forward`` keeps its intermediate
+  tensors alive until it returns, and SwiGLU is formed with fp32 temporaries). Checked against a
+  measurement on CPU (``tests/model/test_plan.py``).
 - ``"magi1"``: MAGI-1's reference code path: fused ``silu_and_mul``, attention-block temporaries
   freed before the MLP. This is what MAGI-1's published hardware recommendations were made with.
 """
@@ -123,24 +123,25 @@ def activation_phases(cfg: MagiConfig, fwd: Forward, *, cp: int = 1, implementat
     glu = m.gated_linear_unit
     f1 = 2 * Fh if glu else Fh
 
-    forward_wide = {  # alive for the whole forward
+    forward_wide = {  # held by the forward context for every layer
         "residual stream (layer input)": tl * H * a,
-        "caption tokens fp32": ny * m.caption_channels * 4,
         "caption projection": ny * m.xattn_hidden * a,
         "rope cos+sin fp32": 2 * tl * 3 * m.rope_bands * 4,
         "gate index": tl * 4,
     }
-    if implementation == "magi_model":
-        forward_wide["patch embedding fp32 (kept by forward)"] = tl * H * 4
-    qkv = {
+    embedding = {  # VideoDiT.prepare: caption tokens, fp32 patch embedding and its bf16 copy
+        "caption tokens fp32": ny * m.caption_channels * 4, "caption projection fp32": ny * m.xattn_hidden * 4,
+        "patch embedding fp32": tl * H * 4, **forward_wide,
+    }
+    layer_base = {
         "pre-norm": tl * H * a,
         "q": tot * (nh // cp) * d * a,
         "k": tot * ngr * d * a,
         "v": tot * ngr * d * a,
-        "kv (cache layout)": tot * ngr * 2 * d * a,
     }
+    kv = {"kv (cache layout)": tot * ngr * 2 * d * a}
     if fwd.cache_read_tokens:
-        qkv["kv with cache"] = keys * ngr * 2 * d * a
+        kv["kv with cache"] = keys * ngr * 2 * d * a
     attn_out = {"self-attention out": tot * (nh // cp) * d * a, "cross q": tl * nh * d * a,
                 "cross-attention out": tl * nh * d * a}
     proj_in = 2 * nh * d
@@ -148,43 +149,42 @@ def activation_phases(cfg: MagiConfig, fwd: Forward, *, cp: int = 1, implementat
         proj = {"proj input fp8": tl * proj_in, "proj out": tl * H * a}
     else:
         proj = {"proj input fp32": tl * proj_in * 4, "proj weight fp32": proj_in * H * 4, "proj out fp32": tl * H * 4}
+    proj_out = {k: v for k, v in proj.items() if "out" in k}
     post = {"attention residual out": tl * H * a}
     # The torch reference of gated_post_norm_residual (what runs on CPU) materializes the gathered gate
     # rows and four fp32 (tokens, H) intermediates; the GPU kernels keep them in registers.
     ref_temps = {"post-norm reference temporaries": tl * H * (a + 4 * 4)} if reference_ops else {}
     if implementation == "magi_model":
+        # TransformerLayer.forward keeps its locals (pre-norm, q, k, v, attention outputs, projection)
+        # until it returns; the K/V concatenation lives only inside the self-attention call.
         if glu:
             mlp_peak = tl * (f1 * a + 3 * Fh * 4)  # fc1 out + silu(a) fp32 + b fp32 + product fp32
         else:
             mlp_peak = tl * max(H * a + f1 * a, 2 * f1 * a)
         if fp8_layer:
             mlp_peak = max(mlp_peak, tl * (H * a + H + f1 * a))  # norm out + fp8 copy + fc1 out
-        mlp = {"mlp transient peak": mlp_peak}
+        held = {**forward_wide, **layer_base, **attn_out, **proj_out, **post}
         phases = [
-            Phase("attention", {**forward_wide, **qkv, "attention lse fp32": tot * (nh // cp) * 4,
-                                **{"self-attention out": attn_out["self-attention out"]}}),
-            Phase("output projection", {**forward_wide, **qkv, **attn_out, "proj input stacked": tl * proj_in * a,
-                                        **proj}),
-            Phase("mlp", {**forward_wide, **qkv, **attn_out, **{k: v for k, v in proj.items() if "out" in k},
-                          **post, **mlp}),
-            Phase("attention post-norm", {**forward_wide, **qkv, **attn_out,
-                                          **{k: v for k, v in proj.items() if "out" in k}, **post, **ref_temps}),
-            Phase("mlp post-norm", {**forward_wide, **qkv, **attn_out,
-                                    **{k: v for k, v in proj.items() if "out" in k}, **post,
-                                    "mlp out": tl * H * a, "layer out": tl * H * a, **ref_temps}),
+            Phase("embedding", embedding),
+            Phase("attention", {**forward_wide, **layer_base, **kv, "attention lse fp32": tot * (nh // cp) * 4,
+                                "self-attention out": attn_out["self-attention out"]}),
+            Phase("output projection", {**forward_wide, **layer_base, **attn_out,
+                                        "proj input stacked": tl * proj_in * a, **proj}),
+            Phase("attention post-norm", {**held, **ref_temps}),
+            Phase("mlp", {**held, "mlp transient peak": mlp_peak}),
+            Phase("mlp post-norm", {**held, "mlp out": tl * H * a, "layer out": tl * H * a, **ref_temps}),
         ]
     else:
-        act = tl * Fh * a
-        mlp = {"pre-norm": tl * H * a, "fc1 out": tl * f1 * a, "activation out": act, "fc2 out": tl * H * a}
+        mlp = {"pre-norm": tl * H * a, "fc1 out": tl * f1 * a, "activation out": tl * Fh * a, "fc2 out": tl * H * a}
         phases = [
-            Phase("attention", {**forward_wide, **qkv, **attn_out}),
-            Phase("output projection", {**forward_wide, **{k: v for k, v in qkv.items() if "kv" in k},
-                                        **attn_out, **proj}),
+            Phase("embedding", embedding),
+            Phase("attention", {**forward_wide, **layer_base, **kv, **attn_out}),
+            Phase("output projection", {**forward_wide, **kv, **attn_out, **proj}),
             Phase("mlp", {**forward_wide, **post, **mlp}),
         ]
     if cp > 1:  # Ulysses all-to-all: the sequence-sharded copy of q / kv / out is alive next to the head-sharded one
         a2a = tot * (nh // cp) * d * a
-        for ph in phases[:2]:
+        for ph in phases[1:3]:
             ph.parts["all-to-all buffer"] = a2a
     return phases
 

@@ -88,7 +88,8 @@ def test_forward_flops_equal_flop_counter(name):
         assert want.total_attention > 0
         assert abs(got["attention"] - want.total_attention) <= 0.01 * want.total_attention, (fwd, got)
         if cfg.engine.fp8_quant:
-            assert got["by_op"]["magi_kernels.fp8_gemm"] == want.linear["fp8"]
+            fp8 = sum(v for k, v in got["by_op"].items() if k in ("magi_kernels.fp8_gemm", "magi_kernels.fp8_linear"))
+            assert fp8 == want.linear["fp8"] > 0
 
 
 def test_recorded_forwards_are_the_real_runs_calls():
