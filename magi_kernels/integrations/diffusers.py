@@ -30,7 +30,9 @@ backend=processor._attention_backend)``, whose registry is keyed by the closed e
 unchanged; ``apply_magi_kernels`` sets a ``MagiBackend`` on this model's processors only. Other models,
 and this model after ``model.set_attention_backend(...)``, behave exactly as before.
 
-Tested with diffusers 0.42.1 (the version this project's tests install).
+Tested with diffusers 0.35.2, 0.36.0 and 0.42.1 (the tests' tiny Wan and HunyuanVideo models). In 0.35
+HunyuanVideo's processor calls SDPA itself instead of the dispatcher, so there only QK-norm + RoPE is
+fused and the report lists its attention as not applied; older versions have no attention dispatcher.
 """
 
 from __future__ import annotations
