@@ -8,13 +8,14 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from magi_model import generate
 from magi_model.config import preset_dict
+
+from ._layout import write_magi1_layout, write_special_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAS_CUDA = torch.cuda.is_available()
@@ -36,17 +37,9 @@ def no_weights(monkeypatch):
         monkeypatch.setattr(mod, name, forbidden)
 
 
-def _config_file(tmp_path, **runtime):
+def _config_file(tmp_path, section="runtime_config", **fields):
     d = preset_dict("tiny_distill")
-    d["runtime_config"].update(runtime)
-    p = tmp_path / "cfg.json"
-    p.write_text(json.dumps(d))
-    return str(p)
-
-
-def _model_config_file(tmp_path, **model):
-    d = preset_dict("tiny_distill")
-    d["model_config"].update(model)
+    d[section].update(fields)
     p = tmp_path / "cfg.json"
     p.write_text(json.dumps(d))
     return str(p)
@@ -63,9 +56,7 @@ def _corrupt_checkpoint(tmp_path):
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "ViTVAE", "ddconfig": {}}))
     (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 16)
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "tokens.npz", caption_token=rng.normal(size=(1, 4096)),
-             logo_token=rng.normal(size=(1, 4096)), other_tokens=rng.normal(size=(100, 4096)))
+    write_special_tokens(tmp_path / "tokens.npz")
     p = tmp_path / "cfg.json"
     p.write_text(json.dumps(d))
     return str(p)
@@ -107,7 +98,7 @@ ROWS = [
     ("fps 0", {"--preset": None, "--config_file": lambda t: _config_file(t, fps=0)}, "runtime_config.fps must be >= 1"),
     ("fps 10", {"--preset": None, "--config_file": lambda t: _config_file(t, fps=10)},
      "runtime_config.fps // 2 (the VAE's temporal tile) must be a positive multiple"),
-    ("epsilon string", {"--preset": None, "--config_file": lambda t: _model_config_file(t, layernorm_epsilon="1e-6")},
+    ("epsilon string", {"--preset": None, "--config_file": lambda t: _config_file(t, "model_config", layernorm_epsilon="1e-6")},
      "model_config.layernorm_epsilon must be a number, got '1e-6'"),
     ("scale_factor string", {"--preset": None, "--config_file": lambda t: _config_file(t, scale_factor="0.18")},
      "runtime_config.scale_factor must be a number"),
@@ -165,29 +156,20 @@ def test_output_path_check_leaves_no_file(tmp_path, no_weights):
 
 def test_check_weights_names_tensor_and_file(tmp_path, monkeypatch, capsys):
     """--check_weights on a MAGI-1-layout checkpoint holding one NaN: a one-line error naming both."""
-    from magi_model import build_dit, save_checkpoint
-    from magi_model import vae as V
+    from magi_model import build_dit
     from magi_model.config import MagiConfig
 
     d = preset_dict("tiny_distill")
-    d["runtime_config"].update(video_size_h=32, video_size_w=32, num_frames=24, num_steps=4,
-                               load=str(tmp_path / "dit"), vae_pretrained=str(tmp_path / "vae"))
-    cfg = MagiConfig.from_dict(d, strict=True)
+    d["runtime_config"].update(video_size_h=32, video_size_w=32, num_frames=24, num_steps=4)
+    cfg = MagiConfig.from_dict(d)
     sd = build_dit(cfg, seed=5).state_dict()
     key = "final_linear.linear.weight"
     assert key in sd
     sd[key].view(-1)[0] = float("inf")
-    save_checkpoint(sd, str(tmp_path / "dit" / cfg.weight_subdir))
-    (tmp_path / "vae").mkdir()
-    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "ViTVAE", "ddconfig": V.TINY_DDCONFIG}))
-    save_file(V.tiny_vae(5).state_dict(), str(tmp_path / "vae" / V.WEIGHTS_FILE))
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "tokens.npz", caption_token=rng.normal(size=(1, 4096)),
-             logo_token=rng.normal(size=(1, 4096)), other_tokens=rng.normal(size=(100, 4096)))
-    monkeypatch.setenv("SPECIAL_TOKEN_PATH", str(tmp_path / "tokens.npz"))
+    cfg_path = write_magi1_layout(tmp_path, d, sd)
+    monkeypatch.setenv("SPECIAL_TOKEN_PATH", write_special_tokens(tmp_path / "tokens.npz"))
     save_file({"embeddings": torch.zeros(1, 4, 4096)}, str(tmp_path / "emb.safetensors"))
-    (tmp_path / "cfg.json").write_text(json.dumps(d))
-    argv = ["--config_file", str(tmp_path / "cfg.json"), "--text_embeddings", str(tmp_path / "emb.safetensors"),
+    argv = ["--config_file", cfg_path, "--text_embeddings", str(tmp_path / "emb.safetensors"),
             "--output_path", str(tmp_path / "o.mp4"), "--no_progress", "--check_weights"]
     assert generate.main(argv) == 2
     err = capsys.readouterr().err

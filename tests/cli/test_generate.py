@@ -118,30 +118,21 @@ def test_bad_config_file(tmp_path, capsys):
 def test_config_file_with_checkpoint_vae_embeddings_and_special_tokens(tmp_path, monkeypatch):
     """The non-preset path: MAGI-1-layout DiT weights (runtime_config.load), a ViTVAE folder,
     precomputed text features and a special_tokens.npz -- all local, as MAGI-1's folders."""
-    import numpy as np
     from safetensors.torch import save_file
 
-    from magi_model import build_dit, save_checkpoint
-    from magi_model import vae as V
+    from magi_model import build_dit
     from magi_model.config import MagiConfig
 
+    from ._layout import write_magi1_layout, write_special_tokens
+
     d = preset_dict("tiny_distill")
-    d["runtime_config"].update(video_size_h=32, video_size_w=48, num_frames=24, num_steps=4,
-                               load=str(tmp_path / "dit"), vae_pretrained=str(tmp_path / "vae"))
-    cfg = MagiConfig.from_dict(d, strict=True)
-    save_checkpoint(build_dit(cfg, seed=5), str(tmp_path / "dit" / cfg.weight_subdir))
-    (tmp_path / "vae").mkdir()
-    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "ViTVAE", "ddconfig": V.TINY_DDCONFIG}))
-    save_file(V.tiny_vae(5).state_dict(), str(tmp_path / "vae" / V.WEIGHTS_FILE))
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "special_tokens.npz", caption_token=rng.normal(size=(1, 4096)),
-             logo_token=rng.normal(size=(1, 4096)), other_tokens=rng.normal(size=(100, 4096)))
-    monkeypatch.setenv("SPECIAL_TOKEN_PATH", str(tmp_path / "special_tokens.npz"))
+    d["runtime_config"].update(video_size_h=32, video_size_w=48, num_frames=24, num_steps=4)
+    cfg_path = write_magi1_layout(tmp_path, d, build_dit(MagiConfig.from_dict(d), seed=5))
+    monkeypatch.setenv("SPECIAL_TOKEN_PATH", write_special_tokens(tmp_path / "special_tokens.npz"))
     emb = torch.randn(1, 7, 4096, generator=torch.Generator().manual_seed(0)) * 0.1
     save_file({"embeddings": emb}, str(tmp_path / "emb.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(d))
     out = str(tmp_path / "out.mp4")
-    assert generate.main(["--config_file", str(tmp_path / "config.json"), "--mode", "t2v", "--text_embeddings",
+    assert generate.main(["--config_file", cfg_path, "--mode", "t2v", "--text_embeddings",
                           str(tmp_path / "emb.safetensors"), "--output_path", out, "--no_progress"]) == 0
     frames, rate = read_back(out)
     assert len(frames) == 24 and frames[0].shape == (32, 48, 3) and rate == 24
