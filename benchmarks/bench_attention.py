@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # source checkout without pip install
-from common import bench, device_label, print_table, write_results  # noqa: E402
+from common import bench, calibration_block, device_label, print_table, write_results  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -440,7 +440,12 @@ def main(argv=None) -> dict:
             if rs:
                 p = Path(args.csv)
                 write_results(rs, str(p.with_name(f"{p.stem}_{sec}{p.suffix}")), None)
-    write_results(rows, None, args.json)
+    # Planner calibration (GPU runs only): best backend per case at MAGI-1-like sizes (>= 8k tokens), forward.
+    best: dict = {}
+    for r in gpu:
+        if r["impl"].startswith("magi_kernels[") and r["pass"] == "fwd" and r["tokens"] >= 8192 and r["tflops"]:
+            best[(r["case"], r["tokens"])] = max(best.get((r["case"], r["tokens"]), 0), r["tflops"])
+    write_results(rows, None, args.json, calibration=calibration_block({"attention": list(best.values())}))
     if args.png:
         print(write_png(args.png, gpu, cpu))
     return {"gpu": gpu, "cpu": cpu, "tile_efficiency": eff}

@@ -27,6 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from magi_kernels.ops.fp8_gemm import fp8_gemm  # noqa: E402
 from magi_kernels.ops.fp8_quantize import fp8_quantize  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import calibration_block, gpu_description  # noqa: E402
+
 # (model, layer, N, K, epilogue) from MAGI-1's layer shapes (docs/magi1.md#checkpoint-layout-and-keys; weights are [N, K]).
 MAGI_LAYERS = [
     ("24B", "q/qx", 6144, 6144, None), ("24B", "k/v", 1024, 6144, None),
@@ -146,8 +149,22 @@ def main(argv=None):
             wr.writeheader()
             wr.writerows(rows)
     if a.json:
-        meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__)
-        Path(a.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
+                    gpu=gpu_description())
+        out = dict(meta=meta, rows=rows)
+        # Planner calibration (GPU runs only): MAGI-1 layer shapes, our per-tensor fp8 path (best backend per
+        # shape) and the bf16 matmul baseline.
+        best_fp8: dict = {}
+        for r in rows:
+            if r["suite"].startswith("magi") and r["impl"].startswith("magi-fp8-tensor") and r["tflops"]:
+                key = (r["suite"], r["layer"], r["m"])
+                best_fp8[key] = max(best_fp8.get(key, 0), r["tflops"])
+        cal = calibration_block({"gemm_fp8": list(best_fp8.values()),
+                                 "gemm_bf16": [r["tflops"] for r in rows if r["suite"].startswith("magi")
+                                               and r["impl"] == "torch-bf16-matmul"]})
+        if cal:
+            out["calibration"] = cal
+        Path(a.json).write_text(json.dumps(out, indent=1))
     if a.png:
         try:
             import matplotlib

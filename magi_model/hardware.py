@@ -103,6 +103,16 @@ def gpu_preset(name: str) -> GPU:
     raise HardwareError(f"gpus: unknown GPU {name!r}; known: {sorted(PRESETS)} or '<N>GB'")
 
 
+def preset_for_device(device_name: str) -> GPU | None:
+    """The preset of a GPU named as the driver names it (``torch.cuda.get_device_name()``), or None."""
+    n = device_name.lower()
+    for needle, key in (("h100 pcie", "H100-PCIe"), ("h100", "H100-SXM"), ("h800", "H800"), ("h200", "H200"),
+                        ("a100", "A100-80GB"), ("4090", "4090")):
+        if needle in n:
+            return PRESETS[key]
+    return None
+
+
 def _load_override(path: str) -> dict:
     if not os.path.isfile(path):
         raise HardwareError(f"hardware: {path!r} does not exist or is not a file")
@@ -145,4 +155,4 @@ def parse_gpus(spec: str, hardware_file: str | None = None) -> Cluster:
     return Cluster(gpu, count)
 
 
-__all__ = ["GPU", "Cluster", "PRESETS", "HardwareError", "gpu_preset", "parse_gpus", "GIB"]
+__all__ = ["GPU", "Cluster", "PRESETS", "HardwareError", "gpu_preset", "parse_gpus", "preset_for_device", "GIB"]
