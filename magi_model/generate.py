@@ -137,6 +137,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--check_weights", action="store_true",
                    help="scan every DiT and VAE weight for NaN/inf before generating (names the tensor and file)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--cp_size", type=int, default=None, help="context-parallel ranks (default: engine_config.cp_size)")
+    p.add_argument("--pp_size", type=int, default=None, help="pipeline stages (default: engine_config.pp_size)")
+    p.add_argument("--cp_strategy", choices=("cp_ulysses", "cp_shuffle_overlap"), default=None,
+                   help="context-parallel attention layout (default: engine_config.cp_strategy)")
     return p.parse_args(argv)
 
 
@@ -314,8 +318,14 @@ def run_job(job: Job) -> dict:
     from magi_model.loading import assert_finite, load_dit
     from magi_model.pipeline import generate_latents
 
+    from magi_model.parallel.launch import DistributedRun, distributed_requested
+
     t_start = time.time()
     a, cfg, device, seed = job.args, job.cfg, job.device, job.seed
+    par = DistributedRun(cfg, a) if distributed_requested(a) else None  # torchrun: see docs/distributed.md
+    if par is not None:
+        device = par.device
+        par.check_inputs(cfg.to_dict(), vars(a), seed, job.text_embeddings, job.image, job.frames)
     r, m = cfg.runtime, cfg.model
     chunks = job.chunks
     if job.random_weights:
@@ -330,6 +340,8 @@ def run_job(job: Job) -> dict:
         special = text_mod.load_special_tokens(job.special_tokens_path)
     if job.text_embeddings is not None:
         prompts = job.text_embeddings
+    elif par is not None and not par.is_rank0:
+        prompts = None  # the text encoder runs on rank 0 only; its features are broadcast below
     else:
         if job.random_weights:
             enc = text_mod.RandomTextEncoder(Cc, L, seed=seed)
@@ -338,11 +350,13 @@ def run_job(job: Job) -> dict:
                                          else "cpu", max_length=L)
         prompts = [enc(p) for p in a.prompt]
         del enc
+    if par is not None:
+        prompts = par.share(prompts)
 
     # --- models
     tile_frames = r.fps // 2
     if job.random_weights:
-        model = build_dit(cfg, device=device, seed=seed)
+        model = build_dit(cfg, device=device, seed=seed) if par is None else par.build_dit(cfg, seed=seed)
         vae = vae_mod.tiny_vae(seed, dtype=torch.float32, tile_sample_min_length=tile_frames).to(device)
         if a.check_weights:
             assert_finite(model.state_dict().items(), source=f"preset '{a.preset}' DiT")
@@ -350,7 +364,11 @@ def run_job(job: Job) -> dict:
     else:
         vae = vae_mod.load_vae(r.vae_pretrained, device=device, tile_sample_min_length=tile_frames,
                                check_finite=a.check_weights)
-        model = load_dit(cfg, device=device, progress=not a.no_progress, check_finite=a.check_weights)
+        if par is None:
+            model = load_dit(cfg, device=device, progress=not a.no_progress, check_finite=a.check_weights)
+        else:
+            from magi_model.loading import weight_dir
+            model = par.build_dit(cfg, seed=None, checkpoint_dir=weight_dir(cfg))
 
     # --- prefix latents
     prefix = None
@@ -371,16 +389,24 @@ def run_job(job: Job) -> dict:
 
     # --- denoise, decoding and writing each chunk as soon as it is done
     w, h = r.video_size_w, r.video_size_h
-    writer = Mp4Writer(a.output_path, w, h, r.fps)
+    writer = Mp4Writer(a.output_path, w, h, r.fps) if par is None or par.is_rank0 else None
 
     def on_chunk(_index: int, latents: torch.Tensor) -> None:
         writer.write(vae_mod.decode_latents(vae, latents, r.scale_factor))
 
+    if par is not None:  # decode overlapped with denoising, tiles over the cp group; rank 0 writes
+        on_chunk = par.on_chunk(lambda lat, run_tiles: vae_mod.decode_latents(vae, lat, r.scale_factor, run_tiles),
+                                lambda f: writer.write(f))
     try:
         generate_latents(model, cfg, captions, mode=a.mode, prefix_latent=prefix, seed=seed, on_chunk=on_chunk,
-                         progress=not a.no_progress)
+                         progress=not a.no_progress and (par is None or par.is_rank0))
+        if par is not None:
+            par.finish()
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        return {"frames": 0, "path": None, "rank": par.layout.rank, "seconds": time.time() - t_start}
     info = {"frames": writer.frames, "expected_frames": chunks.output_frames, "path": a.output_path,
             "seconds": time.time() - t_start, "random_weights": job.random_weights}
     _say(f"wrote {writer.frames} frames ({w}x{h} @ {r.fps} fps) to {a.output_path} in {info['seconds']:.1f} s"
@@ -403,6 +429,14 @@ def input_errors() -> tuple:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
+    from magi_model.parallel.launch import distributed_requested
+    if distributed_requested(a):  # one failing rank must end every rank (no hang in a collective)
+        from magi_model.parallel.faults import run_guarded
+        return run_guarded(lambda: _main(a))
+    return _main(a)
+
+
+def _main(a: argparse.Namespace) -> int:
     try:
         run(a)
     except input_errors() as e:

@@ -389,9 +389,9 @@ def encode_video(vae: ViTVAE, frames: torch.Tensor, scale_factor: float) -> torc
 
 
 @torch.no_grad()
-def decode_latents(vae: ViTVAE, latents: torch.Tensor, scale_factor: float) -> torch.Tensor:
-    """Scaled latents (1, z, t, h, w) -> uint8 frames (4t, 8h, 8w, 3)."""
-    return output_to_pixels(vae.decode((latents / scale_factor).to(vae.dtype)))
+def decode_latents(vae: ViTVAE, latents: torch.Tensor, scale_factor: float, run_tiles=None) -> torch.Tensor:
+    """Scaled latents (1, z, t, h, w) -> uint8 frames (4t, 8h, 8w, 3) (``run_tiles``: see :func:`tiled`)."""
+    return output_to_pixels(vae.decode((latents / scale_factor).to(vae.dtype), run_tiles=run_tiles))
 
 
 # --------------------------------------------------------------------------------------------------

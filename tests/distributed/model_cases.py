@@ -167,7 +167,7 @@ def check_decode_overlapped_with_denoising(rank, world, seed):
     pdit.forward_many = counting
     frames = {}
     runner = tile_runner(layout.vae_group)
-    dec = OverlappedDecoder(lambda lat: decode_latents(_Tiles(vae, runner), lat, cfg.runtime.scale_factor),
+    dec = OverlappedDecoder(lambda lat: decode_latents(vae, lat, cfg.runtime.scale_factor, runner),
                             lambda i, f: frames.__setitem__(i, f))
 
     def on_chunk(i, lat):
@@ -180,12 +180,3 @@ def check_decode_overlapped_with_denoising(rank, world, seed):
     assert torch.equal(torch.cat([frames[i] for i in sorted(frames)]), serial)
     assert [e for e in dec.events if e[0] == "done"] == [("done", 0), ("done", 1)]
 
-
-class _Tiles:
-    """A VAE whose decode spreads its tiles with ``runner`` (what generate does under cp)."""
-
-    def __init__(self, vae, runner):
-        self.vae, self.runner, self.dtype = vae, runner, vae.dtype
-
-    def decode(self, z):
-        return self.vae.decode(z, run_tiles=self.runner)
