@@ -147,7 +147,9 @@ CORRUPTIONS = [_truncate, _random_bytes, _huge_header, _empty]
 
 @pytest.fixture(scope="module")
 def tiny_cfg():
-    return MagiConfig.from_dict(preset_dict("tiny"))
+    d = preset_dict("tiny")  # smaller still: only the file handling is under test
+    d["model_config"].update(num_layers=3, caption_channels=32, caption_max_length=16, ffn_hidden_size=256)
+    return MagiConfig.from_dict(d)
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=[c.__name__.strip("_") for c in CORRUPTIONS])

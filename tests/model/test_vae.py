@@ -176,7 +176,7 @@ DECODE_LAYOUTS = {"1x2": (3, 8, 12), "2x2": (3, 12, 12), "3x2": (3, 18, 12), "od
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tiled_decode_matches_magi1_rule(layout, dtype):
     t, h, w = DECODE_LAYOUTS[layout]
-    z = torch.randn(1, 4, t, h, w, generator=torch.Generator().manual_seed(t * 100 + h * 10 + w))
+    z = torch.randn(1, 3, t, h, w, generator=torch.Generator().manual_seed(t * 100 + h * 10 + w))
     fn = _tile_dependent_decoder(dtype)
     got = V.tiled(fn, z, tile=(3, 8, 8), stride=(3, 6, 6), blend=(0, 16, 16), crop=(12, 48, 48),
                   blend_against="decoded")
