@@ -169,6 +169,16 @@ def test_fp8_recipe_error_against_bf16_is_reported(record_property):
     assert report.fp8 is not None and len(report.fp8.converted) > 0
     assert all("blocks." in name for name, _, _ in report.fp8.converted)  # embedders / head stay high precision
     assert err_fp8 < 0.1  # loose sanity bound: e4m3 keeps ~2 significant digits per weight
+    # backward through the fp8 linears (frozen fp8 weights, gradient to the input through the dequantized weight)
+    ref_x, fp8_x = (inputs["hidden_states"].clone().requires_grad_() for _ in range(2))
+    g = torch.randn(ref.shape)
+    (_wan()(**dict(inputs, hidden_states=ref_x))[0] * g).sum().backward()
+    (model(**dict(inputs, hidden_states=fp8_x))[0] * g).sum().backward()
+    err_grad = _rel(fp8_x.grad, ref_x.grad)
+    record_property("fp8_channel_input_grad_rel_err_vs_fp32", err_grad)
+    print(f"Wan tiny: fp8 'channel' input-gradient rel. error vs fp32 {err_grad:.2e}")
+    assert err_grad < 0.1
+    assert not any(p.requires_grad for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
 
 
 def test_unsupported_mask_falls_back_with_a_warning():
