@@ -50,14 +50,14 @@ def run(cmd: list[str], log: Path, *, env: dict | None = None, cwd: Path | None 
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     print(f"$ {' '.join(cmd)}   (log: {log})", flush=True)
-    r = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                       timeout=timeout)
-    log.write_text(r.stdout)
+    with log.open("w") as f:  # streamed, so a long step can be watched with tail -f
+        r = subprocess.run(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    output = log.read_text()
     print(f"  -> exit {r.returncode} in {time.monotonic() - t0:.0f} s", flush=True)
     if r.returncode != 0:
         raise StepFailed(f"{cmd[:4]} failed (exit {r.returncode}); last lines of {log}:\n"
-                         + "\n".join(r.stdout.splitlines()[-40:]))
-    return r.stdout
+                         + "\n".join(output.splitlines()[-40:]))
+    return output
 
 
 def path_without(*tools: str) -> str:
