@@ -193,3 +193,17 @@ def test_unsupported_mask_falls_back_with_a_warning():
     assert any("not a key-padding mask" in str(w.message) for w in caught)
     ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, q, q)), attn_mask=dense)
     assert torch.allclose(out, ref.transpose(1, 2), atol=1e-6)
+
+
+def test_key_padding_mask_must_be_a_prefix():
+    from diffusers.models import attention_dispatch as ad
+
+    q = torch.randn(2, 3, 2, 8)
+    k = torch.randn(2, 5, 2, 8)
+    ok = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)[:, None, None, :]
+    out = MagiBackend().run(ad.dispatch_attention_fn, q, k, k, ok)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, k)), attn_mask=ok)
+    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-6)
+    holes = torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)[:, None, None, :]
+    with pytest.raises(RuntimeError, match="not a suffix"):
+        MagiBackend().run(ad.dispatch_attention_fn, q, k, k, holes)

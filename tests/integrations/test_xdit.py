@@ -87,3 +87,16 @@ def test_unsupported_options_raise():
         xdit.attn_forward(q, q[:, :3], q[:, :3], window_size=(1, 1))
     with pytest.raises(MagiArgumentError, match="'lse_a' must have shape"):
         xdit.merge_out_lse(q, torch.zeros(1, 4, 2), q, torch.zeros(1, 4, 2))
+
+
+def test_window_size_matches_dense_local_attention():
+    B, S, H, D, left, right = 2, 10, 2, 8, 3, 1
+    q, k, v = torch.randn(B, S, H, D), torch.randn(B, S, H, D), torch.randn(B, S, H, D)
+    out, lse = xdit.attn_forward(q, k, v, window_size=(left, right))
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    dense = (j >= i - left) & (j <= i + right)
+    qq, kk, vv = (t.to(F64).transpose(1, 2) for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=dense).transpose(1, 2)
+    s = (torch.einsum("bhqd,bhkd->bhqk", qq, kk) * D ** -0.5).masked_fill(~dense, float("-inf"))
+    _close(out, ref)
+    _close(lse, torch.logsumexp(s, -1))
