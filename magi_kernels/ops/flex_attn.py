@@ -9,10 +9,10 @@ None = all FULL). The mask is the union of the slices (a cell two slices cover c
 softmax per row over every key it sees). Rows no slice covers: out 0, lse -inf. out has q's dtype,
 lse is fp32 natural-log [total_q, Hq]. softcap > 0 applies FA3's tanh(s*scale/softcap)*softcap.
 
-Backends (registry ops ``flex_attn`` and ``flex_attn_bwd``): ``torch`` (walks the block-sparse plan
-tile by tile; any device) and ``triton`` (magi_kernels/kernels/triton/flex_attn.py; reports itself
-unavailable until that module exists). Both read :class:`FlexAttnArgs`, whose ``plan(block_m, block_n)`` returns the
-cached plan for any tile shape.
+Definition: magi_kernels/reference/flex_attn.py. Backends (registry ops ``flex_attn`` and ``flex_attn_bwd``):
+``torch`` (magi_kernels/kernels/torch/flex_attn.py: walks the block-sparse plan tile by tile; any device) and
+``triton`` (magi_kernels/kernels/triton/flex_attn.py). Both read :class:`FlexAttnArgs`, whose
+``plan(block_m, block_n)`` returns the cached plan for any tile shape.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from magi_kernels.ops._spec import define_op, register_backward, values
 from magi_kernels.plan.planner import AttnPlan, get_plan
 from magi_kernels.ranges.masks import _MaskBase
 from magi_kernels.ranges.validate import check_ranges_meta, check_ranges_values
-from magi_kernels.reference import flex_attn as ref
+from magi_kernels.kernels.torch import flex_attn as torch_path
+from magi_kernels.reference.flex_attn import default_scale
 from magi_kernels.utils.checks import check_last_dim_contiguous, check_tensor, fail
 
 OP = "flex_attn"
@@ -154,7 +155,7 @@ def check(c: FlexAttnCall) -> None:
 def build_args(c: FlexAttnCall) -> FlexAttnArgs:
     """Value checks of the ranges (one host copy) and the kernel-ready arguments."""
     qr, kr, ty = check_ranges_values(OP, c.q_ranges, c.k_ranges, c.attn_type_map, c.q.shape[0], c.k.shape[0])
-    scale = ref.default_scale(c.q.shape[2]) if c.softmax_scale is None else float(c.softmax_scale)
+    scale = default_scale(c.q.shape[2]) if c.softmax_scale is None else float(c.softmax_scale)
     return FlexAttnArgs(c.q, c.k, c.v, qr, kr, ty, scale, float(c.softcap), bool(c.deterministic))
 
 
@@ -175,7 +176,7 @@ registry.register_op(OP_BWD, preference=("triton", "torch"))
 @registry.register_impl(OP, "torch")
 def _torch_fwd(a: FlexAttnArgs, out: torch.Tensor, lse: torch.Tensor) -> None:
     plan = a.plan(*TORCH_TILE)
-    ref.flex_attn_fwd(a.q, a.k, a.v, plan, a.softmax_scale, a.softcap, out=out, lse=lse)
+    torch_path.flex_attn_fwd(a.q, a.k, a.v, plan, a.softmax_scale, a.softcap, out=out, lse=lse)
 
 
 @registry.register_impl(OP_BWD, "torch")
@@ -183,8 +184,8 @@ def _torch_bwd(a: FlexAttnArgs, dout: torch.Tensor, out: torch.Tensor, lse: torc
                dlse: Optional[torch.Tensor], dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
     # Deterministic regardless of a.deterministic: one q-major pass in a fixed order, no atomics.
     plan = a.plan(*TORCH_TILE)
-    ref.flex_attn_bwd(dout, a.q, a.k, a.v, out, lse, plan, a.softmax_scale, a.softcap, dlse=dlse, dq=dq, dk=dk,
-                      dv=dv)
+    torch_path.flex_attn_bwd(dout, a.q, a.k, a.v, out, lse, plan, a.softmax_scale, a.softcap, dlse=dlse, dq=dq,
+                             dk=dk, dv=dv)
 
 
 # Triton backend: magi_kernels/kernels/triton/flex_attn.py (supports / launch_fwd, supports_bwd / launch_bwd).

@@ -12,7 +12,8 @@ import torch
 
 from magi_kernels.plan import get_plan
 from magi_kernels.ranges import Magi1WindowMask
-from magi_kernels.reference.flex_attn import default_scale, flex_attn_fwd, fused_cpu_available
+from magi_kernels.kernels.torch.flex_attn import flex_attn_fwd, fused_cpu_available
+from magi_kernels.reference.flex_attn import default_scale
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_attention.py"
 

@@ -11,7 +11,7 @@ import magi_kernels.ops.flex_attn as fa
 from magi_kernels.ops.flex_attn import flex_attn_func, merge_attn_states
 from magi_kernels.plan import build_plan
 from magi_kernels.ranges import BlockCausal, Magi1WindowMask, SlidingWindow, VarlenCausal
-from magi_kernels.reference.flex_attn import flex_attn_bwd, flex_attn_fwd
+from magi_kernels.kernels.torch.flex_attn import flex_attn_bwd, flex_attn_fwd
 from magi_kernels.utils.checks import MagiArgumentError
 
 from ._helpers import RTOL, assert_two_sided, dense_attn, dense_mask, slice_layouts
