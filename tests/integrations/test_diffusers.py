@@ -114,6 +114,10 @@ def test_routing_is_per_model_and_reversible():
     # a model that was not given magi_kernels keeps diffusers' path bit for bit after another model was patched
     before = _wan()(**inputs)[0]
     assert torch.equal(stock(**inputs)[0], before)
+    # fused QK-norm + RoPE alone: attention stays on diffusers' backend
+    report = apply_magi_kernels(routed, attention=False, qk_norm_rope=True, verbose=False)
+    assert routed.blocks[0].attn1.processor._attention_backend is None and not any("attention" in k for k in report.applied)
+    assert _rel(routed(**inputs)[0], before) <= REL
     apply_magi_kernels(routed, attention=False, qk_norm_rope=False, verbose=False)
     assert routed.blocks[0].attn1.processor.__class__.__name__ == "WanAttnProcessor"
     assert routed.blocks[0].attn1.processor._attention_backend is None
