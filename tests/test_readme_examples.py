@@ -9,8 +9,6 @@ from __future__ import annotations
 import pathlib
 import re
 
-import pytest
-
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Use it in your DiT"
 
@@ -31,7 +29,6 @@ def test_section_has_the_promised_examples():
 
 
 def test_examples_execute(capsys):
-    pytest.importorskip("diffusers", reason="the test extra installs diffusers")
     namespace: dict = {"__name__": "readme_examples"}
     for i, block in enumerate(_section_code_blocks()):
         exec(compile(block, f"README.md[{SECTION} block {i}]", "exec"), namespace)

@@ -11,12 +11,12 @@ import warnings
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers", reason="the test extra installs diffusers")
+import diffusers  # the test extra installs it: a missing diffusers fails here rather than skipping
 
-from magi_kernels import BlockCausal  # noqa: E402
-from magi_kernels.integrations.diffusers import (HunyuanQkNormRopeProcessor, MagiBackend,  # noqa: E402
-                                                 WanQkNormRopeProcessor, apply_magi_kernels)
-from magi_kernels.utils.checks import MagiArgumentError  # noqa: E402
+from magi_kernels import BlockCausal
+from magi_kernels.integrations.diffusers import (HunyuanQkNormRopeProcessor, MagiBackend, WanQkNormRopeProcessor,
+                                                 apply_magi_kernels)
+from magi_kernels.utils.checks import MagiArgumentError
 
 REL = 1e-5
 
