@@ -141,3 +141,19 @@ def test_setup_cuda_arch_defaults_and_override(monkeypatch):
         monkeypatch.setenv("MAGI_CUDA_ARCHS", bad)
         with pytest.raises(ValueError, match="MAGI_CUDA_ARCHS"):
             setup_py.cuda_archs_for(editable=False)
+
+
+def test_info_names_the_code_a_gpu_would_run(monkeypatch):
+    from types import SimpleNamespace
+
+    from magi_kernels import _ext
+    from magi_kernels.tools import info
+
+    monkeypatch.setattr(_ext, "build_info", lambda: {"cuda": True, "cuda_archs": "80-real,90a-real,120"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for (major, minor), runs in {(9, 0): "SASS sm_90", (8, 6): "SASS sm_80", (7, 5): "nothing"}.items():
+        props = SimpleNamespace(name="GPU", major=major, minor=minor, total_memory=80 * 2**30)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i, p=props: p)
+        gpu = info._gpu()
+        assert gpu["capability"] == f"sm_{major}{minor}" and gpu["runs_from_C"].startswith(runs), gpu

@@ -65,9 +65,12 @@ def _gpu() -> dict | None:
 
     if not torch.cuda.is_available():
         return None
+    from magi_kernels import _ext
+
     p = torch.cuda.get_device_properties(0)
+    image = _ext.kernel_image_for(p.major * 10 + p.minor) if _ext.build_info()["cuda"] else None
     return {"name": p.name, "capability": f"sm_{p.major}{p.minor}", "count": torch.cuda.device_count(),
-            "memory_gib": round(p.total_memory / 2**30, 1)}
+            "memory_gib": round(p.total_memory / 2**30, 1), "runs_from_C": image or "nothing (no matching code)"}
 
 
 def _backends(device) -> dict:
@@ -143,7 +146,8 @@ def render(r: dict) -> str:
         f"torch        {r['torch']} (CUDA {r['torch_cuda'] or 'none: CPU build'})",
         f"triton       {r['triton'] or 'not installed'}{' (TRITON_INTERPRET=1)' if r['triton_interpret'] else ''}",
         "gpu          " + (f"{r['gpu']['name']} ({r['gpu']['capability']}, {r['gpu']['memory_gib']} GiB, "
-                           f"{r['gpu']['count']} device(s))" if r["gpu"] else "none"),
+                           f"{r['gpu']['count']} device(s)); from _C it runs {r['gpu']['runs_from_C']}"
+                           if r["gpu"] else "none"),
     ]
     if not c["native"]:
         lines.append("_C           NOT built (source checkout without `pip install`): torch backend only")
