@@ -211,3 +211,36 @@ def test_key_padding_mask_must_be_a_prefix():
     holes = torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)[:, None, None, :]
     with pytest.raises(RuntimeError, match="not a suffix"):
         MagiBackend().run(ad.dispatch_attention_fn, q, k, k, holes)
+
+
+def test_generic_dispatcher_model_ltx_video():
+    # no LTX-specific code exists: its processor calls dispatch_attention_fn, so attention=True routes it;
+    # its text mask is an additive float bias (not a boolean key-padding mask): that call stays on diffusers,
+    # with a one-time warning that says so
+    def make():
+        torch.manual_seed(1234)
+        return diffusers.LTXVideoTransformer3DModel(in_channels=4, out_channels=4, patch_size=1, patch_size_t=1,
+                                                    num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                                    num_layers=1, caption_channels=16)
+
+    inputs = dict(hidden_states=torch.randn(2, 2 * 4 * 4, 4), encoder_hidden_states=torch.randn(2, 5, 16),
+                  timestep=torch.tensor([10, 500]), encoder_attention_mask=torch.tensor([[1] * 5, [1, 1, 1, 0, 0]]),
+                  num_frames=2, height=4, width=4, return_dict=False)
+    ref = make()(**inputs)[0]
+    model = make()
+    report = apply_magi_kernels(model, verbose=False)
+    assert report.applied["attention -> magi_kernels.attention (LTXVideoAttnProcessor)"] == [
+        "transformer_blocks.0.attn1", "transformer_blocks.0.attn2"]
+    assert "qk_norm_rope: no fused path for LTXVideoAttnProcessor" in report.not_applied
+    import magi_kernels.integrations.diffusers as integration
+
+    calls = []
+    real = integration._attention
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        integration._WARNED.clear()
+        mp.setattr(integration, "_attention", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+        out = model(**inputs)[0]
+    assert calls == [torch.Size([2, 32, 2, 8])]  # the self-attention ran on magi_kernels
+    assert any("not a key-padding mask" in str(w.message) for w in caught)
+    assert _rel(out, ref) <= REL
