@@ -127,8 +127,8 @@ def _torch_impl(a: Fp8QuantizeArgs, q: torch.Tensor, scale_out: torch.Tensor) ->
     scale_out.copy_(s.reshape(scale_out.shape))
 
 
-registry.register_module_impl(OP, "triton", "magi_kernels.kernels.triton.fp8_quant")
-registry.register_module_impl(OP, "cuda", "magi_kernels.kernels.cuda.fp8_quant")
+registry.register_module_impl(OP, "triton", "magi_kernels.kernels.triton.fp8_quantize")
+registry.register_module_impl(OP, "cuda", "magi_kernels.kernels.cuda.fp8_quantize")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from magi_kernels import registry
 from magi_kernels.ops import presets
 from magi_kernels.ops._common import dispatch, reference_vjp
 from magi_kernels.ops._spec import define_op, register_backward, values
-from magi_kernels.reference.norm_rope import gated_post_norm_residual_ref
+from magi_kernels.reference.gated_post_norm_residual import gated_post_norm_residual_ref
 from magi_kernels.utils.checks import (FLOAT_DTYPES, check_choice, check_dtype_arg, check_number, check_same_device,
                                        check_tensor, fail)
 

@@ -54,7 +54,8 @@ def _cases(device):
     ang = rnd(9, 32)
     wq, wk = rnd(256), rnd(256)
     ref = qk_norm_rope_ref(q.double(), k.double(), ang.cos(), ang.sin(), wq, None, wk, None, norm="rmsnorm",
-                           norm_scope="hidden", rotary_dim=64, out_dtype=torch.float64, compute_dtype=torch.float64)
+                           norm_scope="hidden", weight_offset=0.0, rotary_dim=64, out_dtype=torch.float64,
+                           compute_dtype=torch.float64)
     yield ("qk_norm_rope", "hidden RMSNorm + rope64, float32", {"head_dim": 64, "norm_scope": "hidden", "hq": 4,
                                                                  "hk": 4}, torch.float32,
            lambda b: mk.qk_norm_rope(q, k, ang.cos(), ang.sin(), q_weight=wq, k_weight=wk, norm="rmsnorm",

@@ -7,7 +7,7 @@ import torch
 import magi_kernels as mk
 from magi_kernels import registry
 from magi_kernels.ops.qk_norm_rope import make_args
-from magi_kernels.reference.norm_rope import qk_norm_rope_ref
+from magi_kernels.reference.qk_norm_rope import qk_norm_rope_ref
 from magi_kernels.utils.checks import MagiArgumentError
 
 from ._backends import ALL_BACKENDS, assert_matches_ref, backend_param
@@ -140,7 +140,8 @@ def test_autograd_through_the_op_matches_float64_autograd():
     dl = [x.detach().double().requires_grad_() for x in leaves]
     pd = dict(zip(p.keys(), dl[2:]))
     q64, k64 = qk_norm_rope_ref(dl[0], dl[1], cos.double(), sin.double(), pd.get("q_weight"), pd.get("q_bias"),
-                                pd.get("k_weight"), pd.get("k_bias"), rotary_dim=40, interleaved=True,
+                                pd.get("k_weight"), pd.get("k_bias"), norm="layernorm", norm_scope="head",
+                                weight_offset=0.0, rotary_dim=40, interleaved=True,
                                 compute_dtype=torch.float64)
     ref = torch.autograd.grad([q64, k64], dl, [gq.double(), gk.double()])
     for g, r in zip(grads, ref):

@@ -12,6 +12,12 @@ import torch
 
 from magi_kernels.utils import device as _device
 
+# Input/output dtype codes the kernels take (csrc/kernels/fused_norm_params.h, DTypeCode).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Rows the block-per-row kernels hold in registers (1024 threads x 16 values): qk_norm_rope's hidden
+# scope and gated_post_norm_residual.
+MAX_HIDDEN_ROW = 16384
+
 
 def device_reason(device: torch.device) -> str | None:
     """None if ``_C``'s CUDA kernels (or, for CPU tensors, the SIMT emulator) can run on ``device``."""

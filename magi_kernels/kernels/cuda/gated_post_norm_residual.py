@@ -9,7 +9,7 @@ import torch
 
 from magi_kernels._ext import require_native
 
-from .qk_norm_rope import DTYPE_CODES, MAX_HIDDEN_ROW
+from . import DTYPE_CODES, MAX_HIDDEN_ROW
 
 
 def supports(a) -> str | None:

@@ -9,10 +9,9 @@ import torch
 
 from magi_kernels._ext import require_native
 
-# dtype codes of csrc/kernels/norm_rope_params.h (DTypeCode)
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+from . import DTYPE_CODES, MAX_HIDDEN_ROW
+
 MAX_HEAD_DIM = 512        # warp-per-head kernel: 32 lanes x 16 cached values
-MAX_HIDDEN_ROW = 16384    # block-per-row kernel: 1024 threads x 16 cached values
 
 
 def supports(a) -> str | None:

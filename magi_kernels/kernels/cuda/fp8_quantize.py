@@ -1,6 +1,6 @@
 """CUDA backend of fp8_quantize: fills ``_C.Fp8QuantParams`` from an ``Fp8QuantizeArgs`` and launches
 ``_C.cuda.fp8_quant`` (CUDA tensors, current stream) or ``_C.simt.fp8_quant`` (CPU tensors: the same kernel
-source run by the SIMT emulator). Kernel: csrc/kernels/fp8_quant.cuh; semantics: magi_kernels.reference.fp8.
+source run by the SIMT emulator). Kernel: csrc/kernels/fp8_quantize.cuh; semantics: magi_kernels.reference.fp8.
 
 A dynamic per-tensor scale needs a grid-wide amax; it is computed with one torch reduction
 (``dynamic_scale_ref``, as the Triton backend does) and then applied by the static kernel.
@@ -12,8 +12,9 @@ import torch
 
 from magi_kernels._ext import require_native
 
-# Codes of csrc/kernels/norm_rope_params.h (DTypeCode) and csrc/kernels/fp8_quant_params.h (Fp8Mode).
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+from . import DTYPE_CODES
+
+# Codes of csrc/kernels/fp8_quantize_params.h (Fp8Mode).
 MODES = {"tensor": 0, "channel": 1, "row": 2, "block1x128": 3, "block128x128": 4}
 MAX_COLS = 65535 * 128  # grid-y limit of the block kernels (column groups of 128)
 
