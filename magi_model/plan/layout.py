@@ -226,29 +226,18 @@ class Planner:
             why = why or f"{g.name} has no fp8 tensor cores"
         a = m.params_dtype.itemsize
         n = tokens_per_chunk(cfg)
-        L = m.num_layers
         H = m.hidden_size
         ngr = mem.kv_heads_per_rank(cfg, cp)
 
         # --- time
         t = dict.fromkeys(("linear", "attention", "memory_bound", "communication", "kv_offload", "vae", "t5"), 0.0)
-        link = g.link_gbps * 1e9 * (eff.link if g.p2p else eff.host_staged)
         comm_largest = {}
-        for fwd, count in wl.distinct_forwards.items():
-            f = forward_flops(cfg, fwd)
-            for p in PRECISIONS:
-                if f.linear[p]:
-                    t["linear"] += count * f.linear[p] / cp / (g.peak_tflops(p) * 1e12 * eff.gemm(p))
-            t["attention"] += count * f.total_attention / cp / (g.bf16_tflops * 1e12 * eff.attention)
-            tl = math.ceil(fwd.tokens / cp)
-            t["memory_bound"] += count * tl * L * _mem_bound_bytes_per_token_layer(cfg) / (g.hbm_gbps * 1e9 * eff.hbm)
-            comm = self.comm_bytes_per_layer(fwd, cp, pp)
-            if fwd.tokens == wl.max_tokens:
-                comm_largest = comm
-            t["communication"] += count * (comm["ulysses"] * L + comm["pp_per_forward"]) / link
-            if layout.kv_offload:
-                moved = (fwd.cache_read_tokens + fwd.cache_write_tokens) * fwd.batch * ngr * 2 * m.kv_channels * a
-                t["kv_offload"] += count * moved * L / (g.host_gbps * 1e9 * eff.host_copy)
+        if not why:
+            for fwd, count in wl.distinct_forwards.items():
+                for k, v in self.forward_time_s(fwd, layout).items():
+                    t[k] += count * v
+                if fwd.tokens == wl.max_tokens:
+                    comm_largest = self.comm_bytes_per_layer(fwd, cp, pp)
         vae_ranks = cp
         t["vae"] = wl.vae_flops / vae_ranks / (g.bf16_tflops * 1e12 * eff.gemm_bf16)
 
@@ -297,6 +286,28 @@ class Planner:
         return LayoutResult(layout, fits, predicted, self.floor_s(wl), t, memory, int(peak), g.memory_bytes,
                             peak_phase, f"{act_phase.name} (forward of {act_fwd.tokens} tokens)", t5_on_gpu,
                             comm_largest, len(wl.forwards), why)
+
+    def forward_time_s(self, fwd: Forward, layout: Layout) -> dict:
+        """Predicted seconds of one DiT forward by term (all pipeline stages, one after the other)."""
+        cfg, g, eff = self.cfg, self.cluster.gpu, self.eff
+        m = cfg.model
+        cp = layout.cp
+        t = dict.fromkeys(("linear", "attention", "memory_bound", "communication", "kv_offload"), 0.0)
+        f = forward_flops(cfg, fwd)
+        for p in PRECISIONS:
+            if f.linear[p]:
+                t["linear"] += f.linear[p] / cp / (g.peak_tflops(p) * 1e12 * eff.gemm(p))
+        t["attention"] = f.total_attention / cp / (g.bf16_tflops * 1e12 * eff.attention)
+        tl = math.ceil(fwd.tokens / cp)
+        t["memory_bound"] = tl * m.num_layers * _mem_bound_bytes_per_token_layer(cfg) / (g.hbm_gbps * 1e9 * eff.hbm)
+        comm = self.comm_bytes_per_layer(fwd, cp, layout.pp)
+        link = g.link_gbps * 1e9 * (eff.link if g.p2p else eff.host_staged)
+        t["communication"] = (comm["ulysses"] * m.num_layers + comm["pp_per_forward"]) / link
+        if layout.kv_offload:
+            moved = ((fwd.cache_read_tokens + fwd.cache_write_tokens) * fwd.batch * mem.kv_heads_per_rank(cfg, cp)
+                     * 2 * m.kv_channels * m.params_dtype.itemsize)
+            t["kv_offload"] = moved * m.num_layers / (g.host_gbps * 1e9 * eff.host_copy)
+        return t
 
     def comm_bytes_per_layer(self, fwd: Forward, cp: int, pp: int) -> dict:
         """Bytes one rank sends per layer (Ulysses all-to-all, or a ring CP alternative) and per forward (pp)."""

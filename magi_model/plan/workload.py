@@ -12,7 +12,6 @@ mask (:class:`magi_kernels.ranges.Magi1WindowMask`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 from collections import Counter
 
@@ -60,15 +59,20 @@ class _RecordingDiT:
         self.n = tokens_per_chunk(cfg)
         self.calls: list[Forward] = []
 
-    def __call__(self, x, t, caption, caption_mask, *, caption_dropout=False, distill_dt=None, kv_cache=None,
-                 slice_point=0, key_windows=None, update_kv_cache=False, write_chunks=None):
-        N, R = t.shape
-        wins = tuple(None if (w is None or w <= 0) else int(w) for w in (key_windows or [None] * R))
-        read = slice_point * self.n if kv_cache is not None else 0
-        write = ((R if write_chunks is None else write_chunks) * self.n) if update_kv_cache else 0
-        caps = tuple(int(v) for v in caption_mask.bool().sum(-1).reshape(-1).tolist())
-        self.calls.append(Forward(N, R, self.n, int(slice_point), wins, read, write, caps))
+    def __call__(self, x, t, caption, caption_mask, **kw):
+        self.calls.append(forward_of_call(self.n, t, caption_mask, **kw))
         return torch.zeros(x.shape, dtype=torch.float32)
+
+
+def forward_of_call(chunk_tokens: int, t, caption_mask, *, kv_cache=None, slice_point=0, key_windows=None,
+                    update_kv_cache=False, write_chunks=None, **_other) -> Forward:
+    """The :class:`Forward` a ``VideoDiT.forward(x, t, caption, caption_mask, **kw)`` call makes."""
+    N, R = t.shape
+    wins = tuple(None if (w is None or w <= 0) else int(w) for w in (key_windows or [None] * R))
+    read = slice_point * chunk_tokens if kv_cache is not None else 0
+    write = ((R if write_chunks is None else write_chunks) * chunk_tokens) if update_kv_cache else 0
+    caps = tuple(int(v) for v in caption_mask.bool().sum(-1).reshape(-1).tolist())
+    return Forward(N, R, chunk_tokens, int(slice_point), wins, read, write, caps)
 
 
 def record_forwards(cfg: MagiConfig, *, mode: str = "t2v", text_tokens: int = 64) -> list[Forward]:
@@ -284,6 +288,6 @@ def build_workload(cfg: MagiConfig, *, mode: str = "t2v", text_tokens: int = 64)
                     t5_flops(cfg.model.caption_max_length), plan.infer_chunk_num, plan.latent_frames)
 
 
-__all__ = ["Forward", "record_forwards", "Flops", "forward_flops", "layer_linear_flops", "attention_cells",
+__all__ = ["Forward", "forward_of_call", "record_forwards", "Flops", "forward_flops", "layer_linear_flops", "attention_cells",
            "vae_decode_tiles", "vae_decode_tile_flops", "vae_decode_flops", "t5_params", "t5_flops", "T5_XXL",
            "Workload", "build_workload", "PRECISIONS"]
