@@ -8,7 +8,7 @@ What each switch does:
 - ``attention=True``: every attention module whose processor calls diffusers' ``dispatch_attention_fn``
   (the processors of diffusers' current transformers, any model) runs its attention through
   :func:`magi_kernels.attention`. Boolean key-padding masks become per-sample key counts (built on the
-  device); dense per-query masks, dropout, ``attention_kwargs`` and context-parallel configs are left to
+  device); dense or additive-bias masks, dropout, ``attention_kwargs`` and context-parallel configs are left to
   diffusers' own backend (with a one-time warning naming the reason).
 - ``qk_norm_rope=True``: WanTransformer3DModel self-attention (RMSNorm over all heads, then rotary on
   interleaved pairs) and HunyuanVideoTransformer3DModel attention (per-head RMSNorm, interleaved rotary on
