@@ -115,17 +115,14 @@ def classify_b_scale(s: torch.Tensor, n: int, k: int) -> str:
                         f"with N={n}, K={k}; got shape {list(s.shape)}")
 
 
-def make_args(*args, **kwargs) -> Fp8GemmArgs:
-    """Checked kernel arguments from an ``Fp8GemmCall`` or its fields. Metadata only (no device sync), so
-    the public function runs it once, and the op (which cannot be reached without it) only rebuilds views."""
-    c = args[0] if len(args) == 1 and isinstance(args[0], Fp8GemmCall) else Fp8GemmCall(*args, **kwargs)
-    a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype = (c.a, c.b, c.a_scale, c.b_scale, c.bias, c.epilogue,
-                                                               c.gate, c.out_dtype)
+def check(c: Fp8GemmCall) -> None:
+    """Every rule on the arguments; metadata only (no device sync), so it runs once, in the public function."""
+    a, b, epilogue, gate = c.a, c.b, c.epilogue, c.gate
     check_tensor(OP, "a", a, dtypes=(E4M3,))
     check_tensor(OP, "b", b, dtypes=(E4M3,), ndim=2)
     if a.dim() < 1:
         fail(OP, "a", "must have at least 1 dim [..., K]")
-    check_dtype_arg(OP, "out_dtype", out_dtype, OUT_DTYPES, allow_none=False)
+    check_dtype_arg(OP, "out_dtype", c.out_dtype, OUT_DTYPES, allow_none=False)
     if epilogue not in EPILOGUES:
         fail(OP, "epilogue", f"must be one of {list(EPILOGUES)}, got {epilogue!r}")
     k = a.shape[-1]
@@ -138,55 +135,71 @@ def make_args(*args, **kwargs) -> Fp8GemmArgs:
         if t.stride(-1) != 1:
             fail(OP, name, f"must be K-contiguous (stride(-1) == 1; b is [N, K] like an nn.Linear weight), "
                            f"got strides {list(t.stride())}")
-    try:
-        a2 = a.view(-1, k)
-    except RuntimeError:
-        fail(OP, "a", f"must have leading dims that flatten to rows without a copy; got shape {list(a.shape)} "
-                      f"strides {list(a.stride())}")
-    m = a2.shape[0]
-    dev = a.device
-    for name, t in (("b", b), ("a_scale", a_scale), ("b_scale", b_scale), ("bias", bias), ("gate", gate)):
-        if isinstance(t, torch.Tensor) and t.device != dev:
-            fail(OP, name, f"must be on a's device {dev}, got {t.device}")
-    _scale_tensor("a_scale", a_scale)
-    _scale_tensor("b_scale", b_scale)
-    a_mode = classify_a_scale(a_scale, m, k)
-    b_mode = classify_b_scale(b_scale, n, k)
-    a_scale = {"tensor": lambda s: s.reshape(1), "row": lambda s: s.reshape(m),
-               "block": lambda s: s}[a_mode](a_scale).contiguous()
-    b_scale = {"tensor": lambda s: s.reshape(1), "col": lambda s: s.reshape(n),
-               "block": lambda s: s}[b_mode](b_scale).contiguous()
-    act, use_gate = None, False
-    if epilogue is not None:
-        parts = epilogue.split("+")
-        use_gate = "gate" in parts
-        act = next((p for p in parts if p != "gate"), None)
-    if act == "swiglu" and n % 2:
+    m = _rows(a).shape[0]
+    for name, t in (("b", b), ("a_scale", c.a_scale), ("b_scale", c.b_scale), ("bias", c.bias), ("gate", gate)):
+        if isinstance(t, torch.Tensor) and t.device != a.device:
+            fail(OP, name, f"must be on a's device {a.device}, got {t.device}")
+    _scale_tensor("a_scale", c.a_scale)
+    _scale_tensor("b_scale", c.b_scale)
+    classify_a_scale(c.a_scale, m, k)
+    classify_b_scale(c.b_scale, n, k)
+    if c.act == "swiglu" and n % 2:
         fail(OP, "b", f"must have an even N for epilogue 'swiglu' (paired halves), got N={n}")
-    n_out = n // 2 if act == "swiglu" else n
-    if bias is not None:
-        check_tensor(OP, "bias", bias, dtypes=FLOAT_DTYPES)
-        if bias.numel() != n or bias.dim() != 1:
-            fail(OP, "bias", f"must be 1-D with N={n} elements (before any SwiGLU halving), got {list(bias.shape)}")
-        bias = bias.contiguous()
-    if use_gate:
+    n_out = c.n_out
+    if c.bias is not None:
+        check_tensor(OP, "bias", c.bias, dtypes=FLOAT_DTYPES)
+        if c.bias.numel() != n or c.bias.dim() != 1:
+            fail(OP, "bias", f"must be 1-D with N={n} elements (before any SwiGLU halving), got {list(c.bias.shape)}")
+    if _uses_gate(epilogue):
         if gate is None:
             fail(OP, "gate", f"is required for epilogue {epilogue!r}")
         check_tensor(OP, "gate", gate, dtypes=FLOAT_DTYPES)
         lead = tuple(a.shape[:-1])
-        if gate.dim() == 1 and gate.shape[0] == n_out:
-            gate = gate.contiguous().view(1, n_out).expand(m, n_out)  # row stride 0: one row for every token
-        elif tuple(gate.shape) == lead + (n_out,) or tuple(gate.shape) == (m, n_out):
-            gate = gate.reshape(m, n_out)
-            if gate.stride(-1) != 1:
-                gate = gate.contiguous()
-        else:
+        if not (tuple(gate.shape) in ((n_out,), lead + (n_out,), (m, n_out))):
             fail(OP, "gate", f"must have shape [{n_out}] or the output's shape {list(lead) + [n_out]}, "
                              f"got {list(gate.shape)}")
     elif gate is not None:
         fail(OP, "gate", f"was given but epilogue {epilogue!r} does not multiply by a gate (use '...+gate')")
-    return Fp8GemmArgs(a=a2, b=b, a_scale=a_scale, b_scale=b_scale, a_mode=a_mode, b_mode=b_mode, bias=bias,
-                       act=act, gate=gate, out_dtype=out_dtype)
+
+
+def _uses_gate(epilogue: str | None) -> bool:
+    return epilogue is not None and "gate" in epilogue.split("+")
+
+
+def _rows(a: torch.Tensor) -> torch.Tensor:
+    try:
+        return a.view(-1, a.shape[-1])
+    except RuntimeError:
+        fail(OP, "a", f"must have leading dims that flatten to rows without a copy; got shape {list(a.shape)} "
+                      f"strides {list(a.stride())}")
+
+
+def build_args(c: Fp8GemmCall) -> Fp8GemmArgs:
+    """Kernel-ready views of a checked call: scales in their canonical shapes, the gate as [M, N_out] rows."""
+    a2 = _rows(c.a)
+    (m, k), n, n_out = a2.shape, c.b.shape[0], c.n_out
+    a_mode, b_mode = classify_a_scale(c.a_scale, m, k), classify_b_scale(c.b_scale, n, k)
+    a_scale = {"tensor": (1,), "row": (m,), "block": c.a_scale.shape}[a_mode]
+    b_scale = {"tensor": (1,), "col": (n,), "block": c.b_scale.shape}[b_mode]
+    gate = c.gate if _uses_gate(c.epilogue) else None
+    if gate is not None:
+        if gate.dim() == 1:
+            gate = gate.contiguous().view(1, n_out).expand(m, n_out)  # row stride 0: one row for every token
+        else:
+            gate = gate.reshape(m, n_out)
+            if gate.stride(-1) != 1:
+                gate = gate.contiguous()
+    return Fp8GemmArgs(a=a2, b=c.b, a_scale=c.a_scale.reshape(a_scale).contiguous(),
+                       b_scale=c.b_scale.reshape(b_scale).contiguous(), a_mode=a_mode, b_mode=b_mode,
+                       bias=None if c.bias is None else c.bias.contiguous(), act=c.act, gate=gate,
+                       out_dtype=c.out_dtype)
+
+
+def make_args(*args, **kwargs) -> Fp8GemmArgs:
+    """Checked kernel arguments from an ``Fp8GemmCall`` or its fields (tests, direct backend calls)."""
+    c = args[0] if len(args) == 1 and isinstance(args[0], Fp8GemmCall) else Fp8GemmCall(*args, **kwargs)
+    check(c)
+    return build_args(c)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,7 +227,7 @@ def _output(c: Fp8GemmCall) -> torch.Tensor:
 
 
 def _run(c: Fp8GemmCall) -> torch.Tensor:
-    args = make_args(c)  # metadata only: free, and it also derives the kernel views
+    args = build_args(c)
     out = _output(c)
     dispatch(OP, args, c.backend, (out.view(args.a.shape[0], args.n_out),))
     return out
@@ -235,7 +248,7 @@ def _backward(c: Fp8GemmCall, _outs, grad) -> dict:
         if getattr(c, name).requires_grad:
             fail(OP, name, "is an e4m3 operand and gets no gradient (it would be rounded to e4m3); differentiate "
                            "the float input with magi_kernels.fp8_linear / Fp8Linear instead")
-    args = make_args(c)
+    args = build_args(c)
 
     def ref(a_scale, b_scale, bias, gate):
         return fp8_gemm_ref(args.a, args.b, a_scale.reshape(args.a_scale.shape), b_scale.reshape(args.b_scale.shape),
@@ -264,5 +277,5 @@ def fp8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: t
     Autograd: gradients flow to bias, gate and the scales; the e4m3 operands get none (see ``fp8_linear``).
     """
     c = Fp8GemmCall(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype, backend)
-    make_args(c)
+    check(c)
     return _op(*values(c))
