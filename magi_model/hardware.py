@@ -94,7 +94,7 @@ def gpu_preset(name: str) -> GPU:
         base = PRESETS["4090"]
         return dataclasses.replace(base, name=f"{m.group(1)}GB GPU (RTX 4090 compute assumed)",
                                    memory_bytes=int(gb * GIB),
-                                   source=f"memory as given; compute, bandwidth and bus of the RTX 4090 preset")
+                                   source="memory as given; compute, bandwidth and bus of the RTX 4090 preset")
     if key in ALIASES:
         return PRESETS[ALIASES[key]]
     for k, v in PRESETS.items():
@@ -113,16 +113,18 @@ def preset_for_device(device_name: str) -> GPU | None:
     return None
 
 
-def _load_override(path: str) -> dict:
+def read_json_object(path: str, argument: str, error: type = None) -> dict:
+    """A JSON file holding one object; errors name ``argument`` and the file."""
+    error = HardwareError if error is None else error
     if not os.path.isfile(path):
-        raise HardwareError(f"hardware: {path!r} does not exist or is not a file")
+        raise error(f"{argument}: {path!r} does not exist or is not a file")
     try:
         with open(path) as f:
             d = json.load(f)
     except json.JSONDecodeError as e:
-        raise HardwareError(f"hardware {path!r}: not valid JSON ({e})") from None
+        raise error(f"{argument} {path!r}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
-        raise HardwareError(f"hardware {path!r}: must be a JSON object of GPU fields")
+        raise error(f"{argument} {path!r}: must hold a JSON object")
     return d
 
 
@@ -134,7 +136,7 @@ def parse_gpus(spec: str, hardware_file: str | None = None) -> Cluster:
     count = int(m.group(1))
     if count < 1:
         raise HardwareError(f"gpus: count must be >= 1, got {count}")
-    over = _load_override(hardware_file) if hardware_file else {}
+    over = read_json_object(hardware_file, "hardware") if hardware_file else {}
     gpu = gpu_preset(over.pop("base", m.group(2)))
     fields = {f.name for f in dataclasses.fields(GPU)}
     unknown = sorted(set(over) - fields - {"memory_gib"})
@@ -155,4 +157,4 @@ def parse_gpus(spec: str, hardware_file: str | None = None) -> Cluster:
     return Cluster(gpu, count)
 
 
-__all__ = ["GPU", "Cluster", "PRESETS", "HardwareError", "gpu_preset", "parse_gpus", "preset_for_device", "GIB"]
+__all__ = ["GPU", "Cluster", "PRESETS", "HardwareError", "gpu_preset", "parse_gpus", "preset_for_device", "read_json_object", "GIB"]

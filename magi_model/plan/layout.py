@@ -22,12 +22,10 @@ all GPUs of the cluster at once, no communication, no memory-bound time.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 
 from magi_model.config import MagiConfig, tokens_per_chunk
-from magi_model.hardware import GIB, Cluster
+from magi_model.hardware import GIB, Cluster, read_json_object
 from magi_model.plan import memory as mem
 from magi_model.plan.workload import PRECISIONS, Forward, Workload, build_workload, forward_flops
 
@@ -76,14 +74,7 @@ def load_calibration(paths, gpu_name: str, base: Efficiency | None = None) -> Ef
     base = Efficiency() if base is None else base
     values, sources = {}, []
     for path in paths or ():
-        if not os.path.isfile(path):
-            raise ValueError(f"plan: calibration file {path!r} does not exist")
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"plan: calibration file {path!r} is not valid JSON ({e})") from None
-        cal = d.get("calibration") if isinstance(d, dict) else None
+        cal = read_json_object(path, "calibration", ValueError).get("calibration")
         if not cal:
             raise ValueError(f"plan: calibration file {path!r} has no 'calibration' block (only benchmark runs "
                              f"on a GPU write one; CPU runs never do)")
