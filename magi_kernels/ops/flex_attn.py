@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Optional
 
 import numpy as np
@@ -55,24 +56,17 @@ class FlexAttnCall:
     backend: Optional[str] = None
 
 
-@dataclasses.dataclass
-class FlexAttnBwdCall:
-    """The backward op's arguments: the forward call's plus the upstream gradients and saved outputs."""
+def _backward_call_class() -> type:
+    """The backward op's arguments: the forward call's fields with the upstream gradient ``dout`` first and
+    the saved ``out``, ``lse`` and the gradient ``dlse`` after v (the schema order external callers use)."""
+    fwd = [(f.name, typing.get_type_hints(FlexAttnCall)[f.name], f) for f in dataclasses.fields(FlexAttnCall)]
+    saved = [("out", torch.Tensor), ("lse", torch.Tensor), ("dlse", Optional[torch.Tensor])]
+    cls = dataclasses.make_dataclass("FlexAttnBwdCall", [("dout", torch.Tensor), *fwd[:3], *saved, *fwd[3:]])
+    cls.__module__ = __name__
+    return cls
 
-    dout: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    out: torch.Tensor
-    lse: torch.Tensor
-    dlse: Optional[torch.Tensor]
-    q_ranges: torch.Tensor
-    k_ranges: torch.Tensor
-    attn_type_map: Optional[torch.Tensor]
-    softmax_scale: Optional[float]
-    softcap: float
-    deterministic: bool
-    backend: Optional[str] = None
+
+FlexAttnBwdCall = _backward_call_class()
 
 
 @dataclasses.dataclass

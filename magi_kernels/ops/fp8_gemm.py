@@ -30,7 +30,7 @@ from magi_kernels import registry
 from magi_kernels.ops._common import dispatch, reference_vjp
 from magi_kernels.ops._spec import define_op, register_backward, values
 from magi_kernels.reference.fp8 import BLOCK, E4M3, cdiv, fp8_gemm_ref
-from magi_kernels.utils.checks import FLOAT_DTYPES, check_dtype_arg, check_tensor, fail
+from magi_kernels.utils.checks import FLOAT_DTYPES, check_dtype_arg, check_tensor, fail, rows_view
 
 OP = "fp8_gemm"
 EPILOGUES = (None, "gelu", "swiglu", "gate", "gelu+gate", "swiglu+gate")
@@ -135,7 +135,7 @@ def check(c: Fp8GemmCall) -> None:
         if t.stride(-1) != 1:
             fail(OP, name, f"must be K-contiguous (stride(-1) == 1; b is [N, K] like an nn.Linear weight), "
                            f"got strides {list(t.stride())}")
-    m = _rows(a).shape[0]
+    m = rows_view(OP, "a", a).shape[0]
     for name, t in (("b", b), ("a_scale", c.a_scale), ("b_scale", c.b_scale), ("bias", c.bias), ("gate", gate)):
         if isinstance(t, torch.Tensor) and t.device != a.device:
             fail(OP, name, f"must be on a's device {a.device}, got {t.device}")
@@ -166,17 +166,9 @@ def _uses_gate(epilogue: str | None) -> bool:
     return epilogue is not None and "gate" in epilogue.split("+")
 
 
-def _rows(a: torch.Tensor) -> torch.Tensor:
-    try:
-        return a.view(-1, a.shape[-1])
-    except RuntimeError:
-        fail(OP, "a", f"must have leading dims that flatten to rows without a copy; got shape {list(a.shape)} "
-                      f"strides {list(a.stride())}")
-
-
 def build_args(c: Fp8GemmCall) -> Fp8GemmArgs:
     """Kernel-ready views of a checked call: scales in their canonical shapes, the gate as [M, N_out] rows."""
-    a2 = _rows(c.a)
+    a2 = rows_view(OP, "a", c.a)
     (m, k), n, n_out = a2.shape, c.b.shape[0], c.n_out
     a_mode, b_mode = classify_a_scale(c.a_scale, m, k), classify_b_scale(c.b_scale, n, k)
     a_scale = {"tensor": (1,), "row": (m,), "block": c.a_scale.shape}[a_mode]

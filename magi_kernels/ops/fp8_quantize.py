@@ -22,7 +22,7 @@ from magi_kernels import registry
 from magi_kernels.ops._common import dispatch
 from magi_kernels.ops._spec import define_op, values
 from magi_kernels.reference.fp8 import BLOCK, E4M3, GRANULARITIES, cdiv, quantize_ref
-from magi_kernels.utils.checks import FLOAT_DTYPES, check_choice, check_tensor, fail
+from magi_kernels.utils.checks import FLOAT_DTYPES, check_choice, check_tensor, fail, rows_view
 
 OP = "fp8_quantize"
 STATIC = ("tensor", "channel")
@@ -59,14 +59,6 @@ def scale_shape(granularity: str, m: int, k: int) -> tuple[int, ...]:
             "block128x128": (cdiv(m, BLOCK), cdiv(k, BLOCK))}[granularity]
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    try:
-        return x.view(-1, x.shape[-1])
-    except RuntimeError:
-        fail(OP, "x", f"must have leading dims that flatten to rows without a copy; got shape {list(x.shape)} "
-                      f"strides {list(x.stride())}")
-
-
 def check(c: Fp8QuantizeCall) -> None:
     """Every rule on the arguments (metadata only; static scales' positivity is not checked: it would sync)."""
     x, granularity, scale = c.x, c.granularity, c.scale
@@ -81,7 +73,7 @@ def check(c: Fp8QuantizeCall) -> None:
     if x.stride(-1) != 1:
         fail(OP, "x", f"must have a contiguous last dim (stride 1), got strides {list(x.stride())}")
     k = x.shape[-1]
-    _rows(x)
+    rows_view(OP, "x", x)
     if granularity in STATIC:
         if scale is None:
             if granularity == "channel":
@@ -103,7 +95,7 @@ def build_args(c: Fp8QuantizeCall) -> Fp8QuantizeArgs:
     if scale is not None:
         scale = scale.reshape(-1).to(torch.float32).contiguous()
     bf16_round = c.granularity == "channel" if c.bf16_round is None else c.bf16_round
-    return Fp8QuantizeArgs(x=_rows(c.x), granularity=c.granularity, scale=scale, bf16_round=bool(bf16_round))
+    return Fp8QuantizeArgs(x=rows_view(OP, "x", c.x), granularity=c.granularity, scale=scale, bf16_round=bool(bf16_round))
 
 
 def make_args(*args, **kwargs) -> Fp8QuantizeArgs:

@@ -20,7 +20,7 @@ from magi_kernels.ops._common import dispatch, reference_vjp
 from magi_kernels.ops._spec import define_op, register_backward, values
 from magi_kernels.reference.gated_post_norm_residual import gated_post_norm_residual_ref
 from magi_kernels.utils.checks import (FLOAT_DTYPES, check_choice, check_dtype_arg, check_number, check_same_device,
-                                       check_tensor, fail)
+                                       check_tensor, fail, rows_view)
 
 OP = "gated_post_norm_residual"
 NORMS = ("layernorm", "rmsnorm")
@@ -47,20 +47,10 @@ class GatedPostNormCall:
 
 
 @dataclasses.dataclass
-class GatedPostNormArgs:
-    """Kernel-ready arguments. x, residual: [T, H] with stride(-1) == 1 (any row stride); gate: [G, H]
-    with stride(-1) == 1; gate_index: int32 contiguous [T] (None: gate row t for token t);
-    weight, bias: fp32 contiguous [H] or None. Backends write out [T, H] (contiguous)."""
-
-    x: torch.Tensor
-    gate: torch.Tensor
-    residual: torch.Tensor
-    gate_index: Optional[torch.Tensor]
-    weight: Optional[torch.Tensor]
-    bias: Optional[torch.Tensor]
-    norm: str
-    weight_offset: float
-    eps: float
+class GatedPostNormArgs(GatedPostNormCall):
+    """The same arguments, checked and kernel-ready. x, residual: [T, H] with stride(-1) == 1 (any row
+    stride); gate: [G, H] with stride(-1) == 1; gate_index: int32 contiguous [T] (None: gate row t for
+    token t); weight, bias: fp32 contiguous [H] or None. Backends write out [T, H] (contiguous)."""
 
     @property
     def tokens(self) -> int:
@@ -78,10 +68,7 @@ class GatedPostNormArgs:
 def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
     if t.stride(-1) != 1:
         fail(OP, name, f"must have a contiguous last dim (stride 1), got strides {list(t.stride())}")
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        fail(OP, name, f"must have leading dims that flatten to rows without a copy; got shape {list(t.shape)} strides {list(t.stride())}")
+    return rows_view(OP, name, t)
 
 
 def check(c: GatedPostNormCall) -> None:
@@ -140,7 +127,8 @@ def build_args(c: GatedPostNormCall) -> GatedPostNormArgs:
 
     return GatedPostNormArgs(x=_rows("x", c.x), gate=c.gate, residual=_rows("residual", c.residual), gate_index=gi,
                              weight=f32(c.weight), bias=f32(c.bias), norm=c.norm,
-                             weight_offset=float(c.weight_offset), eps=float(c.eps))
+                             weight_offset=float(c.weight_offset), eps=float(c.eps), out_dtype=c.out_dtype,
+                             backend=c.backend)
 
 
 def make_args(*args, **kwargs) -> GatedPostNormArgs:

@@ -55,28 +55,13 @@ class QkNormRopeCall:
 
 
 @dataclasses.dataclass
-class QkNormRopeArgs:
-    """Kernel-ready arguments. Every backend reads these and writes q_out / k_out.
+class QkNormRopeArgs(QkNormRopeCall):
+    """The same arguments, checked and kernel-ready. Every backend reads these and writes q_out / k_out.
 
     q, k: [T, H, D] views with stride(-1) == 1 and stride(-2) == D (any token stride, so q and k may
     be slices of a packed qkv buffer). cos, sin: fp32 contiguous [R, rotary_dim // 2]; token t uses row
     t % R. Weights and biases: fp32 contiguous, [D] for "head" scope, [H*D] for "hidden"; None = absent.
     """
-
-    q: torch.Tensor
-    k: torch.Tensor
-    cos: Optional[torch.Tensor]
-    sin: Optional[torch.Tensor]
-    q_weight: Optional[torch.Tensor]
-    q_bias: Optional[torch.Tensor]
-    k_weight: Optional[torch.Tensor]
-    k_bias: Optional[torch.Tensor]
-    norm: str
-    norm_scope: str
-    weight_offset: float
-    eps: float
-    rotary_dim: int
-    interleaved: bool
 
     @property
     def tokens(self) -> int:
@@ -176,7 +161,7 @@ def build_args(c: QkNormRopeCall) -> QkNormRopeArgs:
         q=_flatten_tokens("q", c.q), k=_flatten_tokens("k", c.k), cos=cos, sin=sin, q_weight=f32(c.q_weight),
         q_bias=f32(c.q_bias), k_weight=f32(c.k_weight), k_bias=f32(c.k_bias), norm=c.norm, norm_scope=c.norm_scope,
         weight_offset=float(c.weight_offset), eps=float(c.eps), rotary_dim=int(c.rotary_dim),
-        interleaved=bool(c.interleaved))
+        interleaved=bool(c.interleaved), out_dtype=c.out_dtype, backend=c.backend)
 
 
 def make_args(*args, **kwargs) -> QkNormRopeArgs:

@@ -83,3 +83,12 @@ def check_number(op: str, arg: str, value, *, integer: bool = False, minimum=Non
         fail(op, arg, f"must be finite, got {value!r}")
     if minimum is not None and (value <= minimum if exclusive_min else value < minimum):
         fail(op, arg, f"must be {'>' if exclusive_min else '>='} {minimum}, got {value!r}")
+
+
+def rows_view(op: str, arg: str, t: torch.Tensor) -> torch.Tensor:
+    """``[..., K]`` as a ``[M, K]`` view (no copy: kernels write through it), else an error naming ``arg``."""
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        fail(op, arg, f"must have leading dims that flatten to rows without a copy; got shape {list(t.shape)} "
+                      f"strides {list(t.stride())}")
