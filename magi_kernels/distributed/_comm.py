@@ -47,10 +47,17 @@ def shard(x: torch.Tensor, rank: int, world: int, dim: int = 0) -> torch.Tensor:
     return x.narrow(dim, sum(sizes[:rank]), sizes[rank])
 
 
+def scalar_device(group=None) -> torch.device:
+    """Where small bookkeeping tensors must live for ``group``'s backend (NCCL moves only CUDA tensors)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def gather_sizes(values: Sequence[int], group) -> list[list[int]]:
     """All ranks' small integer vectors (e.g. local sequence lengths), in group-rank order."""
     world = dist.get_world_size(group)
-    mine = torch.tensor(list(values), dtype=torch.int64)
+    mine = torch.tensor(list(values), dtype=torch.int64, device=scalar_device(group))
     out = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(out, mine, group=group)
     return [o.tolist() for o in out]

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from magi_kernels.distributed._comm import scalar_device
 from magi_model.config import ConfigError, MagiConfig
 
 STRATEGIES = ("none", "cp_ulysses", "cp_shuffle_overlap")
@@ -194,7 +195,7 @@ def check_same_on_all_ranks(what: str, obj, group=None) -> None:
     mine = fingerprint(obj)
     buf = [mine if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(buf, src=0, group=group)
-    ok = torch.tensor([int(buf[0] == mine)])
+    ok = torch.tensor([int(buf[0] == mine)], device=scalar_device(group))
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
     if buf[0] != mine:
         raise ParallelConfigError(f"{what}: rank {dist.get_rank()} differs from rank 0 (hash {mine[:12]} vs "

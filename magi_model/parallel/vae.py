@@ -22,6 +22,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from magi_kernels.distributed._comm import scalar_device
+
 
 def tile_runner(group=None) -> Callable:
     """A ``run_tiles(fn, tiles)`` for :meth:`ViTVAE.decode` / ``encode`` spreading tiles over ``group``."""
@@ -32,7 +34,7 @@ def tile_runner(group=None) -> Callable:
         outs = [fn(t) if i % world == rank else None for i, t in enumerate(tiles)]
         for i in range(len(tiles)):
             owner = dist.get_global_rank(group, i % world) if group is not None else i % world
-            meta = torch.zeros(8, dtype=torch.int64)
+            meta = torch.zeros(8, dtype=torch.int64, device=scalar_device(group))
             if outs[i] is not None:
                 meta[:outs[i].dim()] = torch.tensor(outs[i].shape)
             dist.broadcast(meta, src=owner, group=group)  # the output's shape, then its data
