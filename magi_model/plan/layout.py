@@ -151,7 +151,7 @@ def valid_cp(cfg: MagiConfig, cp: int) -> str:
 
 def valid_pp(cfg: MagiConfig, pp: int) -> str:
     L = cfg.model.num_layers
-    return "" if L % pp == 0 else f"pp {pp} must divide the {L} layers"
+    return "" if 1 <= pp <= L else f"pp {pp} must be between 1 and the {L} layers"
 
 
 def _mem_bound_bytes_per_token_layer(cfg: MagiConfig) -> int:

@@ -22,6 +22,7 @@ import torch
 
 from magi_model.config import MagiConfig
 from magi_model.dit import build_dit, fp8_layer_ids
+from magi_model.parallel.layout import stage_layers  # the split the multi-GPU DiT uses
 from magi_model.plan.workload import Forward, T5_XXL, t5_params
 from magi_model.vae import MAGI1_DDCONFIG, ViTVAE
 
@@ -49,12 +50,6 @@ def _param_table(cfg: MagiConfig) -> tuple:
             rows.append((name, layer, p.numel() * p.element_size()))
         _PARAMS[key] = tuple(rows)
     return _PARAMS[key]
-
-
-def stage_layers(num_layers: int, pp: int, stage: int) -> range:
-    """Contiguous ``L / pp`` layers per stage (MAGI-1's split)."""
-    per = num_layers // pp
-    return range(stage * per, (stage + 1) * per)
 
 
 def weight_bytes(cfg: MagiConfig, pp: int = 1, stage: int | None = None) -> int:
@@ -86,7 +81,7 @@ def kv_cache_bytes(cfg: MagiConfig, capacity_tokens: int, *, cp: int = 1, pp: in
     """``KVCache`` bytes for one stage's layers: (1, capacity, kv heads per rank, 2 d) in params_dtype."""
     m = cfg.model
     per_layer = capacity_tokens * kv_heads_per_rank(cfg, cp) * 2 * m.kv_channels * _dtype_bytes(m.params_dtype)
-    return per_layer * (m.num_layers // pp)
+    return per_layer * len(stage_layers(m.num_layers, pp, 0))  # stage 0 is the largest
 
 
 # ---------------------------------------------------------------------------------------------------
