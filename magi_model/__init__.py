@@ -12,10 +12,11 @@ Entry points:
 """
 
 from magi_model.config import ConfigError, MagiConfig, load_config, preset, preset_dict
+from magi_model.device import DeviceError
 from magi_model.dit import KVCache, VideoDiT, build_dit, init_random_weights, is_fp32_param
 from magi_model.loading import CheckpointError, load_dit, load_state_dict_into, save_checkpoint
-from magi_model.pipeline import Captions, generate_latents
+from magi_model.pipeline import Captions, SamplerModel, generate_latents
 
 __all__ = ["ConfigError", "MagiConfig", "load_config", "preset", "preset_dict", "KVCache", "VideoDiT", "build_dit",
            "init_random_weights", "is_fp32_param", "CheckpointError", "load_dit", "load_state_dict_into",
-           "save_checkpoint", "Captions", "generate_latents"]
+           "save_checkpoint", "Captions", "generate_latents", "SamplerModel", "DeviceError"]
