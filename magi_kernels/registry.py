@@ -6,11 +6,13 @@ Backends, in the order auto-selection tries them on a CUDA device (each op may n
 - ``triton`` Triton kernels;
 - ``scaled_mm`` a vendor GEMM through ``torch._scaled_mm`` (cuBLASLt on GPUs, oneDNN on CPUs), for the
   fp8 GEMM layouts it supports;
-- ``torch``  the reference path: plain PyTorch, any device, CPU included; it defines the semantics.
+- ``torch``  plain PyTorch, any device, CPU included: the op's definition in ``magi_kernels.reference``
+  (or, for flex attention, the tile walk in ``magi_kernels.kernels.torch`` that computes the same).
 
 Selection, per call: an explicit ``backend=`` argument wins, then the environment variable
 ``MAGI_KERNELS_BACKEND`` (``torch`` for every op, or ``op=backend,op=backend``), then auto-selection:
-the first backend in the op's preference list whose ``supports`` check accepts the call.
+the first backend in the op's preference list that accepts the call: first its family's device rules
+(``device_reason`` next to its kernels), then its ``supports(args)`` on the op's typed arguments.
 An explicit request (argument or environment) that cannot run raises with the reason; it never
 silently falls back to another backend.
 

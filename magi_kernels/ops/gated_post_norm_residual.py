@@ -112,8 +112,7 @@ def check_gate_index_values(gate_index: torch.Tensor | None, gate_rows: int) -> 
     """The one value check: indices in [0, G). One host sync, so it runs once per call, inside the op."""
     if gate_index is None or gate_index.numel() == 0 or os.environ.get(CHECK_INDICES_ENV, "1") == "0":
         return
-    lo, hi = torch.aminmax(gate_index)
-    lo, hi = int(lo), int(hi)
+    lo, hi = torch.stack(torch.aminmax(gate_index)).tolist()  # one device-to-host copy
     if lo < 0 or hi >= gate_rows:
         fail(OP, "gate_index", f"must index gate rows in [0, {gate_rows}), got values in [{lo}, {hi}]")
 

@@ -31,14 +31,6 @@ def check_tensor(op: str, arg: str, t, *, dtypes: Iterable[torch.dtype] | None =
             fail(op, arg, f"must have {' or '.join(map(str, allowed))} dims, got shape {tuple(t.shape)}")
 
 
-def check_shape(op: str, arg: str, t: torch.Tensor, shape: Sequence[int | None]) -> None:
-    """``None`` entries in ``shape`` match any size."""
-    ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
-    if not ok:
-        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-        fail(op, arg, f"must have shape {want}, got {list(t.shape)}")
-
-
 def check_same_device(op: str, ref_arg: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:
@@ -48,11 +40,6 @@ def check_same_device(op: str, ref_arg: str, ref: torch.Tensor, **others: torch.
 def check_last_dim_contiguous(op: str, arg: str, t: torch.Tensor) -> None:
     if t.dim() and t.stride(-1) != 1:
         fail(op, arg, f"must have a contiguous last dim (stride 1), got strides {t.stride()}")
-
-
-def check_contiguous(op: str, arg: str, t: torch.Tensor) -> None:
-    if not t.is_contiguous():
-        fail(op, arg, f"must be contiguous, got shape {list(t.shape)} with strides {list(t.stride())}")
 
 
 def check_choice(op: str, arg: str, value, choices: Iterable) -> None:

@@ -140,3 +140,19 @@ def test_bad_input_names_the_argument(bad, match):
     x, gate, residual = kw.pop("x"), kw.pop("gate"), kw.pop("residual")
     with pytest.raises(MagiArgumentError, match=match):
         mk.gated_post_norm_residual(x, gate, residual, preset="magi1", **kw)
+
+
+def test_gate_index_values_are_checked_once_per_call(monkeypatch):
+    """The range check reads device values (a sync on GPUs): exactly once per call, inside the op."""
+    import importlib
+
+    op_file = importlib.import_module("magi_kernels.ops.gated_post_norm_residual")  # the module, not the function
+
+    calls = []
+    orig = op_file.check_gate_index_values
+    monkeypatch.setattr(op_file, "check_gate_index_values", lambda *a: (calls.append(1), orig(*a)))
+    x = torch.randn(6, 8, requires_grad=True)
+    out = mk.gated_post_norm_residual(x, torch.randn(2, 8), torch.randn(6, 8), preset="magi1",
+                                      gate_index=torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.int32))
+    out.sum().backward()
+    assert calls == [1]
