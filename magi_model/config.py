@@ -32,6 +32,7 @@ class ConfigError(ValueError):
 
 _DTYPES = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16, "torch.float32": torch.float32}
 _REQUIRED = object()  # sentinel: field has no usable default
+SEED_MIN, SEED_END = -(2 ** 63), 2 ** 64  # torch.manual_seed's range: [SEED_MIN, SEED_END)
 
 
 @dataclasses.dataclass
@@ -306,7 +307,7 @@ class MagiConfig:
             bad("runtime_config.cfg_t_range", f"entries must be in [0, 1], got {r.cfg_t_range}")
         if any(k < 0 for k in r.noise2clean_kvrange):
             bad("runtime_config.noise2clean_kvrange", f"entries must be >= 0 chunks, got {r.noise2clean_kvrange}")
-        if not -(2 ** 63) <= r.seed < 2 ** 64:
+        if not SEED_MIN <= r.seed < SEED_END:
             bad("runtime_config.seed", f"must be in [-2^63, 2^64) (torch.manual_seed's range), got {r.seed}")
         try:
             torch.device(r.t5_device)

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from magi_model import schedule
-from magi_model.config import PRESETS, ConfigError, MagiConfig, load_config, preset
+from magi_model.config import PRESETS, SEED_END, SEED_MIN, ConfigError, MagiConfig, load_config, preset
 from magi_model.device import DeviceError, resolve_device
 
 PREFIX_VIDEO_FRAMES = 32  # V2V uses the first 32 frames of the prefix video (docs/magi1.md#i2v-and-v2v)
@@ -200,7 +200,7 @@ def _check_writable_output(path: str) -> None:
 
 def _check_seed(seed: int) -> None:
     # torch.manual_seed's range; anything else fails only when the noise is drawn.
-    if not -(2 ** 63) <= seed < 2 ** 64:
+    if not SEED_MIN <= seed < SEED_END:
         raise CLIError(f"seed: must be in [-2^63, 2^64), got {seed}")
 
 
