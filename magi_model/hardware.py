@@ -32,6 +32,7 @@ class GPU:
     bf16_tflops: float  # dense tensor-core bf16, fp32 accumulate
     fp8_tflops: float | None  # dense tensor-core e4m3, fp32 accumulate; None = no fp8 tensor cores
     fp32_tflops: float  # non-tensor fp32 (what an fp32 GEMM gets with TF32 disabled, torch's default)
+    tf32_tflops: float  # dense tensor-core TF32 (fp32 GEMMs with torch.backends.cuda.matmul.allow_tf32)
     hbm_gbps: float  # DRAM bandwidth, GB/s
     interconnect: str  # "nvlink" or "pcie"
     link_gbps: float  # GPU-to-GPU bandwidth per direction per GPU, GB/s
@@ -49,7 +50,7 @@ class GPU:
             if self.fp8_tflops is None:
                 raise HardwareError(f"gpus: {self.name} has no fp8 tensor cores (fp8 checkpoints need sm_89+)")
             return self.fp8_tflops
-        return {"bf16": self.bf16_tflops, "fp32": self.fp32_tflops}[precision]
+        return {"bf16": self.bf16_tflops, "fp32": self.fp32_tflops, "tf32": self.tf32_tflops}[precision]
 
 
 def _mib(n: int) -> int:
@@ -57,17 +58,17 @@ def _mib(n: int) -> int:
 
 
 PRESETS: dict[str, GPU] = {
-    "H100-SXM": GPU("H100 SXM5 80GB", _mib(81559), 989.4, 1978.9, 66.9, 3350, "nvlink", 450, True, 64, "hopper",
+    "H100-SXM": GPU("H100 SXM5 80GB", _mib(81559), 989.4, 1978.9, 66.9, 494.7, 3350, "nvlink", 450, True, 64, "hopper",
                     "NVIDIA H100 Tensor Core GPU datasheet (SXM5 column; dense = half the sparsity figures)"),
-    "H100-PCIe": GPU("H100 PCIe 80GB", _mib(81559), 756.0, 1513.0, 51.2, 2000, "pcie", 64, True, 64, "hopper",
+    "H100-PCIe": GPU("H100 PCIe 80GB", _mib(81559), 756.0, 1513.0, 51.2, 378.0, 2000, "pcie", 64, True, 64, "hopper",
                      "NVIDIA H100 datasheet (PCIe column), PCIe Gen5 x16"),
-    "H800": GPU("H800 SXM5 80GB", _mib(81559), 989.4, 1978.9, 66.9, 3350, "nvlink", 200, True, 64, "hopper",
+    "H800": GPU("H800 SXM5 80GB", _mib(81559), 989.4, 1978.9, 66.9, 494.7, 3350, "nvlink", 200, True, 64, "hopper",
                 "H100 silicon with NVLink limited to 400 GB/s bidirectional"),
-    "H200": GPU("H200 SXM 141GB", _mib(143771), 989.4, 1978.9, 66.9, 4800, "nvlink", 450, True, 64, "hopper",
+    "H200": GPU("H200 SXM 141GB", _mib(143771), 989.4, 1978.9, 66.9, 494.7, 4800, "nvlink", 450, True, 64, "hopper",
                 "NVIDIA H200 datasheet (SXM column)"),
-    "A100-80GB": GPU("A100 SXM4 80GB", _mib(81920), 312.0, None, 19.5, 2039, "nvlink", 300, True, 32, "ampere",
+    "A100-80GB": GPU("A100 SXM4 80GB", _mib(81920), 312.0, None, 19.5, 156.0, 2039, "nvlink", 300, True, 32, "ampere",
                      "NVIDIA A100 datasheet (SXM4 80GB column)"),
-    "4090": GPU("RTX 4090 24GB", _mib(24564), 165.2, 330.3, 82.6, 1008, "pcie", 32, False, 32, "ada",
+    "4090": GPU("RTX 4090 24GB", _mib(24564), 165.2, 330.3, 82.6, 82.6, 1008, "pcie", 32, False, 32, "ada",
                 "NVIDIA Ada GPU architecture whitepaper, appendix (GeForce: fp32-accumulate tensor rates); "
                 "PCIe 4.0 x16; GeForce drivers expose no peer-to-peer"),
 }

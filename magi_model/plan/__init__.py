@@ -30,6 +30,7 @@ class Plan:
     cluster: Cluster
     efficiency: Efficiency
     implementation: str
+    tf32: bool
     results: list
     workload: Workload  # at the config's own window
 
@@ -47,7 +48,7 @@ class Plan:
         return {
             "kind": "prediction (magi_model.plan), not a measurement",
             "model": self.model, "gpus": self.cluster.label, "gpu": dataclasses.asdict(self.cluster.gpu),
-            "gpu_count": self.cluster.count, "implementation": self.implementation,
+            "gpu_count": self.cluster.count, "implementation": self.implementation, "tf32": self.tf32,
             "efficiency": dataclasses.asdict(self.efficiency),
             "video": {"height": r.video_size_h, "width": r.video_size_w, "frames": r.num_frames,
                       "steps": r.num_steps, "window": r.window_size, "cfg_number": r.cfg_number,
@@ -81,18 +82,19 @@ def plan(model, gpus: "str | Cluster", *, cp: int | None = None, pp: int | None 
          kv_offload: bool | None = None, height: int | None = None, width: int | None = None,
          frames: int | None = None, steps: int | None = None, hardware_file: str | None = None,
          calibration: Sequence[str] = (), implementation: str = "magi1", mode: str = "t2v",
-         text_tokens: int = 64) -> Plan:
+         text_tokens: int = 64, tf32: bool = False) -> Plan:
     """Search layouts (or evaluate the one given by ``cp``/``pp``/``window``/``kv_offload``)."""
     cfg = resolve_config(model, height=height, width=width, frames=frames, steps=steps)
     cluster = gpus if isinstance(gpus, Cluster) else parse_gpus(gpus, hardware_file)
     eff = load_calibration(calibration, cluster.gpu.name, default_efficiency(cluster.gpu))
-    planner = Planner(cfg, cluster, efficiency=eff, implementation=implementation, mode=mode, text_tokens=text_tokens)
+    planner = Planner(cfg, cluster, efficiency=eff, implementation=implementation, mode=mode, text_tokens=text_tokens,
+                      tf32=tf32)
     if window is not None and window not in planner.windows():
         raise ValueError(f"plan: argument 'window' must divide num_steps ({cfg.runtime.num_steps}) and be <= the "
                          f"config's window_size ({cfg.runtime.window_size}), got {window}")
     results = planner.search(cp=cp, pp=pp, window=window, kv_offload=kv_offload)
     name = cfg.source or str(model)
-    return Plan(name.removeprefix("preset:"), cluster, eff, implementation, results,
+    return Plan(name.removeprefix("preset:"), cluster, eff, implementation, tf32, results,
                 planner.workload(cfg.runtime.window_size))
 
 

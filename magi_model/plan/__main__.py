@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--kv_offload", choices=("on", "off"), help="KV cache in host memory (default: search both)")
     p.add_argument("--implementation", choices=IMPLEMENTATIONS, default="magi1",
                    help="activation-memory model: magi1 = MAGI-1's code path (default), magi_model = this package's DiT")
+    p.add_argument("--tf32", action="store_true",
+                   help="fp32 GEMMs (linear_proj, embedders, T5) on TF32 tensor cores instead of fp32 (torch's default)")
     p.add_argument("--mode", choices=("t2v", "i2v"), default="t2v")
     p.add_argument("--text_tokens", type=int, default=64, help="valid caption tokens of the prompt (default 64)")
     p.add_argument("--calibration", nargs="*", default=[],
@@ -77,7 +79,7 @@ def print_plan(pl: Plan, top: int, file=None) -> None:
               f"direction{'' if g.p2p else ', no peer-to-peer (collectives staged through host memory)'}")
     con.print(f"efficiencies ({eff.source}): gemm bf16 {eff.gemm_bf16}, fp8 {eff.gemm_fp8}, fp32 {eff.gemm_fp32}, "
               f"attention {eff.attention}, HBM {eff.hbm}, link {eff.link if g.p2p else eff.host_staged}; "
-              f"memory model: {pl.implementation}")
+              f"fp32 GEMMs as {'TF32' if pl.tf32 else 'fp32 (no TF32, torch default)'}; memory model: {pl.implementation}")
     fitting = pl.fitting
     rows = fitting[:top] if fitting else pl.results[:top]
     t = Table(title="fitting layouts, fastest first (predicted)" if fitting else "NO layout fits; closest ones")
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
         pl = plan(a.config_file or a.model, a.gpus, cp=a.cp_size, pp=a.pp_size, window=a.window,
                   kv_offload=None if a.kv_offload is None else a.kv_offload == "on", height=a.height, width=a.width,
                   frames=a.frames, steps=a.steps, hardware_file=a.hardware, calibration=a.calibration,
-                  implementation=a.implementation, mode=a.mode, text_tokens=a.text_tokens)
+                  implementation=a.implementation, mode=a.mode, text_tokens=a.text_tokens, tf32=a.tf32)
     except (ConfigError, HardwareError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -169,7 +169,7 @@ class Planner:
     """Evaluates layouts of one config on one cluster."""
 
     def __init__(self, cfg: MagiConfig, cluster: Cluster, *, efficiency: Efficiency | None = None,
-                 implementation: str = "magi1", mode: str = "t2v", text_tokens: int = 64):
+                 implementation: str = "magi1", mode: str = "t2v", text_tokens: int = 64, tf32: bool = False):
         if implementation not in mem.IMPLEMENTATIONS:
             raise ValueError(f"plan: argument 'implementation' must be one of {mem.IMPLEMENTATIONS}, "
                              f"got {implementation!r}")
@@ -178,6 +178,7 @@ class Planner:
         self.cfg, self.cluster = cfg, cluster
         self.eff = default_efficiency(cluster.gpu) if efficiency is None else efficiency
         self.implementation, self.mode, self.text_tokens = implementation, mode, text_tokens
+        self.tf32 = tf32  # fp32 GEMMs on TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32 = True)
         self._workloads: dict[int, Workload] = {}
 
     # -------------------------------------------------------------------------------------------
@@ -197,11 +198,18 @@ class Planner:
         r = self.cfg.runtime
         return [w for w in range(1, r.window_size + 1) if r.num_steps % w == 0]
 
+    def gemm_rate(self, precision: str) -> tuple[float, float]:
+        """(datasheet peak FLOP/s, assumed efficiency) of GEMMs in ``precision`` (fp32 may run as TF32)."""
+        g, eff = self.cluster.gpu, self.eff
+        if precision == "fp32" and self.tf32:
+            return g.peak_tflops("tf32") * 1e12, eff.gemm_bf16
+        return g.peak_tflops(precision) * 1e12, eff.gemm(precision)
+
     def floor_s(self, wl: Workload) -> float:
         g, n = self.cluster.gpu, self.cluster.count
-        s = sum((wl.flops.linear[p] + wl.flops.attention[p]) / (g.peak_tflops(p) * 1e12) for p in PRECISIONS
+        s = sum((wl.flops.linear[p] + wl.flops.attention[p]) / self.gemm_rate(p)[0] for p in PRECISIONS
                 if wl.flops.linear[p] + wl.flops.attention[p])
-        s += wl.vae_flops / (g.bf16_tflops * 1e12) + wl.t5_flops / (g.fp32_tflops * 1e12)
+        s += wl.vae_flops / (g.bf16_tflops * 1e12) + wl.t5_flops / self.gemm_rate("fp32")[0]
         return s / n
 
     # -------------------------------------------------------------------------------------------
@@ -262,7 +270,8 @@ class Planner:
         t5_on_gpu = r.t5_device != "cpu" and t5_phase <= g.memory_bytes
         if t5_on_gpu:
             memory["t5_weights"] = t5_w
-            t["t5"] = wl.t5_flops / (g.fp32_tflops * 1e12 * eff.gemm_fp32)
+            peak, e = self.gemm_rate("fp32")
+            t["t5"] = wl.t5_flops / (peak * e)
         else:
             t["t5"] = wl.t5_flops / (eff.cpu_tflops * 1e12)
         phases = {"denoise": denoise, "vae decode": decode}
@@ -287,7 +296,8 @@ class Planner:
         f = forward_flops(cfg, fwd)
         for p in PRECISIONS:
             if f.linear[p]:
-                t["linear"] += f.linear[p] / cp / (g.peak_tflops(p) * 1e12 * eff.gemm(p))
+                peak, e = self.gemm_rate(p)
+                t["linear"] += f.linear[p] / cp / (peak * e)
         t["attention"] = f.total_attention / cp / (g.bf16_tflops * 1e12 * eff.attention)
         tl = math.ceil(fwd.tokens / cp)
         t["memory_bound"] = tl * m.num_layers * _mem_bound_bytes_per_token_layer(cfg) / (g.hbm_gbps * 1e9 * eff.hbm)

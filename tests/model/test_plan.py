@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -259,3 +258,11 @@ def test_hardware_file_overrides_a_preset(tmp_path):
     c = parse_gpus("8x4090", str(f))
     assert c.gpu.memory_bytes == 48 * GIB and c.gpu.bf16_tflops == 165.2
     assert _fits("24B_distill_quant", c, cp=8, pp=1, window=4)
+
+
+def test_tf32_speeds_up_the_fp32_linear_proj_of_unquantized_models():
+    # Base/distill models run linear_proj (and the embedders, T5) in fp32: without TF32 that is non-tensor fp32.
+    off = plan("24B_distill", "8xH100-SXM", cp=8, pp=1, window=4, kv_offload=False).best
+    on = plan("24B_distill", "8xH100-SXM", cp=8, pp=1, window=4, kv_offload=False, tf32=True).best
+    assert on.time_s["linear"] < 0.7 * off.time_s["linear"] and on.floor_s < off.floor_s
+    assert on.time_s["attention"] == off.time_s["attention"]
