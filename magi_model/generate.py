@@ -261,8 +261,8 @@ def validate(a: argparse.Namespace) -> Job:
 
     tok_path = os.environ.get("SPECIAL_TOKEN_PATH", text_mod.DEFAULT_SPECIAL_TOKEN_PATH)
     special_tokens_path: Optional[str] = tok_path
-    if random_weights and not os.path.isfile(tok_path):
-        special_tokens_path = None
+    if random_weights and "SPECIAL_TOKEN_PATH" not in os.environ and not os.path.isfile(tok_path):
+        special_tokens_path = None  # presets fall back to random tokens unless a file was asked for
     else:
         text_mod.load_special_tokens(tok_path)  # small; fails here rather than after the models load
     if not random_weights:
