@@ -14,7 +14,7 @@ Steps (each logged under DIR/logs, the facts collected in DIR/summary.json):
 4. ``python -m magi_kernels.tools.selfcheck --info`` in that venv, outside the source tree.
 5. The SASS and PTX in the installed ``_C``, read with the cuobjdump shipped in the Triton wheel, must be
    exactly what the build recorded.
-6. (--extra-torch) the same wheel in a second venv with another torch version.
+6. (--extra-torch) the same wheel in a second venv with another torch version (--extra-req adds pins there).
 7. (unless --no-sdist-check) the sdist built into a wheel with nvcc hidden (PATH without it, CUDA_HOME
    pointing nowhere): it must build host C++ only, say so exactly once, and pass the self-check.
 
@@ -75,7 +75,7 @@ def no_compiler_env(venv: Path) -> dict:
     return env
 
 
-def make_venv(venv: Path, torch_spec: str, wheel: Path, logs: Path, tag: str) -> dict:
+def make_venv(venv: Path, torch_spec: str, wheel: Path, logs: Path, tag: str, extra: tuple = ()) -> dict:
     """Fresh venv with ``torch_spec`` and ``wheel`` installed without any compiler; returns the env to run in."""
     if venv.exists():
         shutil.rmtree(venv)
@@ -87,8 +87,8 @@ def make_venv(venv: Path, torch_spec: str, wheel: Path, logs: Path, tag: str) ->
             raise StepFailed(f"the no-compiler PATH still reaches {found}")
     py = str(venv / "bin" / "python")
     # --only-binary: a dependency without a wheel would need a compiler, which is exactly what must not happen.
-    run([py, "-m", "pip", "install", "--only-binary", ":all:", torch_spec, str(wheel)], logs / f"{tag}-pip.log",
-        env=env)
+    run([py, "-m", "pip", "install", "--only-binary", ":all:", torch_spec, str(wheel), *extra],
+        logs / f"{tag}-pip.log", env=env)
     return env
 
 
@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wheel", type=Path, help="skip the build: verify this already-built (unrepaired) wheel")
     ap.add_argument("--extra-torch", action="append", default=[],
                     help="also install the wheel next to this torch version (e.g. 2.9.1) in a second venv")
+    ap.add_argument("--extra-req", action="append", default=[],
+                    help="extra requirement for the --extra-torch venvs, e.g. 'numpy<2.4' (Triton 3.5's "
+                         "interpreter, which torch 2.9 pins, fails with numpy 2.4)")
     ap.add_argument("--no-sdist-check", action="store_true", help="skip building the sdist with nvcc hidden")
     args = ap.parse_args(argv)
     out: Path = args.out.resolve()
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         for ver in args.extra_torch:
             tag = f"torch-{ver}"
             try:
-                env_x = timed(f"install_{tag}", make_venv, out / f"venv-{tag}", f"torch=={ver}", wheel, logs, tag)
+                env_x = timed(f"install_{tag}", make_venv, out / f"venv-{tag}", f"torch=={ver}", wheel, logs, tag,
+                              tuple(args.extra_req))
                 info_x = timed(f"selfcheck_{tag}", selfcheck, out / f"venv-{tag}", env_x, logs, tag, work)
                 summary[tag] = {"torch": info_x["torch"], "result": "selfcheck passed"}
             except (StepFailed, subprocess.TimeoutExpired) as e:

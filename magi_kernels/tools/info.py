@@ -60,6 +60,10 @@ def device_code_in(path: str, cuobjdump: str | None = None) -> dict | None:
             "cuobjdump": cuobjdump}
 
 
+def _arch_numbers(names: list[str]) -> list[str]:
+    return sorted(re.sub(r"[af]$", "", n) for n in names)
+
+
 def _gpu() -> dict | None:
     import torch
 
@@ -112,8 +116,9 @@ def collect() -> dict:
             targets = _ext.arch_targets()
             code["recorded_sass"] = sorted(f"sm_{t}" for t, sass, _ in targets if sass)
             code["recorded_ptx"] = sorted(f"sm_{t}" for t, _, ptx in targets if ptx)
-            code["matches_build"] = (sorted(code["sass"]) == code["recorded_sass"]
-                                     and sorted(code["ptx"]) == code["recorded_ptx"])
+            # compared without the "a"/"f" suffix: older cuobjdumps name a sm_90a cubin "sm_90"
+            code["matches_build"] = (_arch_numbers(code["sass"]) == _arch_numbers(code["recorded_sass"])
+                                     and _arch_numbers(code["ptx"]) == _arch_numbers(code["recorded_ptx"]))
     try:
         import triton
 
