@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent
 # sm_103/sm_121. nvcc >= 12.8 is needed for sm_100/sm_120.
 CUDA_ARCH_PRESETS = {
     "release": "80-real;86-real;89-real;90a-real;100-real;120",
-    # editable source installs: the GPUs most users have, in a third of the build time
+    # editable source installs: A100, L40/RTX 40, H100/H200 (and PTX for newer GPUs) in about half the nvcc work
     "dev": "80;89;90a",
 }
 _ARCH_ENTRY = re.compile(r"^\d{2,3}[af]?(-real|-virtual)?$")
