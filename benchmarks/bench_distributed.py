@@ -33,11 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from common import print_table, write_results  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from common import print_table, write_results
 
 HQ, HK, D = 48, 8, 128
 WINDOW_720P_TOKENS = 4 * 21600
@@ -79,7 +78,7 @@ class Counter:
     @staticmethod
     def _payload(name, a, k):
         if name == "all_to_all_single":
-            out, inp = a[0], a[1]
+            inp = a[1]
             splits = a[3] if len(a) > 3 else k.get("input_split_sizes")
             group = k.get("group")
             row = inp[0].numel() * inp.element_size() if inp.shape[0] else 0
@@ -124,10 +123,15 @@ def _sync(device):
 
 
 def worker(rank, world, port, args, out_q):
-    from magi_kernels.distributed import even_shard_sizes, ring_attention, ulysses_attention, usp_attention
-    from magi_kernels.distributed import _comm
-    from magi_kernels.distributed.ring import ring_step_ranges
+    from magi_kernels.distributed import (
+        _comm,
+        even_shard_sizes,
+        ring_attention,
+        ulysses_attention,
+        usp_attention,
+    )
     from magi_kernels.distributed._args import check_call
+    from magi_kernels.distributed.ring import ring_step_ranges
 
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
     device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")

@@ -13,10 +13,24 @@ See docs/distributed.md.
 """
 
 from magi_kernels.distributed._comm import even_shard_sizes, shard
-from magi_kernels.distributed.dispatch import DispatchMeta, dispatch, plan_dispatch, undispatch
+from magi_kernels.distributed.dispatch import (
+           DispatchMeta,
+           dispatch,
+           plan_dispatch,
+           undispatch,
+)
 from magi_kernels.distributed.ring import ring_attention
 from magi_kernels.distributed.ulysses import ulysses_attention
 from magi_kernels.distributed.usp import usp_attention
 
-__all__ = ["ulysses_attention", "ring_attention", "usp_attention", "dispatch", "undispatch", "plan_dispatch",
-           "DispatchMeta", "even_shard_sizes", "shard"]
+__all__ = [
+           "DispatchMeta",
+           "dispatch",
+           "even_shard_sizes",
+           "plan_dispatch",
+           "ring_attention",
+           "shard",
+           "ulysses_attention",
+           "undispatch",
+           "usp_attention",
+]

@@ -8,7 +8,7 @@ the autograd engine on different ranks and pair the wrong messages).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -135,7 +135,7 @@ def heads_to_seq(ys: Sequence[torch.Tensor], sizes: Sequence[Sequence[int]], ran
 class RingShift:
     """Started on construction; :meth:`wait` returns the received tensor (``None`` when nothing was posted)."""
 
-    def __init__(self, send: Optional[torch.Tensor], recv_shape, group, tag: int = 0):
+    def __init__(self, send: torch.Tensor | None, recv_shape, group, tag: int = 0):
         self.recv = None
         self.works = []
         if send is None:
@@ -148,7 +148,7 @@ class RingShift:
                dist.P2POp(dist.irecv, self.recv, prv, group, tag)]
         self.works = dist.batch_isend_irecv(ops)
 
-    def wait(self) -> Optional[torch.Tensor]:
+    def wait(self) -> torch.Tensor | None:
         for w in self.works:
             w.wait()
         self.works = []

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -78,7 +77,7 @@ class DispatchMeta:
         return self.q_perm if side == "q" else self.k_perm
 
 
-def _as_slices(ranges_or_mask, total_q: Optional[int], total_k: Optional[int]):
+def _as_slices(ranges_or_mask, total_q: int | None, total_k: int | None):
     if hasattr(ranges_or_mask, "to_ranges"):
         mask = ranges_or_mask
         qr, kr, ty = mask.to_ranges("cpu")
@@ -96,8 +95,8 @@ def _as_slices(ranges_or_mask, total_q: Optional[int], total_k: Optional[int]):
     return (qr.astype(np.int64), kr.astype(np.int64), ty.astype(np.int64)), int(total_q), int(total_k)
 
 
-def plan_dispatch(ranges_or_mask, world: int, chunk_size: int, *, total_q: Optional[int] = None,
-                  total_k: Optional[int] = None) -> DispatchMeta:
+def plan_dispatch(ranges_or_mask, world: int, chunk_size: int, *, total_q: int | None = None,
+                  total_k: int | None = None) -> DispatchMeta:
     """The dispatch solution (pure host arithmetic; no communication)."""
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         fail(OP, "world", f"must be an int >= 1, got {world!r}")
@@ -189,8 +188,8 @@ def _check_side(side: str) -> None:
         fail(OP, "side", f"must be 'q' (queries / self-attention tokens) or 'k' (keys), got {side!r}")
 
 
-def dispatch(x: torch.Tensor, ranges_or_mask, *, group=None, chunk_size: Optional[int] = None,
-             total_k: Optional[int] = None, side: str = "q") -> tuple[torch.Tensor, DispatchMeta]:
+def dispatch(x: torch.Tensor, ranges_or_mask, *, group=None, chunk_size: int | None = None,
+             total_k: int | None = None, side: str = "q") -> tuple[torch.Tensor, DispatchMeta]:
     """This rank's load-balanced part of the global sequence ``x`` [total, ...] and the dispatch metadata.
 
     Args:
@@ -236,4 +235,4 @@ def undispatch(x_local: torch.Tensor, meta: DispatchMeta, *, group=None, side: s
     return _Undispatch.apply(x_local, meta, side, pg, rank)
 
 
-__all__ = ["DispatchMeta", "plan_dispatch", "dispatch", "undispatch"]
+__all__ = ["DispatchMeta", "dispatch", "plan_dispatch", "undispatch"]

@@ -20,8 +20,6 @@ shards are contiguous in rank order and may have different lengths on each rank.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from magi_kernels.distributed._args import check_call, ranges_tensors
@@ -79,7 +77,7 @@ class _RingAttention(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         pending = None  # the dK/dV accumulator of this step's shard, arriving from the previous rank
         for s in range(world):
-            src, nxt_src = (rank - s) % world, (rank - s - 1) % world
+            nxt_src = (rank - s - 1) % world
             shift = RingShift(kv if s < world - 1 else None, (call.k_sizes[nxt_src],) + kv.shape[1:], call.group,
                               _KV_TAG)
             contrib = None
@@ -101,8 +99,8 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: torch.Tensor, k_ranges: torch.Tensor,
-                   attn_type_map: Optional[torch.Tensor] = None, *, group=None, softmax_scale: Optional[float] = None,
-                   softcap: float = 0.0, backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   attn_type_map: torch.Tensor | None = None, *, group=None, softmax_scale: float | None = None,
+                   softcap: float = 0.0, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Context-parallel ``flex_attn_func`` by passing K/V shards around a ring.
 
     Args: as :func:`magi_kernels.distributed.ulysses_attention` (local contiguous shards, GLOBAL ranges),

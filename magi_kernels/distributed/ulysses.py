@@ -16,10 +16,9 @@ exchange (as MAGI-1 does), so each rank gets the kv head its query heads use.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
 from magi_kernels.distributed._args import check_call
 from magi_kernels.distributed._comm import heads_to_seq, seq_to_heads
@@ -54,9 +53,9 @@ def ulysses_exchange(op: str, q, k, v, call, inner: Callable) -> tuple[torch.Ten
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: torch.Tensor,
-                      k_ranges: torch.Tensor, attn_type_map: Optional[torch.Tensor] = None, *, group=None,
-                      softmax_scale: Optional[float] = None, softcap: float = 0.0,
-                      backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      k_ranges: torch.Tensor, attn_type_map: torch.Tensor | None = None, *, group=None,
+                      softmax_scale: float | None = None, softcap: float = 0.0,
+                      backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Context-parallel ``flex_attn_func`` by head/sequence all-to-all.
 
     Args:

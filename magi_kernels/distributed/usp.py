@@ -14,8 +14,6 @@ ulysses size only.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from magi_kernels.distributed._args import check_call
@@ -26,9 +24,9 @@ OP = "usp_attention"
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: torch.Tensor, k_ranges: torch.Tensor,
-                  attn_type_map: Optional[torch.Tensor] = None, *, ulysses_group, ring_group,
-                  softmax_scale: Optional[float] = None, softcap: float = 0.0,
-                  backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  attn_type_map: torch.Tensor | None = None, *, ulysses_group, ring_group,
+                  softmax_scale: float | None = None, softcap: float = 0.0,
+                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ulysses all-to-all inside ``ulysses_group``, ring attention across ``ring_group``.
 
     Args: as :func:`magi_kernels.distributed.ulysses_attention`; ``ulysses_group`` / ``ring_group`` are

@@ -46,7 +46,7 @@ class TokenLayout:
         return [len(i) for i in self.index]
 
     @classmethod
-    def contiguous(cls, S: int, world: int) -> "TokenLayout":
+    def contiguous(cls, S: int, world: int) -> TokenLayout:
         sizes, out, pos = even_shard_sizes(S, world), [], 0
         for n in sizes:
             out.append(torch.arange(pos, pos + n))
@@ -54,7 +54,7 @@ class TokenLayout:
         return cls(out, S)
 
     @classmethod
-    def per_chunk(cls, S: int, n: int, world: int) -> "TokenLayout":
+    def per_chunk(cls, S: int, n: int, world: int) -> TokenLayout:
         sizes = even_shard_sizes(n, world)
         offs = [sum(sizes[:r]) for r in range(world)]
         return cls([torch.cat([torch.arange(j * n + offs[r], j * n + offs[r] + sizes[r]) for j in range(S // n)])
@@ -124,7 +124,7 @@ def ring_attention_fn(layout: TokenLayout, rank: int, world: int, group, geom: d
     write_l = ctx.write_tokens // n * n_r[rank]
 
     def attend(layer_number, q, k, v, ctx):
-        N, s_l, nh, d = q.shape
+        N, _, _, d = q.shape
         kv = torch.cat([k, v], dim=-1)
         if cache is not None:
             if cache.buffers[layer_number] is None and (read_l or write_l):

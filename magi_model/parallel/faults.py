@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 import torch.distributed as dist
 
@@ -24,7 +24,7 @@ def run_guarded(fn: Callable[[], object], *, exit_code: int = 1):
     except SystemExit:
         raise
     except BaseException:  # noqa: BLE001 - every failure must end this rank
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
         sys.stderr.write(f"[rank {rank}] failed:\n{traceback.format_exc()}")
         sys.stderr.flush()
         sys.stdout.flush()

@@ -9,7 +9,7 @@ already runs request 1. This is MAGI-1's work-queue idea for pipeline parallelis
 from __future__ import annotations
 
 import threading
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ class _Rendezvous:
         self.cond = threading.Condition()
         self.calls: dict[int, tuple] = {}
         self.results: dict[int, torch.Tensor] = {}
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self.generation = 0
 
     def proxy(self, slot: int):

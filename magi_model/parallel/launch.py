@@ -14,7 +14,7 @@ finished chunks tile-parallel on a side thread while the DiT keeps denoising.
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,7 @@ class DistributedRun:
     def __init__(self, cfg, args):
         self.layout = init_parallel(cfg, cp_size=getattr(args, "cp_size", None), pp_size=getattr(args, "pp_size", None),
                                     cp_strategy=getattr(args, "cp_strategy", None))
-        self.decoder: Optional[OverlappedDecoder] = None
+        self.decoder: OverlappedDecoder | None = None
 
     @property
     def is_rank0(self) -> bool:
@@ -57,7 +57,7 @@ class DistributedRun:
         dist.broadcast_object_list(buf, src=0)
         return buf[0]
 
-    def build_dit(self, cfg, *, seed: Optional[int], checkpoint_dir: Optional[str] = None) -> ParallelDiT:
+    def build_dit(self, cfg, *, seed: int | None, checkpoint_dir: str | None = None) -> ParallelDiT:
         return ParallelDiT(build_stage_dit(cfg, self.layout, seed=seed, checkpoint_dir=checkpoint_dir), self.layout)
 
     def on_chunk(self, decode: Callable[[torch.Tensor, object], torch.Tensor], write: Callable[[torch.Tensor], None]):

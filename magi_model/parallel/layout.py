@@ -25,7 +25,6 @@ import datetime
 import hashlib
 import os
 import pickle
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -88,8 +87,8 @@ def stage_layers(num_layers: int, pp_size: int, stage: int) -> range:
     return range(start, start + base + (1 if stage < extra else 0))
 
 
-def check_layout(cfg: MagiConfig, world_size: int, cp_size: Optional[int] = None,
-                 pp_size: Optional[int] = None, cp_strategy: Optional[str] = None) -> tuple[int, int, str]:
+def check_layout(cfg: MagiConfig, world_size: int, cp_size: int | None = None,
+                 pp_size: int | None = None, cp_strategy: str | None = None) -> tuple[int, int, str]:
     """(cp, pp, strategy) from the config with CLI overrides, validated against the world size and model."""
     e, m = cfg.engine, cfg.model
     cp = e.cp_size if cp_size is None else cp_size
@@ -118,8 +117,8 @@ def check_layout(cfg: MagiConfig, world_size: int, cp_size: Optional[int] = None
     return cp, pp, strategy
 
 
-def init_parallel(cfg: MagiConfig, *, cp_size: Optional[int] = None, pp_size: Optional[int] = None,
-                  cp_strategy: Optional[str] = None, timeout_minutes: Optional[float] = None) -> ParallelLayout:
+def init_parallel(cfg: MagiConfig, *, cp_size: int | None = None, pp_size: int | None = None,
+                  cp_strategy: str | None = None, timeout_minutes: float | None = None) -> ParallelLayout:
     """Initialise torch.distributed from torchrun's environment and build the (pp, cp) groups.
 
     Device ``cuda:LOCAL_RANK`` with NCCL when CUDA is available, CPU with gloo otherwise. A single

@@ -19,14 +19,20 @@ to the single-process model's or with this stage's keys read from memory-mapped 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
 from magi_model.config import MagiConfig
 from magi_model.dit import VideoDiT, build_dit, init_random_weights
-from magi_model.parallel.context import TokenLayout, gather_tokens, localize, ring_attention_fn, ulysses_attention_fn
+from magi_model.parallel.context import (
+    TokenLayout,
+    gather_tokens,
+    localize,
+    ring_attention_fn,
+    ulysses_attention_fn,
+)
 from magi_model.parallel.layout import ParallelLayout, stage_layers
 
 _LAYER_PREFIX = "videodit_blocks.layers."
@@ -39,8 +45,8 @@ def owns_key(key: str, layers: range) -> bool:
     return int(key[len(_LAYER_PREFIX):].split(".", 1)[0]) in layers
 
 
-def build_stage_dit(config: "MagiConfig", layout: ParallelLayout, *, seed: "int | None" = 0,
-                    checkpoint_dir: "str | None" = None) -> VideoDiT:
+def build_stage_dit(config: MagiConfig, layout: ParallelLayout, *, seed: int | None = 0,
+                    checkpoint_dir: str | None = None) -> VideoDiT:
     """This stage's DiT: other stages' layers stay on the meta device (no memory, never run).
 
     ``checkpoint_dir``: load this stage's keys from the checkpoint (memory-mapped safetensors; all keys
@@ -64,8 +70,14 @@ def build_stage_dit(config: "MagiConfig", layout: ParallelLayout, *, seed: "int 
 
 
 def _load_stage(model: VideoDiT, config: MagiConfig, ckpt: str, layers: range, device) -> None:
-    from magi_model.loading import (_get_tensor, _safe_open, check_state_dict, checkpoint_files,
-                                    load_state_dict_into, read_header)
+    from magi_model.loading import (
+        _get_tensor,
+        _safe_open,
+        check_state_dict,
+        checkpoint_files,
+        load_state_dict_into,
+        read_header,
+    )
 
     files = checkpoint_files(ckpt)
     header = read_header(files)

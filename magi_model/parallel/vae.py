@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -56,10 +56,10 @@ class OverlappedDecoder:
     queue to drain and re-raises a worker error."""
 
     def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor],
-                 sink: Callable[[int, torch.Tensor], None], device: Optional[torch.device] = None):
+                 sink: Callable[[int, torch.Tensor], None], device: torch.device | None = None):
         self.decode, self.sink = decode, sink
-        self.q: "queue.Queue" = queue.Queue()
-        self.error: Optional[BaseException] = None
+        self.q: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
         self.events: list[tuple[str, int]] = []  # ("submit" | "done", chunk) in real order, for inspection
         self._lock = threading.Lock()
         dev = torch.device(device) if device is not None else torch.device("cpu")

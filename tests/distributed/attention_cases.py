@@ -13,12 +13,23 @@ import zlib
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from magi_kernels import Magi1WindowMask, VarlenCausal, VarlenFull, BlockCausal, flex_attn_func
-from magi_kernels.distributed import (dispatch, even_shard_sizes, ring_attention, ulysses_attention, undispatch,
-                                      usp_attention)
+from magi_kernels import (
+    BlockCausal,
+    Magi1WindowMask,
+    VarlenCausal,
+    VarlenFull,
+    flex_attn_func,
+)
+from magi_kernels.distributed import (
+    dispatch,
+    even_shard_sizes,
+    ring_attention,
+    ulysses_attention,
+    undispatch,
+    usp_attention,
+)
 from magi_kernels.utils.checks import MagiArgumentError
 
 ATOL, RTOL = 3e-5, 1e-4  # fp32 shard computation vs float64 reference

@@ -8,8 +8,15 @@ import torch.distributed as dist
 
 from magi_model.config import MagiConfig, preset_dict
 from magi_model.dit import build_dit
-from magi_model.parallel import (ParallelConfigError, ParallelDiT, build_stage_dit, check_same_on_all_ranks,
-                                 make_layout, materialized_parameters, stage_layers)
+from magi_model.parallel import (
+    ParallelConfigError,
+    ParallelDiT,
+    build_stage_dit,
+    check_same_on_all_ranks,
+    make_layout,
+    materialized_parameters,
+    stage_layers,
+)
 from magi_model.pipeline import Captions, generate_latents
 
 REL_TOL = 1e-5  # fp32 model: relative L2 error of the latents

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from tests.distributed._launch import REPO, free_port, worker_env
 
@@ -12,7 +11,8 @@ ARGS = ["--preset", "tiny", "--mode", "t2v", "--prompt", "a red fox running thro
 
 
 def _frames(path):
-    av = pytest.importorskip("av")
+    import av  # a dependency of magi_model (the CLI writes mp4 with it)
+
     with av.open(str(path)) as c:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 

@@ -6,8 +6,15 @@ import torch
 from magi_model.config import preset
 from magi_model.dit import build_dit
 from magi_model.loading import load_dit, save_checkpoint
-from magi_model.parallel import (ParallelConfigError, ParallelLayout, build_stage_dit, check_layout,
-                                 materialized_parameters, owns_key, stage_layers)
+from magi_model.parallel import (
+    ParallelConfigError,
+    ParallelLayout,
+    build_stage_dit,
+    check_layout,
+    materialized_parameters,
+    owns_key,
+    stage_layers,
+)
 
 
 def test_stage_layers_are_contiguous_and_cover_the_model():
