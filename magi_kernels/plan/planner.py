@@ -43,11 +43,11 @@ import collections
 import dataclasses
 import os
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from magi_kernels.ranges.types import slice_area
 
 PLAN_KEYS_Q = ("q_ptr", "q_nfull", "q_kidx", "q_pptr", "p_mptr", "mask_slices")
 PLAN_KEYS_K = ("k_ptr", "k_nfull", "k_qidx", "k_pptr", "k_pent")
@@ -56,6 +56,14 @@ PLAN_KEYS = ("slices",) + PLAN_KEYS_Q + PLAN_KEYS_K
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+class PlanEntry(NamedTuple):
+    """One (q tile, k tile) entry of a plan, as :meth:`AttnPlan.q_tile_entries` lists them."""
+
+    k_tile: int
+    full: bool  # every cell visible and in bounds: no mask
+    mask_slices: list[int]  # PARTIAL: ids of the slices whose union is the tile's mask
 
 
 @dataclasses.dataclass
@@ -110,24 +118,53 @@ class AttnPlan:
         s = self.tensors["slices"]
         return union_area(s[:, 0:2], s[:, 2:4], s[:, 4])
 
-    def q_tile_entries(self, m: int) -> list[tuple[int, bool, list[int]]]:
-        """(k tile, is_full, mask slice ids) for q tile m, in plan order (debugging / the torch path)."""
+    def q_tile_entries(self, m: int) -> list[PlanEntry]:
+        """The entries of q tile m, in plan order (debugging / the torch path)."""
         t = self.tensors
-        a, b = int(t["q_ptr"][m]), int(t["q_ptr"][m + 1])
-        nf = int(t["q_nfull"][m])
+        first, end = int(t["q_ptr"][m]), int(t["q_ptr"][m + 1])
+        nfull = int(t["q_nfull"][m])
         out = []
-        for e in range(a, b):
-            if e - a < nf:
-                out.append((int(t["q_kidx"][e]), True, []))
+        for e in range(first, end):
+            if e - first < nfull:
+                out.append(PlanEntry(int(t["q_kidx"][e]), True, []))
             else:
-                p = int(t["q_pptr"][m]) + (e - a - nf)
-                ms = t["mask_slices"][int(t["p_mptr"][p]):int(t["p_mptr"][p + 1])].tolist()
-                out.append((int(t["q_kidx"][e]), False, ms))
+                p = int(t["q_pptr"][m]) + (e - first - nfull)
+                ids = t["mask_slices"][int(t["p_mptr"][p]):int(t["p_mptr"][p + 1])].tolist()
+                out.append(PlanEntry(int(t["q_kidx"][e]), False, ids))
         return out
 
 
 # --------------------------------------------------------------------------------------------------
 # Python planner (the fallback when _C is not built; also the executable spec the C++ one is tested against)
+
+class _SliceInTile(NamedTuple):
+    """A slice's share of one q tile: the slice and the tile rows ``[row_start, row_end)`` where it is non-empty."""
+
+    slice_id: int
+    q_start: int
+    q_end: int
+    k_start: int
+    k_end: int
+    mask_type: int
+    row_start: int
+    row_end: int
+
+    def lo(self, r: int) -> int:
+        """First visible key of row r (INV_CAUSAL / BI_CAUSAL: bit 1 moves it with the row)."""
+        return self.k_start + (r - self.q_start) if self.mask_type & 2 else self.k_start
+
+    def hi(self, r: int) -> int:
+        """One past the last visible key of row r (CAUSAL / BI_CAUSAL: bit 0 moves it with the row)."""
+        return self.k_end - (self.q_end - 1 - r) if self.mask_type & 1 else self.k_end
+
+
+class _TouchedKTiles(NamedTuple):
+    """The k tiles ``[first, end)`` a slice has visible cells in, within one q tile."""
+
+    first: int
+    end: int
+    slice_id: int
+
 
 def _nonempty_rows(qs, qe, ks, ke, t):
     """Global row range [f, l] where the slice's row interval is non-empty, or None."""
@@ -160,105 +197,82 @@ def _intersect(a, b):
     return out
 
 
+def _merge(intervals) -> list[list[int]]:
+    """Sorted intervals -> the union as disjoint [lo, hi) lists (touching intervals merge)."""
+    merged: list[list[int]] = []
+    for lo, hi in intervals:
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return merged
+
+
+def _full_ktiles(parts: list[_SliceInTile], m0: int, m1: int, bn: int) -> list[tuple[int, int]]:
+    """[a, b) runs of k tiles every row of q tile rows [m0, m1) sees entirely (the tile is in bounds)."""
+    if len(parts) == 1:
+        p = parts[0]
+        if p.row_start == m0 and p.row_end == m1:
+            first, end = _cdiv(p.lo(m1 - 1), bn), p.hi(m0) // bn
+            if first < end:
+                return [(first, end)]
+        return []
+    full = None
+    by_start = sorted(parts, key=lambda p: p.row_start)
+    for r in range(m0, m1):
+        row = sorted((p.lo(r), p.hi(r)) for p in by_start if p.row_start <= r < p.row_end)
+        row_full = [(_cdiv(lo, bn), hi // bn) for lo, hi in _merge(row) if _cdiv(lo, bn) < hi // bn]
+        full = row_full if full is None else _intersect(full, row_full)
+        if not full:
+            return []
+    return full or []
+
+
 def _plan_py(qr: np.ndarray, kr: np.ndarray, ty: np.ndarray, total_q: int, total_k: int, bm: int, bn: int) -> dict:
-    n_sl = qr.shape[0]
-    mt, nt = _cdiv(total_q, bm), _cdiv(total_k, bn)
-    per_tile: list[list] = [[] for _ in range(mt)]
-    for s in range(n_sl):
+    num_q_tiles, num_k_tiles = _cdiv(total_q, bm), _cdiv(total_k, bn)
+    parts_of_tile: list[list[_SliceInTile]] = [[] for _ in range(num_q_tiles)]
+    for s in range(qr.shape[0]):
         qs, qe, ks, ke, t = int(qr[s, 0]), int(qr[s, 1]), int(kr[s, 0]), int(kr[s, 1]), int(ty[s])
         rows = _nonempty_rows(qs, qe, ks, ke, t)
         if rows is None:
             continue
-        f, l = rows
-        for m in range(f // bm, l // bm + 1):
-            per_tile[m].append((s, qs, qe, ks, ke, t, max(f, m * bm), min(l + 1, (m + 1) * bm)))
-
-    def lo_of(r, qs, ks, t):
-        return ks + (r - qs) if t & 2 else ks
-
-    def hi_of(r, qe, ke, t):
-        return ke - (qe - 1 - r) if t & 1 else ke
+        first_row, last_row = rows
+        for m in range(first_row // bm, last_row // bm + 1):
+            parts_of_tile[m].append(_SliceInTile(s, qs, qe, ks, ke, t, max(first_row, m * bm),
+                                                 min(last_row + 1, (m + 1) * bm)))
 
     q_ptr, q_nfull, q_kidx, q_pptr, p_mptr, mask_slices = [0], [], [], [0], [0], []
-    for m in range(mt):
+    for m in range(num_q_tiles):
         m0, m1 = m * bm, (m + 1) * bm
-        sl = per_tile[m]
-        touched = []  # (na, nb, slice record)
-        for rec in sl:
-            s, qs, qe, ks, ke, t, ra, rb = rec
-            c0, c1 = lo_of(ra, qs, ks, t), hi_of(rb - 1, qe, ke, t)
-            touched.append((c0 // bn, _cdiv(c1, bn), s))
-        # FULL k tiles: intersection over the tile's rows of the k tiles inside the row's union.
-        full: list = []
-        if sl and m1 <= total_q:
-            if len(sl) == 1:
-                s, qs, qe, ks, ke, t, ra, rb = sl[0]
-                if ra == m0 and rb == m1:
-                    a, b = _cdiv(lo_of(m1 - 1, qs, ks, t), bn), hi_of(m0, qe, ke, t) // bn
-                    if a < b:
-                        full = [(a, b)]
-            else:
-                full = None
-                order = sorted(sl, key=lambda rec: rec[6])
-                for r in range(m0, m1):
-                    iv = []
-                    for (s, qs, qe, ks, ke, t, ra, rb) in order:
-                        if ra > r:
-                            break
-                        if r < rb:
-                            iv.append((lo_of(r, qs, ks, t), hi_of(r, qe, ke, t)))
-                    iv.sort()
-                    tiles, cur = [], None
-                    for lo, hi in iv:  # merge touching/overlapping intervals, then keep whole k tiles
-                        if cur is not None and lo <= cur[1]:
-                            cur[1] = max(cur[1], hi)
-                        else:
-                            if cur is not None:
-                                tiles.append(cur)
-                            cur = [lo, hi]
-                    if cur is not None:
-                        tiles.append(cur)
-                    row_full = [(_cdiv(a, bn), b // bn) for a, b in tiles if _cdiv(a, bn) < b // bn]
-                    full = row_full if full is None else _intersect(full, row_full)
-                    if not full:
-                        break
-                full = full or []
-        # touched union, minus FULL -> PARTIAL
-        tu = []
-        for na, nb, _ in sorted(touched):
-            if tu and na <= tu[-1][1]:
-                tu[-1][1] = max(tu[-1][1], nb)
-            else:
-                tu.append([na, nb])
-        full_set_iv = full
-        for a, b in full_set_iv:
-            q_kidx.extend(range(a, b))
-        nfull = sum(b - a for a, b in full_set_iv)
+        parts = parts_of_tile[m]  # in slice-id order, so mask slice ids come out ascending
+        touched = [_TouchedKTiles(p.lo(p.row_start) // bn, _cdiv(p.hi(p.row_end - 1), bn), p.slice_id) for p in parts]
+        full = _full_ktiles(parts, m0, m1, bn) if parts and m1 <= total_q else []
+        for first, end in full:
+            q_kidx.extend(range(first, end))
+        # PARTIAL: every touched k tile that is not FULL, ascending; its mask lists the slices touching it.
         j = 0
-        for a, b in tu:
-            n = a
-            while n < b:
-                while j < len(full_set_iv) and full_set_iv[j][1] <= n:
+        for first, end in _merge(sorted((t.first, t.end) for t in touched)):
+            n = first
+            while n < end:
+                while j < len(full) and full[j][1] <= n:
                     j += 1
-                if j < len(full_set_iv) and full_set_iv[j][0] <= n:
-                    n = full_set_iv[j][1]
+                if j < len(full) and full[j][0] <= n:
+                    n = full[j][1]
                     continue
-                stop = b if j >= len(full_set_iv) else min(b, full_set_iv[j][0])
-                for nn in range(n, stop):
-                    q_kidx.append(nn)
-                    mask_slices.extend(s for na, nb, s in touched if na <= nn < nb)
+                stop = end if j >= len(full) else min(end, full[j][0])
+                for kt in range(n, stop):
+                    q_kidx.append(kt)
+                    mask_slices.extend(t.slice_id for t in touched if t.first <= kt < t.end)
                     p_mptr.append(len(mask_slices))
                 n = stop
-        q_nfull.append(nfull)
+        q_nfull.append(sum(end - first for first, end in full))
         q_ptr.append(len(q_kidx))
         q_pptr.append(len(p_mptr) - 1)
-    # The per-tile touched list is in slice-id order already (slices were appended in id order),
-    # so mask slice ids are ascending per entry.
     q_ptr = np.asarray(q_ptr, np.int32)
-    q_nfull = np.asarray(q_nfull, np.int32).reshape(mt)
+    q_nfull = np.asarray(q_nfull, np.int32).reshape(num_q_tiles)
     q_kidx = np.asarray(q_kidx, np.int32)
     q_pptr = np.asarray(q_pptr, np.int32)
-    return {**_qmajor_to_kmajor(q_ptr, q_nfull, q_kidx, q_pptr, nt), "q_ptr": q_ptr, "q_nfull": q_nfull,
+    return {**_qmajor_to_kmajor(q_ptr, q_nfull, q_kidx, q_pptr, num_k_tiles), "q_ptr": q_ptr, "q_nfull": q_nfull,
             "q_kidx": q_kidx, "q_pptr": q_pptr, "p_mptr": np.asarray(p_mptr, np.int32),
             "mask_slices": np.asarray(mask_slices, np.int32)}
 
@@ -347,7 +361,8 @@ def plan_attention(q_ranges, k_ranges, attn_type_map=None, *, total_q: int, tota
     """Validate ranges (tensors) and return the (cached) plan."""
     from magi_kernels.ranges.validate import validate_ranges
 
-    qr, kr, ty = validate_ranges(q_ranges, k_ranges, attn_type_map, total_q=total_q, total_k=total_k, op="plan_attention")
+    qr, kr, ty = validate_ranges(q_ranges, k_ranges, attn_type_map, total_q=total_q, total_k=total_k,
+                                 op="plan_attention")
     fn = get_plan if cache else build_plan
     return fn(qr, kr, ty, total_q, total_k, block_m, block_n, planner)
 
@@ -363,5 +378,5 @@ def clear_cache() -> None:
         _STATS.update(hits=0, misses=0)
 
 
-__all__ = ["AttnPlan", "build_plan", "get_plan", "plan_attention", "cache_info", "clear_cache", "native_planner",
-           "slice_area"]
+__all__ = ["AttnPlan", "PlanEntry", "build_plan", "get_plan", "plan_attention", "cache_info", "clear_cache",
+           "native_planner"]

@@ -15,9 +15,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from magi_kernels import registry
 from magi_kernels.kernels.triton import flex_attn as kern
-from magi_kernels.kernels.triton.aot import registered_configs
+from magi_kernels.kernels.triton.aot import KernelLaunch, registered_configs
 from magi_kernels.ops.flex_attn import flex_attn_func, make_args
 from magi_kernels.ranges import Magi1WindowMask
 
@@ -205,7 +204,7 @@ def test_shipped_configs_are_registered_and_cover_every_arch():
 def test_launchers_pick_registered_configs_with_matching_arg_types(monkeypatch, dtype, layout):
     """Argument types match the registered signature and every divisible_by_16 argument really is."""
     seen = []
-    monkeypatch.setattr(kern, "_run", lambda cfg, grid, args: seen.append((cfg, grid, args)))
+    monkeypatch.setattr(KernelLaunch, "run", lambda launch: seen.append((launch.config, launch.grid, launch.args)))
     monkeypatch.setattr(kern, "arch_of", lambda device: 90)
     tq, hq, hk, d = 50, 4, 2, 64
     if layout == "qkv-views":  # one packed buffer, heads sliced out: strided but aligned
@@ -227,10 +226,12 @@ def test_launchers_pick_registered_configs_with_matching_arg_types(monkeypatch, 
     for cfg, grid, args in seen:
         assert registered.get(cfg.key) == cfg
         runtime = [n for n, t in cfg.signature.items() if t != "constexpr"]
-        assert len(runtime) == len(args)
-        for name, val in zip(runtime, args):
+        assert sorted(runtime) == sorted(args)
+        assert {n for n in runtime if n.endswith("_ptr") or n.startswith("stride_")} == set(cfg.divisible_args)
+        for name in runtime:
+            val = args[name]
             assert _triton_type(val) == cfg.signature[name], f"{cfg.key}: {name}"
-            if name in cfg.divisible_by_16:
+            if name in cfg.divisible_args:
                 assert (val.data_ptr() if isinstance(val, torch.Tensor) else val) % 16 == 0, f"{cfg.key}: {name}"
         assert all(x > 0 for x in grid)
 
@@ -240,8 +241,11 @@ def test_select_config_and_supports_name_the_limit():
         kern.select_config("fwd", torch.float16, 96, False, 90)
     with pytest.raises(ValueError, match="fp16/bf16"):
         kern.select_config("fwd", torch.float64, 64, False, 90)
-    info = lambda dt, d: registry.CallInfo(torch.device("cpu"), dt, {"head_dim": d})  # noqa: E731
-    assert kern.supports(info(torch.float16, 64)) is None and kern.supports(info(torch.float32, 128)) is None
-    assert "head_dim" in kern.supports(info(torch.float16, 96))
-    assert "interpreter" in kern.supports(info(torch.bfloat16, 64))
-    assert "float64" in kern.supports(info(torch.float64, 64))
+    def args(dtype, d):
+        qkv = _qkv(4, 4, 2, 1, d, dtype)
+        return make_args(*qkv, *_ranges([[0, 4]], [[0, 4]], [0]), None, 0.0, False)
+
+    assert kern.supports(args(torch.float16, 64)) is None and kern.supports(args(torch.float32, 128)) is None
+    assert "head_dim" in kern.supports(args(torch.float16, 96))
+    assert "interpreter" in kern.supports(args(torch.bfloat16, 64))
+    assert "float64" in kern.supports(args(torch.float64, 64))

@@ -1,4 +1,4 @@
-"""fp8_quantize, backend "cuda": the CUDA kernel source (csrc/kernels/fp8_quant.cuh) run on CPU tensors by the
+"""fp8_quantize, backend "cuda": the CUDA kernel source (csrc/kernels/fp8_quantize.cuh) run on CPU tensors by the
 SIMT emulator, bit-exact (codes and scales) against the torch reference for every granularity.
 
 Outputs are poisoned before each launch, so an element or scale the kernel never writes shows up as a mismatch.
@@ -25,9 +25,9 @@ def _need_cuda_backend():
 
 
 def _kern():
-    from magi_kernels.kernels.cuda import fp8_quant
+    from magi_kernels.kernels.cuda import fp8_quantize
 
-    return fp8_quant
+    return fp8_quantize
 
 
 def run_cuda(x, gran, scale=None, bf16_round=None):

@@ -1,6 +1,6 @@
 """launch() of every Triton kernel only ever picks a config registered with the AOT checker, with
-runtime arguments whose Triton types match the registered signature (so the JIT compiles exactly
-the kernel the checker inspected). No kernel runs here: make_plan() is pure host logic."""
+runtime arguments whose Triton types match the signature derived from the kernel (so the JIT compiles
+exactly the kernel the checker inspected). No kernel runs here: make_launch() is pure host logic."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import itertools
 import pytest
 import torch
 
-from magi_kernels import registry
 from magi_kernels.kernels.triton import gated_post_norm_residual as gpnr_kern
 from magi_kernels.kernels.triton import qk_norm_rope as qk_kern
-from magi_kernels.kernels.triton.aot import registered_configs
+from magi_kernels.kernels.triton.aot import KernelLaunch, registered_configs
 from magi_kernels.ops.gated_post_norm_residual import make_args as gpnr_args
 from magi_kernels.ops.qk_norm_rope import make_args as qk_args
 
@@ -33,15 +32,17 @@ def _triton_type(v) -> str:
     return type(v).__name__
 
 
-def _assert_registered(plan) -> None:
+def _assert_registered(launch: KernelLaunch) -> None:
     registered = {c.key: c for c in registered_configs()}
-    assert plan.config.key in registered, f"launch picked unregistered config {plan.config.key}"
-    assert registered[plan.config.key] == plan.config
-    runtime = [k for k, v in plan.config.signature.items() if v != "constexpr"]
-    assert len(runtime) == len(plan.args)
-    for name, v in zip(runtime, plan.args):
-        assert _triton_type(v) == plan.config.signature[name], f"{plan.config.key}: arg {name} is {_triton_type(v)}"
-    assert all(g > 0 for g in plan.grid)
+    cfg = launch.config
+    assert cfg.key in registered, f"launch picked unregistered config {cfg.key}"
+    assert registered[cfg.key] == cfg
+    runtime = [k for k, v in cfg.signature.items() if v != "constexpr"]
+    assert sorted(runtime) == sorted(launch.args)
+    for name in runtime:
+        v = launch.args[name]
+        assert _triton_type(v) == cfg.signature[name], f"{cfg.key}: arg {name} is {_triton_type(v)}"
+    assert all(g > 0 for g in launch.grid)
 
 
 def test_shipped_configs_are_registered():
@@ -77,36 +78,35 @@ def test_qk_norm_rope_picks_registered_configs(shape):
             q, k = torch.empty(T, hq, d, dtype=dt), torch.empty(T, hk, d, dtype=dt)
         cos = sin = torch.zeros(T, rot // 2) if rot else None
         nq, nk = (d, d) if scope == "head" else (hq * d, hk * d)
-        info = registry.CallInfo(q.device, dt, {"head_dim": d, "norm_scope": scope, "hq": hq, "hk": hk})
-        reason = qk_kern.supports(info)
+        a = qk_args(q, k, cos, sin, torch.ones(nq), None, None, torch.zeros(nk), "rmsnorm", scope, 1.0, 1e-6,
+                    rot, inter)
+        reason = qk_kern.supports(a)
         if reason is not None:
             # Only a hidden row too long for registers is declined, and the reason says so.
             assert scope == "hidden" and max(hq, hk) * d > qk_kern.HIDDEN_MAX_TILE and "head_dim" in reason
             with pytest.raises(ValueError, match="norm_scope='hidden'"):
                 qk_kern.select_config(d, hq, hk, scope)
             continue
-        a, _ = qk_args(q, k, cos, sin, torch.ones(nq), None, None, torch.zeros(nk), "rmsnorm", scope, 1.0, 1e-6,
-                       rot or None, inter)
-        plan = qk_kern.make_plan(a, torch.empty(T, hq, d, dtype=out_dt), torch.empty(T, hk, d, dtype=out_dt))
-        _assert_registered(plan)
-        assert plan.config.constexprs["HIDDEN"] == (scope == "hidden")
+        launch = qk_kern.make_launch(a, torch.empty(T, hq, d, dtype=out_dt), torch.empty(T, hk, d, dtype=out_dt))
+        _assert_registered(launch)
+        assert launch.config.constexprs["HIDDEN"] == (scope == "hidden")
         if scope == "head":
-            assert plan.config.constexprs["BLOCK_D"] >= d
+            assert launch.config.constexprs["BLOCK_D"] >= d
         else:
-            assert plan.config.constexprs["BLOCK_D"] >= max(hq, hk) * d
+            assert launch.config.constexprs["BLOCK_D"] >= max(hq, hk) * d
 
 
-def test_qk_norm_rope_launch_goes_through_a_registered_plan(monkeypatch):
+def test_qk_norm_rope_launch_goes_through_a_registered_config(monkeypatch):
     seen = []
-    monkeypatch.setattr(qk_kern, "_run", seen.append)
+    monkeypatch.setattr(KernelLaunch, "run", lambda launch: seen.append(launch))
     q, k = torch.randn(6, 3, 72), torch.randn(6, 1, 72)
-    a, _ = qk_args(q, k, None, None, None, None, None, None, "layernorm", "head", 0.0, 1e-6, None, False)
+    a = qk_args(q, k, None, None, None, None, None, None, "layernorm", "head", 0.0, 1e-6, 0, False)
     qk_kern.launch(a, torch.empty(6, 3, 72), torch.empty(6, 1, 72))
-    (plan,) = seen
-    _assert_registered(plan)
+    (launch,) = seen
+    _assert_registered(launch)
     # No tokens: nothing to launch.
     seen.clear()
-    a, _ = qk_args(q[:0], k[:0], None, None, None, None, None, None, "layernorm", "head", 0.0, 1e-6, None, False)
+    a = qk_args(q[:0], k[:0], None, None, None, None, None, None, "layernorm", "head", 0.0, 1e-6, 0, False)
     qk_kern.launch(a, torch.empty(0, 3, 72), torch.empty(0, 1, 72))
     assert not seen
 
@@ -118,11 +118,11 @@ def test_qk_norm_rope_launch_goes_through_a_registered_plan(monkeypatch):
 @pytest.mark.parametrize("hidden", [1, 7, 32, 33, 77, 128, 200, 1000, 1024, 1025, 3072, 5000, 6144, 8192, 8193])
 def test_gated_post_norm_residual_picks_registered_configs(hidden):
     T = 5
-    info = registry.CallInfo(torch.device("cpu"), torch.float32, {"hidden": hidden})
     if hidden > gpnr_kern.MAX_HIDDEN:
-        assert "hidden size" in gpnr_kern.supports(info)
+        x = torch.zeros(T, hidden)
+        a = gpnr_args(x, torch.zeros(T, hidden), x, None, None, None, "layernorm", 1.0, 1e-6)
+        assert "hidden size" in gpnr_kern.supports(a)
         return
-    assert gpnr_kern.supports(info) is None
     for xd, gd, rd, od in itertools.product(DTYPES, repeat=4):
         for with_index, pad in ((False, 0), (True, 3)):
             x = torch.empty(T, hidden + pad, dtype=xd)[:, :hidden]
@@ -130,16 +130,17 @@ def test_gated_post_norm_residual_picks_registered_configs(hidden):
             gate = torch.zeros(2 if with_index else T, hidden, dtype=gd)
             gi = torch.tensor([0, 1, 1, 0, 1], dtype=torch.int64) if with_index else None
             a = gpnr_args(x, gate, residual, torch.zeros(hidden), None, gi, "layernorm", 1.0, 1e-6)
-            plan = gpnr_kern.make_plan(a, torch.empty(T, hidden, dtype=od))
-            _assert_registered(plan)
-            assert plan.config.constexprs["BLOCK_N"] >= hidden
+            assert gpnr_kern.supports(a) is None
+            launch = gpnr_kern.make_launch(a, torch.empty(T, hidden, dtype=od))
+            _assert_registered(launch)
+            assert launch.config.constexprs["BLOCK_N"] >= hidden
 
 
-def test_gated_launch_goes_through_a_registered_plan(monkeypatch):
+def test_gated_launch_goes_through_a_registered_config(monkeypatch):
     seen = []
-    monkeypatch.setattr(gpnr_kern, "_run", seen.append)
+    monkeypatch.setattr(KernelLaunch, "run", lambda launch: seen.append(launch))
     x = torch.randn(4, 300, dtype=torch.bfloat16)
     a = gpnr_args(x, torch.randn(4, 300), x.clone(), None, None, None, "rmsnorm", 0.0, 1e-6)
     gpnr_kern.launch(a, torch.empty(4, 300))
-    (plan,) = seen
-    _assert_registered(plan)
+    (launch,) = seen
+    _assert_registered(launch)

@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton kernels: dtype-erased loads/stores and launch plumbing.
+"""Helpers shared by the Triton kernels: dtype-erased loads/stores and launch-argument checks.
 
 The fused norm kernels take every tensor as a uint8 pointer plus a runtime dtype code (0 fp32,
 1 fp16, 2 bf16) and reinterpret it in the kernel. That keeps the compiled-config set to tile shapes
@@ -8,15 +8,14 @@ uniform branch per load, which the compiler hoists.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from magi_kernels.kernels.triton.aot import AotConfig
 
+# Runtime dtype codes understood by load_f32 / store_f32.
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 INT32_MAX = 2**31 - 1
 
@@ -58,6 +57,17 @@ def store_f32(base, offs, val, mask, kind):
         tl.store(base.to(tl.pointer_type(tl.bfloat16), bitcast=True) + offs, val.to(tl.bfloat16), mask=mask)
 
 
+@triton.jit
+def round_to_bf16_grid(x):
+    """fp32 -> the nearest-even bf16 value, kept in fp32; NaN stays NaN.
+
+    A later ``.to(bf16)`` is then exact on every backend (the interpreter's own fp32 -> bf16 cast truncates).
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    r = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return tl.where(x != x, x, r.to(tl.float32, bitcast=True))
+
+
 @functools.lru_cache(maxsize=None)
 def dummy(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A valid pointer for absent optional tensors; the kernel never dereferences it (masked loads)."""
@@ -74,12 +84,3 @@ def check_i32(op: str, **vals: int) -> None:
         if not -INT32_MAX - 1 <= v <= INT32_MAX:
             raise ValueError(f"{op}: {name} = {v} does not fit in int32, which the Triton kernel's shipped "
                              f"signature uses")
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """Everything one launch needs: the shipped config, the grid, and the runtime args in kernel order."""
-
-    config: AotConfig
-    grid: tuple[int, ...]
-    args: tuple

@@ -50,7 +50,7 @@ import triton.language as tl
 
 from magi_kernels.kernels.triton import triton_interpreting
 from magi_kernels.kernels.triton._io import check_i32, dummy
-from magi_kernels.kernels.triton.aot import AotConfig, register_aot
+from magi_kernels.kernels.triton.aot import AotConfig, KernelLaunch, kernel_parameters, register_aot
 
 OP = "flex_attn"
 LOG2E = 1.4426950408889634
@@ -87,21 +87,21 @@ def _scores_log2(q, kt, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _slice_mask(slices, mask_slices, j0, j1, r, c):
-    """OR over slice ids mask_slices[j0:j1] of (qs <= r < qe and lo(r) <= c < hi(r)).
+def _slice_mask(slices_ptr, mask_slices_ptr, j0, j1, r, c):
+    """OR over slice ids mask_slices_ptr[j0:j1] of (qs <= r < qe and lo(r) <= c < hi(r)).
 
-    r (query rows) and c (key columns) broadcast against each other; slices[s] = (qs, qe, ks, ke, type),
+    r (query rows) and c (key columns) broadcast against each other; slices_ptr[s] = (qs, qe, ks, ke, type),
     lo = ks + (r - qs) for INV_CAUSAL/BI_CAUSAL (type bit 1), hi = ke - (qe - 1 - r) for CAUSAL/BI_CAUSAL
     (type bit 0). Slices lie inside [0, total_q) x [0, total_k), so this also masks out-of-bounds cells.
     """
     vis = (r < 0) & (c < 0)  # all False, in the broadcast shape
     for j in range(j0, j1):
-        sid = tl.load(mask_slices + j)
-        qs = tl.load(slices + sid * 5 + 0)
-        qe = tl.load(slices + sid * 5 + 1)
-        ks = tl.load(slices + sid * 5 + 2)
-        ke = tl.load(slices + sid * 5 + 3)
-        ty = tl.load(slices + sid * 5 + 4)
+        sid = tl.load(mask_slices_ptr + j)
+        qs = tl.load(slices_ptr + sid * 5 + 0)
+        qe = tl.load(slices_ptr + sid * 5 + 1)
+        ks = tl.load(slices_ptr + sid * 5 + 2)
+        ke = tl.load(slices_ptr + sid * 5 + 3)
+        ty = tl.load(slices_ptr + sid * 5 + 4)
         lo = ks + (r - qs) * ((ty >> 1) & 1)
         hi = ke - (qe - 1 - r) * (ty & 1)
         vis = vis | ((r >= qs) & (r < qe) & (c >= lo) & (c < hi))
@@ -113,12 +113,13 @@ def _slice_mask(slices, mask_slices, j0, j1, r, c):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, K, V, n, offs_m, offs_d, k_st, k_sh, v_st, v_sh, kh, total_k,
-              slices, mask_slices, j0, j1, qk_scale, cap_in, cap_out,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
+def _fwd_tile(acc, m_i, l_i, q, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt, stride_vh, kh,
+              total_k, slices_ptr, mask_slices_ptr, j0, j1, qk_scale, cap_in, cap_out, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
     """One online-softmax step over k tile n (log2 domain)."""
-    s2, _, k, v = _kv_tile_scores(q, K, V, n, offs_m, offs_d, k_st, k_sh, v_st, v_sh, kh, total_k, slices,
-                                  mask_slices, j0, j1, qk_scale, cap_in, cap_out, BLOCK_N, MASKED, SOFTCAP)
+    s2, _, k, v = _kv_tile_scores(q, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt, stride_vh, kh,
+                                  total_k, slices_ptr, mask_slices_ptr, j0, j1, qk_scale, cap_in, cap_out, BLOCK_N,
+                                  MASKED, SOFTCAP)
     m_new = tl.maximum(m_i, tl.max(s2, 1))
     if MASKED:
         # A row that has seen nothing yet keeps m = -inf: shift by 0 there so exp2 gives 0, not NaN.
@@ -132,13 +133,12 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, n, offs_m, offs_d, k_st, k_sh, v_st, v_sh,
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["total_q", "total_k", "groups", "lse_st"])
-def _flex_attn_fwd_kernel(Q, K, V, O, LSE,
-                          q_ptr, q_nfull, q_kidx, q_pptr, p_mptr, mask_slices, slices,
-                          q_st, q_sh, k_st, k_sh, v_st, v_sh, o_st, o_sh, lse_st,
-                          total_q, total_k, groups, qk_scale, cap_in, cap_out,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          SOFTCAP: tl.constexpr):
+@triton.jit(do_not_specialize=["total_q", "total_k", "groups", "q_heads"])
+def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_start_ptr, q_nfull_ptr, q_kidx_ptr, q_pstart_ptr,
+                          p_mstart_ptr, mask_slices_ptr, slices_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                          stride_vt, stride_vh, stride_ot, stride_oh, q_heads, total_q, total_k, groups,
+                          qk_scale: tl.float32, cap_in: tl.float32, cap_out: tl.float32, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr):
     m = tl.program_id(0)
     h = tl.program_id(1)
     kh = h // groups
@@ -146,35 +146,37 @@ def _flex_attn_fwd_kernel(Q, K, V, O, LSE,
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < total_q
     rows64 = offs_m.to(tl.int64)
-    q = tl.load(Q + rows64[:, None] * q_st + h * q_sh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_ptr + rows64[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
-    e0 = tl.load(q_ptr + m)
-    e1 = tl.load(q_ptr + m + 1)
-    e_mid = e0 + tl.load(q_nfull + m)  # [e0, e_mid) FULL, [e_mid, e1) PARTIAL
-    p0 = tl.load(q_pptr + m) - e_mid  # partial id of entry e is p0 + e
+    e0 = tl.load(q_start_ptr + m)
+    e1 = tl.load(q_start_ptr + m + 1)
+    e_mid = e0 + tl.load(q_nfull_ptr + m)  # [e0, e_mid) FULL, [e_mid, e1) PARTIAL
+    p0 = tl.load(q_pstart_ptr + m) - e_mid  # partial id of entry e is p0 + e
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for e in range(e0, e_mid):
-        n = tl.load(q_kidx + e)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, n, offs_m, offs_d, k_st, k_sh, v_st, v_sh, kh, total_k,
-                                  slices, mask_slices, 0, 0, qk_scale, cap_in, cap_out, BLOCK_N, False, SOFTCAP)
+        n = tl.load(q_kidx_ptr + e)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt,
+                                  stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, 0, 0, qk_scale, cap_in, cap_out,
+                                  BLOCK_N, False, SOFTCAP)
     for e in range(e_mid, e1):
-        n = tl.load(q_kidx + e)
-        j0 = tl.load(p_mptr + p0 + e)
-        j1 = tl.load(p_mptr + p0 + e + 1)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, n, offs_m, offs_d, k_st, k_sh, v_st, v_sh, kh, total_k,
-                                  slices, mask_slices, j0, j1, qk_scale, cap_in, cap_out, BLOCK_N, True, SOFTCAP)
+        n = tl.load(q_kidx_ptr + e)
+        j0 = tl.load(p_mstart_ptr + p0 + e)
+        j1 = tl.load(p_mstart_ptr + p0 + e + 1)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt,
+                                  stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, j0, j1, qk_scale, cap_in,
+                                  cap_out, BLOCK_N, True, SOFTCAP)
 
     # Rows that saw no key (l = 0; acc is 0 there too): out 0, lse -inf.
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # log2 -> natural log
-    tl.store(O + rows64[:, None] * o_st + h * o_sh + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(out_ptr + rows64[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])
-    tl.store(LSE + rows64 * lse_st + h, lse, mask=row_ok)
+    tl.store(lse_ptr + rows64 * q_heads + h, lse, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,73 +184,117 @@ def _flex_attn_fwd_kernel(Q, K, V, O, LSE,
 
 
 @triton.jit
-def _kv_tile_scores(q, K, V, n, offs_m, offs_d, k_st, k_sh, v_st, v_sh, kh, total_k, slices, mask_slices, j0, j1,
-                    qk_scale, cap_in, cap_out, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
+def _kv_tile_scores(q, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt, stride_vh, kh, total_k,
+                    slices_ptr, mask_slices_ptr, j0, j1, qk_scale, cap_in, cap_out, BLOCK_N: tl.constexpr,
+                    MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
     """K and V of k tile n, and the (masked) log2-domain scores of q against it."""
     cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
-    koff = cols.to(tl.int64)[:, None] * k_st + kh * k_sh + offs_d[None, :]
-    voff = cols.to(tl.int64)[:, None] * v_st + kh * v_sh + offs_d[None, :]
+    koff = cols.to(tl.int64)[:, None] * stride_kt + kh * stride_kh + offs_d[None, :]
+    voff = cols.to(tl.int64)[:, None] * stride_vt + kh * stride_vh + offs_d[None, :]
     if MASKED:
         col_ok = (cols < total_k)[:, None]
-        k = tl.load(K + koff, mask=col_ok, other=0.0)
-        v = tl.load(V + voff, mask=col_ok, other=0.0)
+        k = tl.load(k_ptr + koff, mask=col_ok, other=0.0)
+        v = tl.load(v_ptr + voff, mask=col_ok, other=0.0)
     else:
-        k = tl.load(K + koff)
-        v = tl.load(V + voff)
+        k = tl.load(k_ptr + koff)
+        v = tl.load(v_ptr + voff)
     s2, th = _scores_log2(q, tl.trans(k), qk_scale, cap_in, cap_out, SOFTCAP)
     if MASKED:
-        vis = _slice_mask(slices, mask_slices, j0, j1, offs_m[:, None], cols[None, :])
+        vis = _slice_mask(slices_ptr, mask_slices_ptr, j0, j1, offs_m[:, None], cols[None, :])
         s2 = tl.where(vis, s2, float("-inf"))
     return s2, th, k, v
 
 
 @triton.jit
-def _bwd_q_tile(dq, m_i, l_i, dacc, q, do, lse2, delta, K, V, n, offs_m, offs_d, k_st, k_sh, v_st, v_sh, kh,
-                total_k, slices, mask_slices, j0, j1, qk_scale, cap_in, cap_out,
-                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, DELTA_PASS: tl.constexpr):
-    """DELTA_PASS: one online step of (row max m, sum l, sum P dP) -- the lse and delta pre-pass.
-    Else: dq += dS K (unscaled by softmax_scale), with P = exp2(s2 - lse2) from the pre-pass's lse2."""
-    s2, th, k, v = _kv_tile_scores(q, K, V, n, offs_m, offs_d, k_st, k_sh, v_st, v_sh, kh, total_k, slices,
-                                   mask_slices, j0, j1, qk_scale, cap_in, cap_out, BLOCK_N, MASKED, SOFTCAP)
+def _bwd_delta_tile(m_i, l_i, dacc, q, do, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt, stride_vh,
+                    kh, total_k, slices_ptr, mask_slices_ptr, j0, j1, qk_scale, cap_in, cap_out, BLOCK_N: tl.constexpr,
+                    MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Pre-pass step over k tile n: online (row max m, sum l = sum 2^(s2 - m), sum P dP), log2 domain."""
+    s2, _, _, v = _kv_tile_scores(q, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt, stride_vh, kh,
+                                  total_k, slices_ptr, mask_slices_ptr, j0, j1, qk_scale, cap_in, cap_out, BLOCK_N,
+                                  MASKED, SOFTCAP)
     dp = tl.dot(do, tl.trans(v))
-    if DELTA_PASS:
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s2 - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        return dq, m_new, l_i * alpha + tl.sum(p, 1), dacc * alpha + tl.sum(p * dp, 1)
-    else:
-        p = tl.exp2(s2 - lse2[:, None])  # lse2 = +inf on rows that see nothing: p = 0, never NaN
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - th * th)
-        return dq + tl.dot(ds.to(k.dtype), k), m_i, l_i, dacc
+    m_new = tl.maximum(m_i, tl.max(s2, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s2 - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    return m_new, l_i * alpha + tl.sum(p, 1), dacc * alpha + tl.sum(p * dp, 1)
 
 
 @triton.jit
-def _bwd_q_walk(dq, m_i, l_i, dacc, q, do, lse2, delta, K, V, q_kidx, p_mptr, e0, e_mid, e1, p0, offs_m, offs_d,
-                k_st, k_sh, v_st, v_sh, kh, total_k, slices, mask_slices, qk_scale, cap_in, cap_out,
-                BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, DELTA_PASS: tl.constexpr):
+def _bwd_delta_walk(q, do, k_ptr, v_ptr, q_kidx_ptr, p_mstart_ptr, e0, e_mid, e1, p0, offs_m, offs_d, stride_kt,
+                    stride_kh, stride_vt, stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, qk_scale, cap_in,
+                    cap_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr):
+    """The delta pre-pass over a q tile's k tiles: (lse2, sum P dP / l, l) per row, lse2 = +inf where unseen.
+
+    Recomputing lse here instead of converting the stored natural-log lse keeps P exact where it should be:
+    a row that sees one key gets lse2 = s2 exactly, P = exp2(0) = 1 and dS = 0 exactly, as in exact
+    arithmetic (the ln <-> log2 round trip leaves ~1e-7).
+    """
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    dacc = tl.zeros([BLOCK_M], tl.float32)
     for e in range(e0, e_mid):
-        n = tl.load(q_kidx + e)
-        dq, m_i, l_i, dacc = _bwd_q_tile(dq, m_i, l_i, dacc, q, do, lse2, delta, K, V, n, offs_m, offs_d, k_st,
-                                         k_sh, v_st, v_sh, kh, total_k, slices, mask_slices, 0, 0, qk_scale, cap_in,
-                                         cap_out, BLOCK_N, False, SOFTCAP, DELTA_PASS)
+        n = tl.load(q_kidx_ptr + e)
+        m_i, l_i, dacc = _bwd_delta_tile(m_i, l_i, dacc, q, do, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh,
+                                         stride_vt, stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, 0, 0, qk_scale,
+                                         cap_in, cap_out, BLOCK_N, False, SOFTCAP)
     for e in range(e_mid, e1):
-        n = tl.load(q_kidx + e)
-        j0 = tl.load(p_mptr + p0 + e)
-        j1 = tl.load(p_mptr + p0 + e + 1)
-        dq, m_i, l_i, dacc = _bwd_q_tile(dq, m_i, l_i, dacc, q, do, lse2, delta, K, V, n, offs_m, offs_d, k_st,
-                                         k_sh, v_st, v_sh, kh, total_k, slices, mask_slices, j0, j1, qk_scale, cap_in,
-                                         cap_out, BLOCK_N, True, SOFTCAP, DELTA_PASS)
-    return dq, m_i, l_i, dacc
+        n = tl.load(q_kidx_ptr + e)
+        j0 = tl.load(p_mstart_ptr + p0 + e)
+        j1 = tl.load(p_mstart_ptr + p0 + e + 1)
+        m_i, l_i, dacc = _bwd_delta_tile(m_i, l_i, dacc, q, do, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh,
+                                         stride_vt, stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, j0, j1,
+                                         qk_scale, cap_in, cap_out, BLOCK_N, True, SOFTCAP)
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    lse2 = tl.where(seen, m_i + tl.log2(l_safe), float("inf"))  # +inf: P = 0 on rows that see nothing
+    return lse2, dacc / l_safe
 
 
-@triton.jit(do_not_specialize=["total_q", "total_k", "groups", "lse_st", "has_dlse"])
-def _flex_attn_bwd_dq_kernel(Q, K, V, DO, DLSE, LSE2, DELTA, DQ,
-                             q_ptr, q_nfull, q_kidx, q_pptr, p_mptr, mask_slices, slices,
-                             q_st, q_sh, k_st, k_sh, v_st, v_sh, do_st, do_sh, dq_st, dq_sh, lse_st,
-                             total_q, total_k, groups, has_dlse, softmax_scale, qk_scale, cap_in, cap_out,
+@triton.jit
+def _bwd_dq_tile(dq, q, do, lse2, delta, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt, stride_vh,
+                 kh, total_k, slices_ptr, mask_slices_ptr, j0, j1, qk_scale, cap_in, cap_out, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
+    """dq += dS K over k tile n (unscaled by softmax_scale), with P = exp2(s2 - lse2) from the pre-pass."""
+    s2, th, k, v = _kv_tile_scores(q, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt, stride_vh, kh,
+                                   total_k, slices_ptr, mask_slices_ptr, j0, j1, qk_scale, cap_in, cap_out, BLOCK_N,
+                                   MASKED, SOFTCAP)
+    dp = tl.dot(do, tl.trans(v))
+    p = tl.exp2(s2 - lse2[:, None])  # lse2 = +inf on rows that see nothing: p = 0, never NaN
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - th * th)
+    return dq + tl.dot(ds.to(k.dtype), k)
+
+
+@triton.jit
+def _bwd_dq_walk(q, do, lse2, delta, k_ptr, v_ptr, q_kidx_ptr, p_mstart_ptr, e0, e_mid, e1, p0, offs_m, offs_d,
+                 stride_kt, stride_kh, stride_vt, stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, qk_scale, cap_in,
+                 cap_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr):
+    """dQ / softmax_scale = sum over the q tile's k tiles of dS K."""
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for e in range(e0, e_mid):
+        n = tl.load(q_kidx_ptr + e)
+        dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt,
+                          stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, 0, 0, qk_scale, cap_in, cap_out, BLOCK_N,
+                          False, SOFTCAP)
+    for e in range(e_mid, e1):
+        n = tl.load(q_kidx_ptr + e)
+        j0 = tl.load(p_mstart_ptr + p0 + e)
+        j1 = tl.load(p_mstart_ptr + p0 + e + 1)
+        dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt,
+                          stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, j0, j1, qk_scale, cap_in, cap_out,
+                          BLOCK_N, True, SOFTCAP)
+    return dq
+
+
+@triton.jit(do_not_specialize=["total_q", "total_k", "groups", "q_heads", "has_dlse"])
+def _flex_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dlse_ptr, lse2_ptr, delta_ptr, dq_ptr, q_start_ptr,
+                             q_nfull_ptr, q_kidx_ptr, q_pstart_ptr, p_mstart_ptr, mask_slices_ptr, slices_ptr,
+                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                             stride_dqt, stride_dqh, q_heads, total_q, total_k, groups, has_dlse,
+                             softmax_scale: tl.float32, qk_scale: tl.float32, cap_in: tl.float32, cap_out: tl.float32,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                              SOFTCAP: tl.constexpr):
     m = tl.program_id(0)
@@ -258,39 +304,31 @@ def _flex_attn_bwd_dq_kernel(Q, K, V, DO, DLSE, LSE2, DELTA, DQ,
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < total_q
     rows64 = offs_m.to(tl.int64)
-    q = tl.load(Q + rows64[:, None] * q_st + h * q_sh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + rows64[:, None] * do_st + h * do_sh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_ptr + rows64[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + rows64[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=row_ok[:, None],
+                 other=0.0)
 
-    e0 = tl.load(q_ptr + m)
-    e1 = tl.load(q_ptr + m + 1)
-    e_mid = e0 + tl.load(q_nfull + m)
-    p0 = tl.load(q_pptr + m) - e_mid
+    e0 = tl.load(q_start_ptr + m)
+    e1 = tl.load(q_start_ptr + m + 1)
+    e_mid = e0 + tl.load(q_nfull_ptr + m)
+    p0 = tl.load(q_pstart_ptr + m) - e_mid
 
-    # Pass 1 (pre-pass): recompute the row's lse (log2 domain, online like the forward) and
-    # delta = sum_j P dP = dO . O with O unrounded. Recomputing lse here instead of converting the stored
-    # natural-log lse keeps P exact where it should be: a row that sees one key gets lse2 = s2 exactly,
-    # P = exp2(0) = 1 and dS = 0 exactly, as in exact arithmetic (the ln <-> log2 round trip leaves ~1e-7).
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    dacc = tl.zeros([BLOCK_M], tl.float32)
-    dq, m_i, l_i, dacc = _bwd_q_walk(dq, m_i, l_i, dacc, q, do, l_i, l_i, K, V, q_kidx, p_mptr, e0, e_mid, e1, p0,
-                                     offs_m, offs_d, k_st, k_sh, v_st, v_sh, kh, total_k, slices, mask_slices,
-                                     qk_scale, cap_in, cap_out, BLOCK_N, SOFTCAP, True)
-    seen = l_i > 0
-    l_safe = tl.where(seen, l_i, 1.0)
-    lse2 = tl.where(seen, m_i + tl.log2(l_safe), float("inf"))  # +inf: P = 0 on rows that see nothing
+    # Pass 1, the pre-pass: the row's lse (log2 domain, recomputed online like the forward) and
+    # delta = sum_j P dP = dO . O with O unrounded.
+    lse2, delta = _bwd_delta_walk(q, do, k_ptr, v_ptr, q_kidx_ptr, p_mstart_ptr, e0, e_mid, e1, p0, offs_m, offs_d,
+                                  stride_kt, stride_kh, stride_vt, stride_vh, kh, total_k, slices_ptr, mask_slices_ptr,
+                                  qk_scale, cap_in, cap_out, BLOCK_M, BLOCK_N, SOFTCAP)
     dlse_ok = tl.where(has_dlse != 0, row_ok, False)  # (tl.where: the interpreter mistypes tensor & scalar)
     # A gradient flowing into lse enters delta with a minus sign (d lse / d s_j = P_j).
-    delta = dacc / l_safe - tl.load(DLSE + rows64 * lse_st + h, mask=dlse_ok, other=0.0)
-    tl.store(LSE2 + rows64 * lse_st + h, lse2, mask=row_ok)
-    tl.store(DELTA + rows64 * lse_st + h, delta, mask=row_ok)
+    delta = delta - tl.load(dlse_ptr + rows64 * q_heads + h, mask=dlse_ok, other=0.0)
+    tl.store(lse2_ptr + rows64 * q_heads + h, lse2, mask=row_ok)
+    tl.store(delta_ptr + rows64 * q_heads + h, delta, mask=row_ok)
     # Pass 2: dQ = scale * sum_j dS K.
-    dq, m_i, l_i, dacc = _bwd_q_walk(dq, m_i, l_i, dacc, q, do, lse2, delta, K, V, q_kidx, p_mptr, e0, e_mid, e1,
-                                     p0, offs_m, offs_d, k_st, k_sh, v_st, v_sh, kh, total_k, slices, mask_slices,
-                                     qk_scale, cap_in, cap_out, BLOCK_N, SOFTCAP, False)
+    dq = _bwd_dq_walk(q, do, lse2, delta, k_ptr, v_ptr, q_kidx_ptr, p_mstart_ptr, e0, e_mid, e1, p0, offs_m, offs_d,
+                      stride_kt, stride_kh, stride_vt, stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, qk_scale,
+                      cap_in, cap_out, BLOCK_M, BLOCK_N, HEAD_DIM, SOFTCAP)
     dq = dq * softmax_scale
-    tl.store(DQ + rows64[:, None] * dq_st + h * dq_sh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(dq_ptr + rows64[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
              mask=row_ok[:, None])
 
 
@@ -299,28 +337,28 @@ def _flex_attn_bwd_dq_kernel(Q, K, V, DO, DLSE, LSE2, DELTA, DQ,
 
 
 @triton.jit
-def _bwd_kv_tile(dk, dv, k, v, Q, DO, LSE2, DELTA, m, h, cols, offs_d, q_st, q_sh, do_st, do_sh, lse_st, total_q,
-                 slices, mask_slices, j0, j1, qk_scale, cap_in, cap_out,
+def _bwd_kv_tile(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, m, h, cols, offs_d, stride_qt, stride_qh, stride_dot,
+                 stride_doh, q_heads, total_q, slices_ptr, mask_slices_ptr, j0, j1, qk_scale, cap_in, cap_out,
                  BLOCK_M: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
     """dV += P^T dO and dK += dS^T Q for q tile m, q head h, in the transposed [keys, rows] layout."""
     rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows64 = rows.to(tl.int64)
-    qoff = rows64[:, None] * q_st + h * q_sh + offs_d[None, :]
-    dooff = rows64[:, None] * do_st + h * do_sh + offs_d[None, :]
+    qoff = rows64[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
+    dooff = rows64[:, None] * stride_dot + h * stride_doh + offs_d[None, :]
     if MASKED:
         row_ok = rows < total_q
-        q = tl.load(Q + qoff, mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + dooff, mask=row_ok[:, None], other=0.0)
-        lse2 = tl.load(LSE2 + rows64 * lse_st + h, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + rows64 * lse_st + h, mask=row_ok, other=0.0)
+        q = tl.load(q_ptr + qoff, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptr + dooff, mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(lse2_ptr + rows64 * q_heads + h, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + rows64 * q_heads + h, mask=row_ok, other=0.0)
     else:
-        q = tl.load(Q + qoff)
-        do = tl.load(DO + dooff)
-        lse2 = tl.load(LSE2 + rows64 * lse_st + h)  # kernel 1's log2-domain lse (+inf: row sees nothing)
-        delta = tl.load(DELTA + rows64 * lse_st + h)
+        q = tl.load(q_ptr + qoff)
+        do = tl.load(do_ptr + dooff)
+        lse2 = tl.load(lse2_ptr + rows64 * q_heads + h)  # kernel 1's log2-domain lse (+inf: row sees nothing)
+        delta = tl.load(delta_ptr + rows64 * q_heads + h)
     s2t, tht = _scores_log2(k, tl.trans(q), qk_scale, cap_in, cap_out, SOFTCAP)  # [BLOCK_N, BLOCK_M]
     if MASKED:
-        vis = _slice_mask(slices, mask_slices, j0, j1, rows[None, :], cols[:, None])
+        vis = _slice_mask(slices_ptr, mask_slices_ptr, j0, j1, rows[None, :], cols[:, None])
         s2t = tl.where(vis, s2t, float("-inf"))
     pt = tl.exp2(s2t - lse2[None, :])
     dv += tl.dot(pt.to(do.dtype), do)
@@ -332,26 +370,27 @@ def _bwd_kv_tile(dk, dv, k, v, Q, DO, LSE2, DELTA, m, h, cols, offs_d, q_st, q_s
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["total_q", "total_k", "groups", "lse_st"])
-def _flex_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
-                               k_ptr, k_nfull, k_qidx, k_pptr, k_pent, p_mptr, mask_slices, slices,
-                               q_st, q_sh, k_st, k_sh, v_st, v_sh, do_st, do_sh, dk_st, dk_sh, dv_st, dv_sh,
-                               lse_st, total_q, total_k, groups, softmax_scale, qk_scale, cap_in, cap_out,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                               SOFTCAP: tl.constexpr):
+@triton.jit(do_not_specialize=["total_q", "total_k", "groups", "q_heads"])
+def _flex_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, k_start_ptr,
+                               k_nfull_ptr, k_qidx_ptr, k_pstart_ptr, k_pent_ptr, p_mstart_ptr, mask_slices_ptr,
+                               slices_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
+                               stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, q_heads, total_q, total_k,
+                               groups, softmax_scale: tl.float32, qk_scale: tl.float32, cap_in: tl.float32,
+                               cap_out: tl.float32, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr):
     n = tl.program_id(0)
     kh = tl.program_id(1)
     cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = cols < total_k
     cols64 = cols.to(tl.int64)
-    k = tl.load(K + cols64[:, None] * k_st + kh * k_sh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + cols64[:, None] * v_st + kh * v_sh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    k = tl.load(k_ptr + cols64[:, None] * stride_kt + kh * stride_kh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + cols64[:, None] * stride_vt + kh * stride_vh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
 
-    f0 = tl.load(k_ptr + n)
-    f1 = tl.load(k_ptr + n + 1)
-    f_mid = f0 + tl.load(k_nfull + n)  # [f0, f_mid) FULL, [f_mid, f1) PARTIAL
-    pe0 = tl.load(k_pptr + n) - f_mid  # k_pent index of entry f is pe0 + f
+    f0 = tl.load(k_start_ptr + n)
+    f1 = tl.load(k_start_ptr + n + 1)
+    f_mid = f0 + tl.load(k_nfull_ptr + n)  # [f0, f_mid) FULL, [f_mid, f1) PARTIAL
+    pe0 = tl.load(k_pstart_ptr + n) - f_mid  # partial-id index of entry f is pe0 + f
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -359,22 +398,22 @@ def _flex_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
     for g in range(0, groups):
         h = kh * groups + g
         for f in range(f0, f_mid):
-            m = tl.load(k_qidx + f)
-            dk, dv = _bwd_kv_tile(dk, dv, k, v, Q, DO, LSE2, DELTA, m, h, cols, offs_d, q_st, q_sh, do_st, do_sh,
-                                  lse_st, total_q, slices, mask_slices, 0, 0, qk_scale, cap_in, cap_out,
-                                  BLOCK_M, False, SOFTCAP)
+            m = tl.load(k_qidx_ptr + f)
+            dk, dv = _bwd_kv_tile(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, m, h, cols, offs_d, stride_qt,
+                                  stride_qh, stride_dot, stride_doh, q_heads, total_q, slices_ptr, mask_slices_ptr, 0,
+                                  0, qk_scale, cap_in, cap_out, BLOCK_M, False, SOFTCAP)
         for f in range(f_mid, f1):
-            m = tl.load(k_qidx + f)
-            pid = tl.load(k_pent + pe0 + f)
-            j0 = tl.load(p_mptr + pid)
-            j1 = tl.load(p_mptr + pid + 1)
-            dk, dv = _bwd_kv_tile(dk, dv, k, v, Q, DO, LSE2, DELTA, m, h, cols, offs_d, q_st, q_sh, do_st, do_sh,
-                                  lse_st, total_q, slices, mask_slices, j0, j1, qk_scale, cap_in, cap_out,
-                                  BLOCK_M, True, SOFTCAP)
+            m = tl.load(k_qidx_ptr + f)
+            pid = tl.load(k_pent_ptr + pe0 + f)
+            j0 = tl.load(p_mstart_ptr + pid)
+            j1 = tl.load(p_mstart_ptr + pid + 1)
+            dk, dv = _bwd_kv_tile(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, m, h, cols, offs_d, stride_qt,
+                                  stride_qh, stride_dot, stride_doh, q_heads, total_q, slices_ptr, mask_slices_ptr, j0,
+                                  j1, qk_scale, cap_in, cap_out, BLOCK_M, True, SOFTCAP)
     dk = dk * softmax_scale
-    tl.store(DK + cols64[:, None] * dk_st + kh * dk_sh + offs_d[None, :], dk.to(DK.dtype.element_ty),
+    tl.store(dk_ptr + cols64[:, None] * stride_dkt + kh * stride_dkh + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=col_ok[:, None])
-    tl.store(DV + cols64[:, None] * dv_st + kh * dv_sh + offs_d[None, :], dv.to(DV.dtype.element_ty),
+    tl.store(dv_ptr + cols64[:, None] * stride_dvt + kh * stride_dvh + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
              mask=col_ok[:, None])
 
 
@@ -407,34 +446,23 @@ TILES = {
     ("bwd_dkdv", 89, 64): (32, 64, 4, 2), ("bwd_dkdv", 89, 128): (64, 64, 8, 2),
 }
 
-_PLAN_Q = ("q_ptr", "q_nfull", "q_kidx", "q_pptr", "p_mptr", "mask_slices", "slices")
-_PLAN_K = ("k_ptr", "k_nfull", "k_qidx", "k_pptr", "k_pent", "p_mptr", "mask_slices", "slices")
-_TAIL = {"BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HEAD_DIM": "constexpr", "SOFTCAP": "constexpr"}
+# Kernel parameter -> plan tensor (magi_kernels/plan/planner.py documents the layout). Every other pointer
+# is an attention tensor: fp32 for the per-row statistics below, the input dtype otherwise.
+PLAN_ARGS = {
+    "q_start_ptr": "q_ptr", "q_nfull_ptr": "q_nfull", "q_kidx_ptr": "q_kidx", "q_pstart_ptr": "q_pptr",
+    "k_start_ptr": "k_ptr", "k_nfull_ptr": "k_nfull", "k_qidx_ptr": "k_qidx", "k_pstart_ptr": "k_pptr",
+    "k_pent_ptr": "k_pent", "p_mstart_ptr": "p_mptr", "mask_slices_ptr": "mask_slices", "slices_ptr": "slices",
+}
+_FP32_ARGS = ("lse_ptr", "dlse_ptr", "lse2_ptr", "delta_ptr")
+# Every pointer and every token/head stride is compiled as a multiple of 16; the launcher guarantees it.
+_DIVISIBLE_BY_16 = ("*_ptr", "stride_*")
 
 
-def _signature(kind: str, dt: str) -> tuple[dict, tuple]:
-    """(argument -> Triton type in kernel order, args compiled as divisible by 16)."""
-    t, f32, i32 = f"*{dt}", "*fp32", "*i32"
-    if kind == "fwd":
-        ptrs = {"Q": t, "K": t, "V": t, "O": t, "LSE": f32, **{p: i32 for p in _PLAN_Q}}
-        strides = ("q_st", "q_sh", "k_st", "k_sh", "v_st", "v_sh", "o_st", "o_sh")
-        ints = ("lse_st", "total_q", "total_k", "groups")
-        floats = ("qk_scale", "cap_in", "cap_out")
-    elif kind == "bwd_dq":
-        ptrs = {"Q": t, "K": t, "V": t, "DO": t, "DLSE": f32, "LSE2": f32, "DELTA": f32, "DQ": t,
-                **{p: i32 for p in _PLAN_Q}}
-        strides = ("q_st", "q_sh", "k_st", "k_sh", "v_st", "v_sh", "do_st", "do_sh", "dq_st", "dq_sh")
-        ints = ("lse_st", "total_q", "total_k", "groups", "has_dlse")
-        floats = ("softmax_scale", "qk_scale", "cap_in", "cap_out")
-    else:
-        ptrs = {"Q": t, "K": t, "V": t, "DO": t, "LSE2": f32, "DELTA": f32, "DK": t, "DV": t,
-                **{p: i32 for p in _PLAN_K}}
-        strides = ("q_st", "q_sh", "k_st", "k_sh", "v_st", "v_sh", "do_st", "do_sh", "dk_st", "dk_sh",
-                   "dv_st", "dv_sh")
-        ints = ("lse_st", "total_q", "total_k", "groups")
-        floats = ("softmax_scale", "qk_scale", "cap_in", "cap_out")
-    sig = {**ptrs, **{s: "i32" for s in strides}, **{i: "i32" for i in ints}, **{x: "fp32" for x in floats}, **_TAIL}
-    return sig, tuple(ptrs) + strides
+def _pointer_dtypes(kind: str, dt: str) -> dict[str, str]:
+    fn = {"fwd": _flex_attn_fwd_kernel, "bwd_dq": _flex_attn_bwd_dq_kernel,
+          "bwd_dkdv": _flex_attn_bwd_dkdv_kernel}[kind]
+    ptrs = [n for n, t in kernel_parameters(fn) if t == "ptr"]
+    return {n: "i32" if n in PLAN_ARGS else "fp32" if n in _FP32_ARGS else dt for n in ptrs}
 
 
 def make_config(kind: str, dtype: torch.dtype, head_dim: int, softcap: bool, block_m: int, block_n: int,
@@ -442,14 +470,13 @@ def make_config(kind: str, dtype: torch.dtype, head_dim: int, softcap: bool, blo
     """A config for one kernel (shipped ones come from TILES; tests build small-tile ones for the interpreter)."""
     name, kernel = KERNELS[kind]
     dt = _TRITON_DTYPE[dtype]
-    sig, div16 = _signature(kind, dt)
     arch = "/".join(f"sm{a}" for a in archs)
     label = f"{arch} {dt} D={head_dim} BM={block_m} BN={block_n} w{num_warps} s{num_stages}" + (
         " softcap" if softcap else "")
-    return AotConfig(kernel=kernel, name=name, config=label, signature=sig,
+    return AotConfig(kernel=kernel, name=name, config=label, pointer_dtypes=_pointer_dtypes(kind, dt),
                      constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_DIM": head_dim, "SOFTCAP": softcap},
                      num_warps=num_warps, num_stages=num_stages, archs=tuple(archs), mma="f16",
-                     divisible_by_16=div16)
+                     divisible_by_16=_DIVISIBLE_BY_16)
 
 
 def _shipped() -> dict:
@@ -509,19 +536,19 @@ def select_config(kind: str, dtype: torch.dtype, head_dim: int, softcap: bool, a
 # Host side
 
 
-def supports(info) -> str | None:
-    """None if the Triton kernels can run this call, else why not (device checks are done by the registry)."""
-    d = int(info.extra.get("head_dim", 0))
+def supports(a) -> str | None:
+    """None if the Triton kernels can run this ``FlexAttnArgs`` call, else why not (device rules:
+    ``magi_kernels.kernels.triton.device_reason``)."""
+    d, dtype, dev = a.q.shape[2], a.q.dtype, a.q.device.type
     if d not in HEAD_DIMS:
         return f"head_dim {d} is not one of {HEAD_DIMS}"
-    if info.dtype in GPU_DTYPES:
-        if info.dtype == torch.bfloat16 and info.device.type == "cpu":
+    if dtype in GPU_DTYPES:
+        if dtype == torch.bfloat16 and dev == "cpu":
             return "bf16 tl.dot is broken in the Triton interpreter; bf16 runs on GPUs only"
         return None
-    if info.dtype == torch.float32 and info.device.type == "cpu":
-        return None  # interpreter only (the registry's host gate requires TRITON_INTERPRET=1 for CPU tensors)
-    return f"q dtype {info.dtype} is not fp16/bf16" + (" (fp32: interpreter only)" if info.dtype == torch.float32
-                                                       else "")
+    if dtype == torch.float32 and dev == "cpu":
+        return None  # interpreter only (device_reason requires TRITON_INTERPRET=1 for CPU tensors)
+    return f"q dtype {dtype} is not fp16/bf16" + (" (fp32: interpreter only)" if dtype == torch.float32 else "")
 
 
 supports_bwd = supports
@@ -548,33 +575,30 @@ def _out_buffer(t: torch.Tensor) -> torch.Tensor:
     return t if _aligned_ok(t) else torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _scalars(a) -> tuple[float, float, float]:
-    """(qk_scale, cap_in, cap_out): scale*log2(e); with softcap c: scale/c and c*log2(e)."""
+def _scalars(a) -> dict[str, float]:
+    """qk_scale = scale*log2(e); with softcap c: cap_in = scale/c and cap_out = c*log2(e) (else 1.0)."""
     cap = a.softcap
-    return (a.softmax_scale * LOG2E, a.softmax_scale / cap if cap > 0 else 1.0, cap * LOG2E if cap > 0 else 1.0)
+    return dict(qk_scale=a.softmax_scale * LOG2E, cap_in=a.softmax_scale / cap if cap > 0 else 1.0,
+                cap_out=cap * LOG2E if cap > 0 else 1.0)
 
 
-def _plan_ptrs(a, cfg: AotConfig, names: tuple[str, ...]) -> list[torch.Tensor]:
+def _plan_args(a, cfg: AotConfig) -> dict[str, torch.Tensor]:
+    """The plan tensors the config's kernel takes, by parameter name, on q's device and 16-byte aligned."""
     plan = a.plan(cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]).on(a.q.device)
-    out = []
-    for n in names:
-        t = plan[n]
+    out = {}
+    for name in cfg.runtime_args:
+        if name not in PLAN_ARGS:
+            continue
+        t = plan[PLAN_ARGS[name]]
         if t.numel() == 0 or t.data_ptr() % 16 != 0:  # empty lists still need a valid aligned pointer
             t = t.clone() if t.numel() else dummy(a.q.device, torch.int32)
-        out.append(t)
+        out[name] = t
     return out
 
 
-def _run(cfg: AotConfig, grid: tuple[int, ...], args: list) -> None:
-    from magi_kernels.kernels.triton.aot import resolve_kernel
-
-    if any(g == 0 for g in grid):
-        return
-    resolve_kernel(cfg)[grid](*args, **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def _strides(*ts: torch.Tensor) -> list[int]:
-    return [s for t in ts for s in (t.stride(0), t.stride(1))]
+def _strides(**ts: torch.Tensor) -> dict[str, int]:
+    """{"stride_<x>t": token stride, "stride_<x>h": head stride} for each [T, H, D] tensor x."""
+    return {f"stride_{x}{axis}": t.stride(dim) for x, t in ts.items() for axis, dim in (("t", 0), ("h", 1))}
 
 
 def _check_sizes(a, *ts: torch.Tensor) -> None:
@@ -596,9 +620,11 @@ def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, config: AotConfig | None
     lse_buf = lse if (lse.is_contiguous() and lse.data_ptr() % 16 == 0) else torch.empty_like(lse).contiguous()
     _check_sizes(a, q, k, v, o_buf)
     grid = (triton.cdiv(tq, cfg.constexprs["BLOCK_M"]), hq)
-    args = [q, k, v, o_buf, lse_buf, *_plan_ptrs(a, cfg, _PLAN_Q), *_strides(q, k, v, o_buf), lse_buf.stride(0),
-            a.total_q, a.total_k, a.groups, *_scalars(a)]
-    _run(cfg, grid, args)
+    # lse [Tq, Hq] is contiguous here, so its row stride is the number of q heads.
+    KernelLaunch(cfg, grid, dict(
+        q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=o_buf, lse_ptr=lse_buf, **_plan_args(a, cfg),
+        **_strides(q=q, k=k, v=v, o=o_buf), q_heads=hq, total_q=a.total_q, total_k=a.total_k, groups=a.groups,
+        **_scalars(a))).run()
     if o_buf is not out:
         out.copy_(o_buf)
     if lse_buf is not lse:
@@ -625,16 +651,17 @@ def launch_bwd(a, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dlse
     delta = torch.empty(tq, hq, dtype=torch.float32, device=a.q.device)
     dq_buf, dk_buf, dv_buf = (_out_buffer(t) for t in (dq, dk, dv))
     _check_sizes(a, q, k, v, do, dq_buf, dk_buf, dv_buf)
-    scal = _scalars(a)
+    # Arguments both kernels take (lse2, delta and dlse are [Tq, Hq] contiguous: row stride = q heads).
+    shared = dict(q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, lse2_ptr=lse2, delta_ptr=delta, q_heads=hq,
+                  total_q=a.total_q, total_k=a.total_k, groups=a.groups, softmax_scale=float(a.softmax_scale),
+                  **_strides(q=q, k=k, v=v, do=do), **_scalars(a))
     if tq > 0:
-        args = [q, k, v, do, dlse_c, lse2, delta, dq_buf, *_plan_ptrs(a, cq, _PLAN_Q),
-                *_strides(q, k, v, do, dq_buf), hq, a.total_q, a.total_k, a.groups, int(has_dlse),
-                a.softmax_scale, *scal]
-        _run(cq, (triton.cdiv(tq, cq.constexprs["BLOCK_M"]), hq), args)
+        KernelLaunch(cq, (triton.cdiv(tq, cq.constexprs["BLOCK_M"]), hq), dict(
+            shared, dlse_ptr=dlse_c, dq_ptr=dq_buf, has_dlse=int(has_dlse), **_plan_args(a, cq),
+            **_strides(dq=dq_buf))).run()
     if tk > 0:
-        args = [q, k, v, do, lse2, delta, dk_buf, dv_buf, *_plan_ptrs(a, ckv, _PLAN_K),
-                *_strides(q, k, v, do, dk_buf, dv_buf), hq, a.total_q, a.total_k, a.groups, a.softmax_scale, *scal]
-        _run(ckv, (triton.cdiv(tk, ckv.constexprs["BLOCK_N"]), hk), args)
+        KernelLaunch(ckv, (triton.cdiv(tk, ckv.constexprs["BLOCK_N"]), hk), dict(
+            shared, dk_ptr=dk_buf, dv_ptr=dv_buf, **_plan_args(a, ckv), **_strides(dk=dk_buf, dv=dv_buf))).run()
     for buf, dst in ((dq_buf, dq), (dk_buf, dk), (dv_buf, dv)):
         if buf is not dst:
             dst.copy_(buf)

@@ -1,15 +1,13 @@
 """Triton fp8 (e4m3) GEMM: C = epilogue(dequant(A @ B^T) + bias), A [M, K] and B [N, K] both K-major.
 
 Accumulation: tensor-core fp8 MMAs accumulate in a limited-precision register (Hopper keeps ~22 bits,
-"fp22"; long K loses digits: MAGI-1's fc2 has K = 16,384). With ``PROMOTE`` the kernel runs every 128-wide
-K group into a fresh ``inner`` accumulator and adds it into a separate fp32 ``acc`` afterwards, so no
+"fp22"; long K loses digits: MAGI-1's fc2 has K = 16,384). With ``PROMOTE`` every K step (BLOCK_K <= 128)
+runs into a fresh tensor-core partial sum that ``_promote`` adds into a separate fp32 accumulator, so no
 tensor-core accumulation chain is longer than 128. Block scales (1x128 x 128x128) need exactly that
 structure anyway (the scale changes every 128 of K), so block scaling is always promoted; per-tensor and
-per-row/column scales are constant over K and are applied once in the epilogue.
-
-``TRUNC_BITS`` (tests only, default 0 = off) truncates the running MMA accumulator to that many mantissa
-bits after every ``tl.dot`` to emulate the hardware accumulator under the interpreter (which accumulates
-in exact fp32), so a test can show what promotion buys.
+per-row/column scales are constant over K: B's rides along with each promotion, A's is applied once in
+the epilogue. (tests/fp8/test_fp8_gemm_promotion.py shows what promotion buys with a test-only kernel that
+emulates the limited accumulator on top of the same ``_load_k_step`` / ``_promote`` helpers.)
 
 Scale modes (constexpr): A_MODE 0 = tensor (1 value), 1 = row ([M]), 2 = 1x128 blocks ([M, ceil(K/128)]);
 B_MODE 0 = tensor, 1 = column ([N]), 2 = 128x128 blocks ([ceil(N/128), ceil(K/128)]).
@@ -19,75 +17,85 @@ ACT 0 = none, 1 = exact-erf GELU, 2 = SwiGLU over paired halves: out[:, j] = sil
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from magi_kernels import registry
-from magi_kernels.kernels.triton.aot import AotConfig, register_aot
+from magi_kernels.utils import device as _device
+from magi_kernels.kernels.triton._io import round_to_bf16_grid
+from magi_kernels.kernels.triton.aot import AotConfig, KernelLaunch, register_aot
 
-SCALE_GROUP = 128  # K width of one scale block and of one promotion interval
 MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (sm_89) and Hopper (sm_90)
 
 
 @triton.jit
-def _truncate_mantissa(x, BITS: tl.constexpr):
-    # Round-toward-zero to BITS mantissa bits: a model of the tensor-core accumulator (tests only).
-    bits = x.to(tl.int32, bitcast=True)
-    bits = bits & (-(1 << (23 - BITS)))
-    return bits.to(tl.float32, bitcast=True)
+def _load_k_step(src, k0, tile0, size_k, offs_k, K_AXIS: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr):
+    """One operand's tile at K offset k0, K along axis K_AXIS of the result (A: [BM, BK], B^T: [BK, BN]).
 
-
-@triton.jit
-def _load_k_tile(ptrs, k0, K, offs_k, K_AXIS: tl.constexpr, EVEN_K: tl.constexpr):
-    # Load a pointer tile already advanced to K offset k0; only a ragged K tail is masked (zeros add nothing).
-    if EVEN_K:
-        x = tl.load(ptrs)
+    ``src`` is a tensor descriptor over the K-major operand (USE_TMA; ``tile0`` is the tile's first row)
+    or a pointer tile already advanced to k0. Only a ragged K tail is masked (zeros add nothing); TMA
+    zero-fills out-of-range rows and the tail in hardware.
+    """
+    if USE_TMA:
+        x = src.load([tile0, k0])
+        if K_AXIS == 0:
+            x = x.T
+    elif EVEN_K:
+        x = tl.load(src)
     elif K_AXIS == 1:
-        x = tl.load(ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+        x = tl.load(src, mask=offs_k[None, :] < size_k - k0, other=0.0)
     else:
-        x = tl.load(ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
+        x = tl.load(src, mask=offs_k[:, None] < size_k - k0, other=0.0)
     return x
 
 
 @triton.jit
-def _round_to_bf16_grid(x):
-    # fp32 -> nearest-even bf16 value, kept in fp32. The later .to(bf16) is then exact on every backend;
-    # the Triton interpreter's own fp32->bf16 cast truncates (docs/testing.md#triton-interpreter). NaN stays NaN.
-    bits = x.to(tl.int32, bitcast=True)
-    r = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    return tl.where(x != x, x, r.to(tl.float32, bitcast=True))
+def _promote(acc, part, a_scale_ptr, b_scale_ptr, rows, cols, group, stride_a_scale_m, stride_b_scale_n, b_scale,
+             A_MODE: tl.constexpr, B_MODE: tl.constexpr):
+    """acc + part * (this K group's scales): the fp32 promotion of one <= 128-wide tensor-core partial sum.
+
+    Block scales (mode 2) are loaded for K group ``group``; otherwise B's per-tensor / per-column scale
+    ``b_scale`` is applied here and A's per-tensor / per-row scale waits for the epilogue. The multiply
+    also keeps Triton from folding "acc += dot(a, b, 0)" back into "dot(a, b, acc)", which would silently
+    undo the promotion.
+    """
+    if B_MODE == 2:
+        b_scale = tl.load(b_scale_ptr + (cols // 128) * stride_b_scale_n + group)[None, :]
+    if A_MODE == 2:
+        return acc + (part * tl.load(a_scale_ptr + rows * stride_a_scale_m + group)[:, None]) * b_scale
+    return acc + part * b_scale
 
 
 @triton.jit
-def _apply_const_scales(acc, as_ptr, bs_ptr, rows, cols, A_MODE: tl.constexpr, B_MODE: tl.constexpr):
+def _apply_const_scales(acc, a_scale_ptr, b_scale_ptr, rows, cols, A_MODE: tl.constexpr, B_MODE: tl.constexpr):
     # Per-tensor / per-row / per-column dequantization, applied once after the K loop (mode 2: nothing left).
     if A_MODE == 0:
-        acc = acc * tl.load(as_ptr)
+        acc = acc * tl.load(a_scale_ptr)
     elif A_MODE == 1:
-        acc = acc * tl.load(as_ptr + rows)[:, None]
+        acc = acc * tl.load(a_scale_ptr + rows)[:, None]
     if B_MODE == 0:
-        acc = acc * tl.load(bs_ptr)
+        acc = acc * tl.load(b_scale_ptr)
     elif B_MODE == 1:
-        acc = acc * tl.load(bs_ptr + cols)[None, :]
+        acc = acc * tl.load(b_scale_ptr + cols)[None, :]
     return acc
 
 
 @triton.jit
 def _fp8_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, gate_ptr,
-    M, N_OUT, K,
-    stride_am, stride_bn, stride_cm, stride_asm, stride_bsn, stride_gm,
+    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, gate_ptr,
+    size_m, n_out, size_k,
+    stride_am, stride_bn, stride_cm, stride_a_scale_m, stride_b_scale_n, stride_gate_m,
     A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    HAS_GATE: tl.constexpr, PROMOTE: tl.constexpr, TRUNC_BITS: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_GATE: tl.constexpr, PROMOTE: tl.constexpr, EVEN_K: tl.constexpr,
     OUT_BF16: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share B tiles in L2.
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N_OUT, BLOCK_N)
+    num_pid_m = tl.cdiv(size_m, BLOCK_M)
+    num_pid_n = tl.cdiv(n_out, BLOCK_N)
     width = GROUP_M * num_pid_n
     group_id = pid // width
     first_m = group_id * GROUP_M
@@ -99,130 +107,92 @@ def _fp8_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Out-of-range rows/cols wrap onto valid ones (their results are never stored), so loads need no
     # M/N masks; only a ragged K tail is masked.
-    rows = offs_m % M
-    cols = offs_n % N_OUT
+    rows = offs_m % size_m
+    cols = offs_n % n_out
     offs_k = tl.arange(0, BLOCK_K)
     IS_GLU: tl.constexpr = ACT == 2
+    # SwiGLU pairs output column j with GEMM column j + n_out: the second half of B.
+    cols2 = cols + n_out if IS_GLU else cols
     if USE_TMA:
-        # Hopper: TMA tile loads keep no per-element 64-bit pointers in registers (pointer tiles spill) and
-        # zero-fill out-of-range rows and the ragged K tail in hardware.
-        n_b = N_OUT * 2 if IS_GLU else N_OUT
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
-                                           block_shape=[BLOCK_M, BLOCK_K])
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[n_b, K], strides=[stride_bn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_K])
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + cols[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] view of B^T
-    if IS_GLU:
-        cols2 = cols + N_OUT  # the paired second-half column of the GEMM output
-        b2_ptrs = b_ptr + cols2[None, :] * stride_bn + offs_k[:, None]
+        # Hopper: TMA tile loads keep no per-element 64-bit pointers in registers (pointer tiles spill).
+        n_b = n_out * 2 if IS_GLU else n_out
+        a_src = tl.make_tensor_descriptor(a_ptr, shape=[size_m, size_k], strides=[stride_am, 1],
+                                          block_shape=[BLOCK_M, BLOCK_K])
+        b_src = tl.make_tensor_descriptor(b_ptr, shape=[n_b, size_k], strides=[stride_bn, 1],
+                                          block_shape=[BLOCK_N, BLOCK_K])
+        b2_src = b_src
     else:
-        cols2 = cols
-        b2_ptrs = b_ptrs
+        a_src = a_ptr + rows[:, None] * stride_am + offs_k[None, :]
+        b_src = b_ptr + cols[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] view of B^T
+        b2_src = b_ptr + cols2[None, :] * stride_bn + offs_k[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if TRUNC_BITS > 0:
-        # Emulation (tests): consume BLOCK_K as a chain of k=32 MMAs, like the hardware does.
-        offs_k32 = tl.arange(0, 32)
-        a32_ptrs = a_ptr + rows[:, None] * stride_am + offs_k32[None, :]
-        b32_ptrs = b_ptr + cols[None, :] * stride_bn + offs_k32[:, None]
-        b232_ptrs = b_ptr + cols2[None, :] * stride_bn + offs_k32[:, None]
-    # B's per-tensor / per-column scale is applied at every promotion (acc += part * sb, an FFMA). Besides
-    # being free, the multiply keeps Triton from folding "acc += dot(a, b, 0)" back into "dot(a, b, acc)",
-    # which would silently undo the promotion. A's per-tensor / per-row scale waits for the epilogue.
+    # B's per-tensor / per-column scale, constant over K: applied at every promotion (see _promote).
     if B_MODE == 0:
-        sb_k = tl.load(bs_ptr)
-        sb2_k = sb_k
+        b_scale = tl.load(b_scale_ptr)
+        b2_scale = b_scale
     elif B_MODE == 1:
-        sb_k = tl.load(bs_ptr + cols)[None, :]
-        sb2_k = tl.load(bs_ptr + cols2)[None, :]
+        b_scale = tl.load(b_scale_ptr + cols)[None, :]
+        b2_scale = tl.load(b_scale_ptr + cols2)[None, :]
     else:
-        sb_k = 1.0
-        sb2_k = 1.0
+        b_scale = 1.0
+        b2_scale = 1.0
     # Flat K loop, one tl.dot per BLOCK_K (<= 128) step. With PROMOTE each dot starts from a fresh
     # accumulator and is added into acc on CUDA cores, so no MMA chain spans more than BLOCK_K of K.
     # (A nested "128-group" loop around several dots spilled on sm_89; this flat form does not.)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, size_k, BLOCK_K):
         if PROMOTE:
-            c1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            c2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            part2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:
-            c1 = acc
-            c2 = acc2
-        if TRUNC_BITS == 0:
-            if USE_TMA:
-                a = a_desc.load([pid_m * BLOCK_M, k0])
-                b = b_desc.load([pid_n * BLOCK_N, k0]).T
-            else:
-                a = _load_k_tile(a_ptrs, k0, K, offs_k, 1, EVEN_K)
-                b = _load_k_tile(b_ptrs, k0, K, offs_k, 0, EVEN_K)
-            c1 = tl.dot(a, b, c1)
-            if IS_GLU:
-                if USE_TMA:
-                    b2 = b_desc.load([N_OUT + pid_n * BLOCK_N, k0]).T
-                else:
-                    b2 = _load_k_tile(b2_ptrs, k0, K, offs_k, 0, EVEN_K)
-                c2 = tl.dot(a, b2, c2)
-        else:
-            for s in tl.static_range(BLOCK_K // 32):
-                a = _load_k_tile(a32_ptrs + k0 + s * 32, k0 + s * 32, K, offs_k32, 1, False)
-                b = _load_k_tile(b32_ptrs + k0 + s * 32, k0 + s * 32, K, offs_k32, 0, False)
-                c1 = _truncate_mantissa(tl.dot(a, b, c1), TRUNC_BITS)
-                if IS_GLU:
-                    b2 = _load_k_tile(b232_ptrs + k0 + s * 32, k0 + s * 32, K, offs_k32, 0, False)
-                    c2 = _truncate_mantissa(tl.dot(a, b2, c2), TRUNC_BITS)
-        # Loop-carried pointer increments (not base + k0): with base + k0 the sm_89 pipeliner did not
-        # multi-buffer and the kernel spilled.
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+            part = acc
+            part2 = acc2
+        a = _load_k_step(a_src, k0, pid_m * BLOCK_M, size_k, offs_k, 1, USE_TMA, EVEN_K)
+        b = _load_k_step(b_src, k0, pid_n * BLOCK_N, size_k, offs_k, 0, USE_TMA, EVEN_K)
+        part = tl.dot(a, b, part)
         if IS_GLU:
-            b2_ptrs += BLOCK_K
-        if PROMOTE:
-            # Promotion into the fp32 accumulator, scaled by this K group's block scales if any.
-            g = k0 // 128
-            if B_MODE == 2:
-                sb = tl.load(bs_ptr + (cols // 128) * stride_bsn + g)[None, :]
-            else:
-                sb = sb_k
-            if A_MODE == 2:
-                acc += (c1 * tl.load(as_ptr + rows * stride_asm + g)[:, None]) * sb
-            else:
-                acc += c1 * sb
+            b2 = _load_k_step(b2_src, k0, n_out + pid_n * BLOCK_N, size_k, offs_k, 0, USE_TMA, EVEN_K)
+            part2 = tl.dot(a, b2, part2)
+        if not USE_TMA:
+            # Loop-carried pointer increments (not base + k0): with base + k0 the sm_89 pipeliner did not
+            # multi-buffer and the kernel spilled.
+            a_src += BLOCK_K
+            b_src += BLOCK_K
             if IS_GLU:
-                if B_MODE == 2:
-                    sb2 = tl.load(bs_ptr + (cols2 // 128) * stride_bsn + g)[None, :]
-                else:
-                    sb2 = sb2_k
-                if A_MODE == 2:
-                    acc2 += (c2 * tl.load(as_ptr + rows * stride_asm + g)[:, None]) * sb2
-                else:
-                    acc2 += c2 * sb2
+                b2_src += BLOCK_K
+        if PROMOTE:
+            group = k0 // 128
+            acc = _promote(acc, part, a_scale_ptr, b_scale_ptr, rows, cols, group, stride_a_scale_m,
+                           stride_b_scale_n, b_scale, A_MODE, B_MODE)
+            if IS_GLU:
+                acc2 = _promote(acc2, part2, a_scale_ptr, b_scale_ptr, rows, cols2, group, stride_a_scale_m,
+                                stride_b_scale_n, b2_scale, A_MODE, B_MODE)
         else:
             # One accumulation chain over all of K (what cuBLAS "fast accum" does); tests/benchmarks only.
             tl.static_assert(A_MODE != 2 and B_MODE != 2, "block scales need PROMOTE")
-            acc = c1
-            acc2 = c2
+            acc = part
+            acc2 = part2
 
     # ---- epilogue, all fp32: dequant -> + bias -> activation -> * gate -> round -> store
     B_LEFT: tl.constexpr = 2 if PROMOTE else B_MODE  # with PROMOTE, B's scale is already in acc
-    acc = _apply_const_scales(acc, as_ptr, bs_ptr, rows, cols, A_MODE, B_LEFT)
+    acc = _apply_const_scales(acc, a_scale_ptr, b_scale_ptr, rows, cols, A_MODE, B_LEFT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     if ACT == 1:
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     elif ACT == 2:
-        acc2 = _apply_const_scales(acc2, as_ptr, bs_ptr, rows, cols2, A_MODE, B_LEFT)
+        acc2 = _apply_const_scales(acc2, a_scale_ptr, b_scale_ptr, rows, cols2, A_MODE, B_LEFT)
         if HAS_BIAS:
             acc2 += tl.load(bias_ptr + cols2).to(tl.float32)[None, :]
         acc = acc / (1.0 + tl.exp(-acc)) * acc2  # silu(first half) * second half
     if HAS_GATE:
-        # gate rows are contiguous (stride_gm = 0 broadcasts one row): 32-bit offsets, no 2-D pointer tile
-        acc *= tl.load(gate_ptr + rows[:, None] * stride_gm + cols[None, :]).to(tl.float32)
+        # gate rows are contiguous (stride_gate_m = 0 broadcasts one row): 32-bit offsets, no 2-D pointer tile
+        acc *= tl.load(gate_ptr + rows[:, None] * stride_gate_m + cols[None, :]).to(tl.float32)
     if OUT_BF16:
-        acc = _round_to_bf16_grid(acc)
+        acc = round_to_bf16_grid(acc)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N_OUT)
+    mask = (offs_m[:, None] < size_m) & (offs_n[None, :] < n_out)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -274,23 +244,34 @@ def pick_config(capability: tuple[int, int], m: int, glu: bool, tma_ok: bool) ->
 INTERPRET_CONFIG = TileConfig(32, 32, 64, 4, 1, 4)
 
 
-def _signature(out_ty: str) -> dict[str, str]:
-    sig = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": out_ty, "as_ptr": "*fp32", "bs_ptr": "*fp32",
-           "bias_ptr": "*bf16", "gate_ptr": "*bf16", "M": "i32", "N_OUT": "i32", "K": "i32"}
-    for s in ("stride_am", "stride_bn", "stride_cm", "stride_asm", "stride_bsn", "stride_gm"):
-        sig[s] = "i32"
-    for c in ("A_MODE", "B_MODE", "HAS_BIAS", "ACT", "HAS_GATE", "PROMOTE", "TRUNC_BITS", "EVEN_K", "OUT_BF16", "USE_TMA",
-              "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
-        sig[c] = "constexpr"
-    return sig
+_POINTER_DTYPES = {"a_ptr": "fp8e4nv", "b_ptr": "fp8e4nv", "a_scale_ptr": "fp32", "b_scale_ptr": "fp32",
+                   "bias_ptr": "bf16", "gate_ptr": "bf16"}  # c_ptr: the output dtype
+# At run time Triton specializes pointer args and ints divisible by 16 (tt.divisibility); without that hint the
+# pointer path neither vectorizes nor pipelines and spills. The AOT check compiles with divisibility 16 on every
+# pointer, K and the operand/output row strides ("div16" in the labels) to see the binary the GPU runs for aligned
+# shapes; ragged K (K % 16 != 0) compiles a slower unhinted variant at run time.
+_DIVISIBLE_BY_16 = ("*_ptr", "size_k", "stride_am", "stride_bn", "stride_cm")
+_MODES_A = {"tensor": 0, "row": 1, "block": 2}
+_MODES_B = {"tensor": 0, "col": 1, "block": 2}
+_ACTS = {None: 0, "gelu": 1, "swiglu": 2}
+_OUT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-# AOT note: at run time Triton specializes pointer args and ints divisible by 16 (tt.divisibility); without
-# that hint the pointer path neither vectorizes nor pipelines and spills. The AOT check must compile with
-# divisibility 16 on every pointer, K, stride_am, stride_bn and stride_cm ("div16" in the labels) to see the
-# binary the GPU runs for aligned shapes; ragged K (K % 16 != 0) compiles a slower unhinted variant at run time.
-_DIV16_ARGS = ("a_ptr", "b_ptr", "c_ptr", "as_ptr", "bs_ptr", "bias_ptr", "gate_ptr", "K", "stride_am", "stride_bn",
-               "stride_cm")
+@functools.lru_cache(maxsize=None)
+def make_config(tile: TileConfig, a_mode: int, b_mode: int, has_bias: bool, act: int, has_gate: bool, *,
+                promote: bool = True, even_k: bool = True, out: str = "bf16", archs: tuple[int, ...] = (89, 90),
+                label: str = "") -> AotConfig:
+    """The kernel config for one tile shape and specialization (shipped ones are registered below)."""
+    return AotConfig(
+        kernel=f"{__name__}:_fp8_gemm_kernel", name="fp8_gemm", config=label or f"{tile.label} a{a_mode} b{b_mode}",
+        pointer_dtypes={**_POINTER_DTYPES, "c_ptr": out},
+        constexprs=dict(A_MODE=a_mode, B_MODE=b_mode, HAS_BIAS=has_bias, ACT=act, HAS_GATE=has_gate, PROMOTE=promote,
+                        EVEN_K=even_k, OUT_BF16=out == "bf16", USE_TMA=tile.use_tma, BLOCK_M=tile.block_m,
+                        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m),
+        num_warps=tile.num_warps, num_stages=tile.num_stages, archs=archs, mma="fp8",
+        divisible_by_16=_DIVISIBLE_BY_16)
+
+
 # Shipped specializations per tile config: scale modes x the heaviest epilogue of each kind.
 _AOT_VARIANTS = (
     # (label, A_MODE, B_MODE, HAS_BIAS, ACT, HAS_GATE)
@@ -307,17 +288,10 @@ _AOT_GLU_VARIANTS = (
 
 
 def _register_aot() -> None:
-    def reg(arch, bucket, cfg, label, am, bm, bias, act, gate, *, even_k=True, out_ty="*bf16"):
-        tags = "div16" + ("" if even_k else " raggedK") + f" out={out_ty[1:]}"
-        register_aot(AotConfig(
-            kernel=f"{__name__}:_fp8_gemm_kernel", name="fp8_gemm",
-            config=f"sm{arch} {bucket} {cfg.label} {label} {tags}",
-            signature=_signature(out_ty),
-            constexprs=dict(A_MODE=am, B_MODE=bm, HAS_BIAS=bias, ACT=act, HAS_GATE=gate, PROMOTE=True,
-                            TRUNC_BITS=0, EVEN_K=even_k, OUT_BF16=out_ty == "*bf16", USE_TMA=cfg.use_tma,
-                            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, archs=(arch,), mma="fp8",
-            divisible_by_16=_DIV16_ARGS))
+    def reg(arch, bucket, cfg, label, am, bm, bias, act, gate, *, even_k=True, out="bf16"):
+        tags = "div16" + ("" if even_k else " raggedK") + f" out={out}"
+        register_aot(make_config(cfg, am, bm, bias, act, gate, even_k=even_k, out=out, archs=(arch,),
+                                 label=f"sm{arch} {bucket} {cfg.label} {label} {tags}"))
 
     for (arch, bucket, glu, _), cfg in CONFIGS.items():
         variants = _AOT_GLU_VARIANTS if glu else _AOT_VARIANTS
@@ -325,13 +299,14 @@ def _register_aot() -> None:
             reg(arch, bucket, cfg, *v)
         # The row- and block-scaled variants with every epilogue on: the most live registers of each family.
         for heavy in [v for v in variants if "+" in v[0]]:
-            for out_ty in ("*fp16", "*fp32"):  # fp16 / fp32 outputs compile separately
-                reg(arch, bucket, cfg, *heavy, out_ty=out_ty)
+            for out in ("fp16", "fp32"):  # fp16 / fp32 outputs compile separately
+                reg(arch, bucket, cfg, *heavy, out=out)
             if cfg.use_tma:
                 # TMA needs aligned operands (launch checks), but K may be ragged against BLOCK_K=128.
                 reg(arch, bucket, cfg, *heavy, even_k=False)
-        # Not covered (known, docs/testing.md#known-gaps): pointer-tile launches whose K or row strides are not multiples
-        # of 16 compile without those hints, and those variants spill (up to 88 STL on sm_90 in the AOT check).
+        # Not covered (known, docs/testing.md#known-gaps): pointer-tile launches whose K or row strides are not
+        # multiples of 16 compile without those hints, and those variants spill (up to 88 STL on sm_90 in the AOT
+        # check).
 
 
 _register_aot()
@@ -340,9 +315,10 @@ _register_aot()
 # --------------------------------------------------------------------------------------------------
 # Launcher
 
-def supports(info: registry.CallInfo) -> str | None:
-    if info.device.type == "cuda":
-        cap = info.capability
+def supports(a) -> str | None:
+    """None if the kernel can run this ``Fp8GemmArgs`` call (every layout and epilogue; fp8 needs sm_89+)."""
+    if a.device.type == "cuda":
+        cap = _device.capability(a.device)
         if cap is not None and cap < MIN_CAPABILITY:
             return f"fp8 tensor cores need sm_89 or newer, device is sm_{cap[0]}{cap[1]}"
     return None
@@ -365,8 +341,7 @@ def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.clone(memory_format=torch.contiguous_format)  # a fresh allocation: 16-byte aligned
 
 
-def launch(args, out: torch.Tensor, *, promote: bool = True, trunc_bits: int = 0,
-           config: TileConfig | None = None) -> None:
+def launch(args, out: torch.Tensor, *, promote: bool = True, config: TileConfig | None = None) -> None:
     """Run the kernel on validated ``Fp8GemmArgs`` (see magi_kernels.ops.fp8_gemm); writes ``out`` [M, N_out]."""
     from magi_kernels.kernels.triton import triton_interpreting
 
@@ -376,7 +351,7 @@ def launch(args, out: torch.Tensor, *, promote: bool = True, trunc_bits: int = 0
                                b_scale=_aligned(args.b_scale), bias=_aligned(args.bias), gate=_aligned(args.gate))
     if out.data_ptr() % 16:
         tmp = torch.empty_like(out, memory_format=torch.contiguous_format)
-        launch(args, tmp, promote=promote, trunc_bits=trunc_bits, config=config)
+        launch(args, tmp, promote=promote, config=config)
         out.copy_(tmp)
         return
     a, b = args.a, args.b
@@ -398,21 +373,13 @@ def launch(args, out: torch.Tensor, *, promote: bool = True, trunc_bits: int = 0
     # Unused pointers still need a tensor; the constexpr flags keep the kernel from touching them.
     bias = args.bias if args.bias is not None else args.a_scale
     gate = args.gate if args.gate is not None else args.a_scale
-    g_sm = gate.stride(0) if args.gate is not None else 0
-    modes_a = {"tensor": 0, "row": 1, "block": 2}
-    modes_b = {"tensor": 0, "col": 1, "block": 2}
+    cfg = make_config(config, _MODES_A[args.a_mode], _MODES_B[args.b_mode], args.bias is not None, _ACTS[args.act],
+                      args.gate is not None, promote=promote, even_k=k % config.block_k == 0,
+                      out=_OUT_DTYPES[out.dtype])
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n_out, config.block_n),)
-    _fp8_gemm_kernel[grid](
-        a, b, out, args.a_scale, args.b_scale, bias, gate,
-        m, n_out, k,
-        a.stride(0), b.stride(0), out.stride(0),
-        args.a_scale.stride(0) if args.a_mode == "block" else 0,
-        args.b_scale.stride(0) if args.b_mode == "block" else 0,
-        g_sm,
-        A_MODE=modes_a[args.a_mode], B_MODE=modes_b[args.b_mode], HAS_BIAS=args.bias is not None,
-        ACT={None: 0, "gelu": 1, "swiglu": 2}[args.act], HAS_GATE=args.gate is not None,
-        PROMOTE=promote, TRUNC_BITS=trunc_bits, EVEN_K=k % config.block_k == 0,
-        OUT_BF16=out.dtype == torch.bfloat16, USE_TMA=config.use_tma,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    KernelLaunch(cfg, grid, dict(
+        a_ptr=a, b_ptr=b, c_ptr=out, a_scale_ptr=args.a_scale, b_scale_ptr=args.b_scale, bias_ptr=bias, gate_ptr=gate,
+        size_m=m, n_out=n_out, size_k=k, stride_am=a.stride(0), stride_bn=b.stride(0), stride_cm=out.stride(0),
+        stride_a_scale_m=args.a_scale.stride(0) if args.a_mode == "block" else 0,
+        stride_b_scale_n=args.b_scale.stride(0) if args.b_mode == "block" else 0,
+        stride_gate_m=gate.stride(0) if args.gate is not None else 0)).run()

@@ -1,6 +1,6 @@
 """Triton kernel for gated_post_norm_residual: ``out = residual + norm(x * gate[gate_index]) * gamma + beta``.
 
-Math per token t (fp32 inside, see magi_kernels/reference/norm_rope.py):
+Math per token t (fp32 inside, see magi_kernels/reference/gated_post_norm_residual.py):
 
     y    = x[t] * gate[gate_index[t]]            (gate row t when there is no gate_index)
     mu   = mean(y)                               0 for RMSNorm
@@ -30,13 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from magi_kernels.kernels.triton._io import Plan, check_i32, dummy, erase, load_f32, row_warps, store_f32
-from magi_kernels.kernels.triton.aot import AotConfig, register_aot
+from magi_kernels.kernels.triton._io import DTYPE_CODE, check_i32, dummy, erase, load_f32, row_warps, store_f32
+from magi_kernels.kernels.triton.aot import AotConfig, KernelLaunch, register_aot
 
 OP = "gated_post_norm_residual"
-
-FP32, FP16, BF16 = 0, 1, 2
-_DTYPE_CODE = {torch.float32: FP32, torch.float16: FP16, torch.bfloat16: BF16}
 
 # BLOCK_N choices: powers of two from 32 up to MAX_HIDDEN (the statistics hold a whole row in registers).
 MIN_BLOCK_N = 32
@@ -47,8 +44,7 @@ ELEMS_PER_THREAD = 8
 
 
 # --------------------------------------------------------------------------------------------------
-# dtype-erased loads and stores (twins of the helpers in qk_norm_rope.py; kernel modules stay
-# self-contained)
+# Device helpers (dtype-erased loads and stores: magi_kernels/kernels/triton/_io.py)
 
 
 @triton.jit
@@ -76,57 +72,55 @@ def _finish(y, mean, rstd, residual, out, w, b, rows, g_ok, cols, col_ok, mask, 
 
 
 @triton.jit
-def _gated_post_norm_residual_kernel(x, gate, residual, out, gate_index, w, b,
-                                     T, H, G, x_stride, gate_stride, res_stride,
-                                     x_kind, gate_kind, res_kind, out_kind,
-                                     has_index, has_w, has_b, is_rms, gamma_offset, eps,
+def _gated_post_norm_residual_kernel(x_ptr, gate_ptr, residual_ptr, out_ptr, gate_index_ptr, weight_ptr, bias_ptr,
+                                     num_tokens, hidden, gate_rows, stride_x_token, stride_gate_row,
+                                     stride_residual_token, x_kind, gate_kind, res_kind, out_kind,
+                                     has_index, has_w, has_b, is_rms, gamma_offset: tl.float32, eps: tl.float32,
                                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
-    # launch() guarantees T fits in int32; row offsets are formed in int64 in the helpers.
+    # launch() guarantees num_tokens fits in int32; row offsets are formed in int64 in the helpers.
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
-    row_ok = rows < T
+    row_ok = rows < num_tokens
 
-    # Which gate row each token uses; an index outside [0, G) turns its row into NaN and its gate
+    # Which gate row each token uses; an index outside [0, gate_rows) turns its row into NaN and its gate
     # load is masked off, so a bad index never reads out of bounds.
-    g = tl.where(has_index != 0, tl.load(gate_index + rows, mask=tl.where(has_index != 0, row_ok, False), other=0),
-                 rows)
-    g_ok = (g >= 0) & (g < G)
+    g = tl.where(has_index != 0,
+                 tl.load(gate_index_ptr + rows, mask=tl.where(has_index != 0, row_ok, False), other=0), rows)
+    g_ok = (g >= 0) & (g < gate_rows)
 
     # Statistics over the whole row, two-pass from registers: mean, then the biased variance of
     # y - mean. RMSNorm is the same with the mean fixed at 0.
     cols = tl.arange(0, BLOCK_N)[None, :]
-    col_ok = cols < H
+    col_ok = cols < hidden
     mask = row_ok & col_ok
-    y = _gated_rows(x, gate, rows, g, g_ok, cols, mask, x_stride, gate_stride, x_kind, gate_kind)
-    mean = tl.where(is_rms != 0, 0.0, tl.sum(y, axis=1, keep_dims=True) / H)
+    y = _gated_rows(x_ptr, gate_ptr, rows, g, g_ok, cols, mask, stride_x_token, stride_gate_row, x_kind, gate_kind)
+    mean = tl.where(is_rms != 0, 0.0, tl.sum(y, axis=1, keep_dims=True) / hidden)
     yc = tl.where(mask, y - mean, 0.0)
-    rstd = tl.rsqrt(tl.sum(yc * yc, axis=1, keep_dims=True) / H + eps)
+    rstd = tl.rsqrt(tl.sum(yc * yc, axis=1, keep_dims=True) / hidden + eps)
 
     if CHUNK == BLOCK_N:
         # Short rows: the tile is still in registers.
-        _finish(y, mean, rstd, residual, out, w, b, rows, g_ok, cols, col_ok, mask, H, res_stride, res_kind,
-                out_kind, has_w, has_b, gamma_offset)
+        _finish(y, mean, rstd, residual_ptr, out_ptr, weight_ptr, bias_ptr, rows, g_ok, cols, col_ok, mask, hidden,
+                stride_residual_token, res_kind, out_kind, has_w, has_b, gamma_offset)
     else:
         # Long rows: output CHUNK columns at a time, recomputing y from x and gate (L1/L2 hits).
         for c0 in range(0, BLOCK_N, CHUNK):
             cc = c0 + tl.arange(0, CHUNK)[None, :]
-            cc_ok = cc < H
+            cc_ok = cc < hidden
             cmask = row_ok & cc_ok
-            yy = _gated_rows(x, gate, rows, g, g_ok, cc, cmask, x_stride, gate_stride, x_kind, gate_kind)
-            _finish(yy, mean, rstd, residual, out, w, b, rows, g_ok, cc, cc_ok, cmask, H, res_stride, res_kind,
-                    out_kind, has_w, has_b, gamma_offset)
+            yy = _gated_rows(x_ptr, gate_ptr, rows, g, g_ok, cc, cmask, stride_x_token, stride_gate_row, x_kind,
+                             gate_kind)
+            _finish(yy, mean, rstd, residual_ptr, out_ptr, weight_ptr, bias_ptr, rows, g_ok, cc, cc_ok, cmask, hidden,
+                    stride_residual_token, res_kind, out_kind, has_w, has_b, gamma_offset)
 
 
 # --------------------------------------------------------------------------------------------------
 # Shipped configurations (each is compiled and inspected by `python -m magi_kernels.tools.aot_check`)
 
 _KERNEL = f"{__name__}:_gated_post_norm_residual_kernel"
-_SIGNATURE = {
-    "x": "*u8", "gate": "*u8", "residual": "*u8", "out": "*u8", "gate_index": "*i32", "w": "*fp32", "b": "*fp32",
-    "T": "i32", "H": "i32", "G": "i32", "x_stride": "i32", "gate_stride": "i32", "res_stride": "i32",
-    "x_kind": "i32", "gate_kind": "i32", "res_kind": "i32", "out_kind": "i32",
-    "has_index": "i32", "has_w": "i32", "has_b": "i32", "is_rms": "i32", "gamma_offset": "fp32", "eps": "fp32",
-    "BLOCK_T": "constexpr", "BLOCK_N": "constexpr", "CHUNK": "constexpr",
-}
+# Pointer element types ("u8" = dtype-erased tensor); the rest of the signature follows from the kernel's
+# parameter names (magi_kernels/kernels/triton/aot.py).
+_POINTER_DTYPES = {"x_ptr": "u8", "gate_ptr": "u8", "residual_ptr": "u8", "out_ptr": "u8", "gate_index_ptr": "i32",
+                   "weight_ptr": "fp32", "bias_ptr": "fp32"}
 
 
 def _make_config(block_n: int) -> AotConfig:
@@ -134,7 +128,8 @@ def _make_config(block_n: int) -> AotConfig:
     warps = row_warps(block_t * block_n)
     chunk = min(block_n, warps * 32 * ELEMS_PER_THREAD) if block_n > ROW_TILE else block_n
     return AotConfig(kernel=_KERNEL, name=OP, config=f"BLOCK_T={block_t} BLOCK_N={block_n} CHUNK={chunk} w{warps}",
-                     signature=dict(_SIGNATURE), constexprs={"BLOCK_T": block_t, "BLOCK_N": block_n, "CHUNK": chunk},
+                     pointer_dtypes=_POINTER_DTYPES,
+                     constexprs={"BLOCK_T": block_t, "BLOCK_N": block_n, "CHUNK": chunk},
                      num_warps=warps, num_stages=1)
 
 
@@ -168,25 +163,24 @@ def select_config(hidden: int) -> AotConfig:
 # Host side
 
 
-def supports(info) -> str | None:
-    """None if the Triton kernel can run this call, else why not (device checks are done by the registry)."""
-    ex = info.extra
-    for what, dt in (("x", info.dtype), ("gate", ex.get("gate_dtype", info.dtype)),
-                     ("residual", ex.get("residual_dtype", info.dtype))):
-        if dt not in _DTYPE_CODE:
+def supports(a) -> str | None:
+    """None if the Triton kernel can run this ``GatedPostNormArgs`` call, else why not (device rules:
+    ``magi_kernels.kernels.triton.device_reason``)."""
+    for what, dt in (("x", a.x.dtype), ("gate", a.gate.dtype), ("residual", a.residual.dtype)):
+        if dt not in DTYPE_CODE:
             return f"{what} dtype {dt} is not fp32/fp16/bf16"
     try:
-        select_config(int(ex.get("hidden", 1)))
+        select_config(a.hidden)
     except ValueError as e:
         return str(e)
     return None
 
 
-def make_plan(a, out: torch.Tensor) -> Plan:
+def make_launch(a, out: torch.Tensor) -> KernelLaunch:
     """Map validated GatedPostNormArgs (+ a contiguous [T, H] output) to a shipped config, grid, and args."""
     T, H = a.x.shape
     for name, t in (("x", a.x), ("gate", a.gate), ("residual", a.residual), ("out", out)):
-        if t.dtype not in _DTYPE_CODE:
+        if t.dtype not in DTYPE_CODE:
             raise ValueError(f"{OP}: {name} must be fp32/fp16/bf16, got {t.dtype}")
     if not out.is_contiguous():
         raise ValueError(f"{OP}: out must be contiguous [T, H]")
@@ -199,29 +193,23 @@ def make_plan(a, out: torch.Tensor) -> Plan:
 
     dev = a.x.device
     gamma_offset = a.weight_offset if (a.weight is not None or a.weight_offset != 0.0) else 1.0
-    args = (
-        erase(a.x), erase(a.gate), erase(a.residual), erase(out),
-        a.gate_index if a.gate_index is not None else dummy(dev, torch.int32),
-        a.weight if a.weight is not None else dummy(dev, torch.float32),
-        a.bias if a.bias is not None else dummy(dev, torch.float32),
-        T, H, a.gate.shape[0], a.x.stride(0), a.gate.stride(0), a.residual.stride(0),
-        _DTYPE_CODE[a.x.dtype], _DTYPE_CODE[a.gate.dtype], _DTYPE_CODE[a.residual.dtype], _DTYPE_CODE[out.dtype],
-        int(a.gate_index is not None), int(a.weight is not None), int(a.bias is not None), int(a.norm == "rmsnorm"),
-        float(gamma_offset), float(a.eps),
+    args = dict(
+        x_ptr=erase(a.x), gate_ptr=erase(a.gate), residual_ptr=erase(a.residual), out_ptr=erase(out),
+        gate_index_ptr=a.gate_index if a.gate_index is not None else dummy(dev, torch.int32),
+        weight_ptr=a.weight if a.weight is not None else dummy(dev, torch.float32),
+        bias_ptr=a.bias if a.bias is not None else dummy(dev, torch.float32),
+        num_tokens=T, hidden=H, gate_rows=a.gate.shape[0], stride_x_token=a.x.stride(0),
+        stride_gate_row=a.gate.stride(0), stride_residual_token=a.residual.stride(0),
+        x_kind=DTYPE_CODE[a.x.dtype], gate_kind=DTYPE_CODE[a.gate.dtype], res_kind=DTYPE_CODE[a.residual.dtype],
+        out_kind=DTYPE_CODE[out.dtype], has_index=int(a.gate_index is not None), has_w=int(a.weight is not None),
+        has_b=int(a.bias is not None), is_rms=int(a.norm == "rmsnorm"), gamma_offset=float(gamma_offset),
+        eps=float(a.eps),
     )
-    return Plan(cfg, (tiles,), args)
-
-
-def _run(plan: Plan) -> None:
-    from magi_kernels.kernels.triton.aot import resolve_kernel
-
-    kernel = resolve_kernel(plan.config)
-    kernel[plan.grid](*plan.args, **plan.config.constexprs, num_warps=plan.config.num_warps,
-                      num_stages=plan.config.num_stages)
+    return KernelLaunch(cfg, (tiles,), args)
 
 
 def launch(a, out: torch.Tensor) -> None:
     """Write gated_post_norm_residual(a) into out [T, H] (contiguous)."""
     if a.x.shape[0] == 0:
         return
-    _run(make_plan(a, out))
+    make_launch(a, out).run()

@@ -1,6 +1,6 @@
 """Triton kernel for qk_norm_rope: per-token LayerNorm/RMSNorm of q and k, then rotary, in one launch.
 
-Math (fp32 inside, see magi_kernels/reference/norm_rope.py):
+Math (fp32 inside, see magi_kernels/reference/qk_norm_rope.py):
 
     mu   = mean(x)             over D ("head" scope) or H*D ("hidden" scope); 0 for RMSNorm
     rstd = 1 / sqrt(mean((x - mu)^2) + eps)
@@ -37,14 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-from magi_kernels.kernels.triton._io import Plan, check_i32, dummy, erase, load_f32, row_warps, store_f32
-from magi_kernels.kernels.triton.aot import AotConfig, register_aot
+from magi_kernels.kernels.triton._io import DTYPE_CODE, check_i32, dummy, erase, load_f32, row_warps, store_f32
+from magi_kernels.kernels.triton.aot import AotConfig, KernelLaunch, register_aot
 
 OP = "qk_norm_rope"
-
-# Runtime dtype codes understood by load_f32 / store_f32.
-FP32, FP16, BF16 = 0, 1, 2
-_DTYPE_CODE = {torch.float32: FP32, torch.float16: FP16, torch.bfloat16: BF16}
 
 BLOCK_D_CHOICES = (32, 64, 128, 256, 512)
 # "head" scope: every program gets HEAD_TILE elements (BLOCK_H = HEAD_TILE // BLOCK_D rows) at 4 warps:
@@ -74,7 +70,8 @@ def _row_stats(xv, mask, n, is_rms, eps):
 
 @triton.jit
 def _normalize_rotate_store(x, xv, head_base, out_off, t, h, d, mask, mean, rstd, out, w, b, has_w, has_b,
-                            gamma_offset, w_head_stride, cos, sin, R, in_kind, out_kind, rotary_dim, interleaved):
+                            gamma_offset, w_head_stride, cos, sin, cos_rows, in_kind, out_kind, rotary_dim,
+                            interleaved):
     """y = (x - mean) * rstd * gamma + beta, rotated on d < rotary_dim, stored at out[out_off].
 
     xv holds x at head_base + d (masked lanes 0); t, h, d, mask broadcast to xv's shape.
@@ -102,7 +99,7 @@ def _normalize_rotate_store(x, xv, head_base, out_off, t, h, d, mask, mean, rstd
     gamma_p = tl.load(w + p_idx, mask=tl.where(has_w != 0, rot, False), other=0.0) + gamma_offset
     beta_p = tl.load(b + p_idx, mask=tl.where(has_b != 0, rot, False), other=0.0)
     yp = (xp - mean) * rstd * gamma_p + beta_p
-    cs_idx = (t % R) * half + cs_col
+    cs_idx = (t % cos_rows) * half + cs_col
     c = tl.load(cos + cs_idx, mask=rot, other=1.0)
     s = tl.load(sin + cs_idx, mask=rot, other=0.0)
     y = tl.where(rot, y * c + tl.where(lo, -yp, yp) * s, y)
@@ -110,10 +107,12 @@ def _normalize_rotate_store(x, xv, head_base, out_off, t, h, d, mask, mean, rstd
 
 
 @triton.jit
-def _qk_norm_rope_kernel(q, k, q_out, k_out, cos, sin, q_w, q_b, k_w, k_b,
-                         q_has_w, q_has_b, k_has_w, k_has_b, q_gamma_offset, k_gamma_offset,
-                         T, Hq, Hk, D, R, q_stride_t, k_stride_t, q_tiles,
-                         in_kind, out_kind, is_rms, eps, rotary_dim, interleaved,
+def _qk_norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
+                         q_weight_ptr, q_bias_ptr, k_weight_ptr, k_bias_ptr,
+                         q_has_weight, q_has_bias, k_has_weight, k_has_bias,
+                         q_gamma_offset: tl.float32, k_gamma_offset: tl.float32,
+                         num_tokens, q_heads, k_heads, head_dim, cos_rows, stride_q_token, stride_k_token, q_tiles,
+                         in_kind, out_kind, is_rms, eps: tl.float32, rotary_dim, interleaved,
                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, HIDDEN: tl.constexpr,
                          CHUNK: tl.constexpr):
     pid = tl.program_id(0)
@@ -121,15 +120,16 @@ def _qk_norm_rope_kernel(q, k, q_out, k_out, cos, sin, q_w, q_b, k_w, k_b,
     # per-tensor arguments (rather than an if/else around two inlined copies of the body) keeps one
     # copy of the code: half the compile time and instruction-cache footprint.
     is_q = pid < q_tiles
-    x = tl.where(is_q, q, k)
-    out = tl.where(is_q, q_out, k_out)
-    x_stride_t = tl.where(is_q, q_stride_t, k_stride_t)
-    w = tl.where(is_q, q_w, k_w)
-    b = tl.where(is_q, q_b, k_b)
-    has_w = tl.where(is_q, q_has_w, k_has_w)
-    has_b = tl.where(is_q, q_has_b, k_has_b)
+    x = tl.where(is_q, q_ptr, k_ptr)
+    out = tl.where(is_q, q_out_ptr, k_out_ptr)
+    x_stride_t = tl.where(is_q, stride_q_token, stride_k_token)
+    w = tl.where(is_q, q_weight_ptr, k_weight_ptr)
+    b = tl.where(is_q, q_bias_ptr, k_bias_ptr)
+    has_w = tl.where(is_q, q_has_weight, k_has_weight)
+    has_b = tl.where(is_q, q_has_bias, k_has_bias)
     gamma_offset = tl.where(is_q, q_gamma_offset, k_gamma_offset)
-    H = tl.where(is_q, Hq, Hk)
+    H = tl.where(is_q, q_heads, k_heads)
+    D = head_dim
     tile = tl.where(is_q, pid, pid - q_tiles)
 
     if HIDDEN:
@@ -147,40 +147,34 @@ def _qk_norm_rope_kernel(q, k, q_out, k_out, cos, sin, q_w, q_b, k_w, k_b,
             mask = e < n
             xv = load_f32(x, row_base + e, mask, in_kind)
             _normalize_rotate_store(x, xv, row_base + h * D, t.to(tl.int64) * n + e, t, h, d, mask, mean, rstd,
-                                    out, w, b, has_w, has_b, gamma_offset, D, cos, sin, R, in_kind, out_kind,
-                                    rotary_dim, interleaved)
+                                    out, w, b, has_w, has_b, gamma_offset, D, cos_ptr, sin_ptr, cos_rows, in_kind,
+                                    out_kind, rotary_dim, interleaved)
     else:
         # Rows are consecutive (token, head) pairs; launch() guarantees T * H fits in int32.
         row = tile * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
         t = row // H
         h = row % H
-        mask = (row < T * H) & (d < D)
+        mask = (row < num_tokens * H) & (d < D)
         # Token offsets in int64: T * stride can exceed 2^31 elements for long videos.
         head_base = t.to(tl.int64) * x_stride_t + h * D
         xv = load_f32(x, head_base + d, mask, in_kind)
         mean, rstd = _row_stats(xv, mask, D, is_rms, eps)
         # Outputs are contiguous [T, H, D]: row * D + d.
         _normalize_rotate_store(x, xv, head_base, row.to(tl.int64) * D + d, t, h, d, mask, mean, rstd,
-                                out, w, b, has_w, has_b, gamma_offset, 0, cos, sin, R, in_kind, out_kind,
-                                rotary_dim, interleaved)
+                                out, w, b, has_w, has_b, gamma_offset, 0, cos_ptr, sin_ptr, cos_rows, in_kind,
+                                out_kind, rotary_dim, interleaved)
 
 
 # --------------------------------------------------------------------------------------------------
 # Shipped configurations (each is compiled and inspected by `python -m magi_kernels.tools.aot_check`)
 
 _KERNEL = f"{__name__}:_qk_norm_rope_kernel"
-# Argument order and Triton types of _qk_norm_rope_kernel; "*u8" = dtype-erased tensor.
-_SIGNATURE = {
-    "q": "*u8", "k": "*u8", "q_out": "*u8", "k_out": "*u8", "cos": "*fp32", "sin": "*fp32",
-    "q_w": "*fp32", "q_b": "*fp32", "k_w": "*fp32", "k_b": "*fp32",
-    "q_has_w": "i32", "q_has_b": "i32", "k_has_w": "i32", "k_has_b": "i32",
-    "q_gamma_offset": "fp32", "k_gamma_offset": "fp32",
-    "T": "i32", "Hq": "i32", "Hk": "i32", "D": "i32", "R": "i32", "q_stride_t": "i32", "k_stride_t": "i32",
-    "q_tiles": "i32", "in_kind": "i32", "out_kind": "i32", "is_rms": "i32",
-    "eps": "fp32", "rotary_dim": "i32", "interleaved": "i32",
-    "BLOCK_H": "constexpr", "BLOCK_D": "constexpr", "HIDDEN": "constexpr", "CHUNK": "constexpr",
-}
+# Pointer element types ("u8" = dtype-erased tensor); the rest of the signature follows from the kernel's
+# parameter names (magi_kernels/kernels/triton/aot.py).
+_POINTER_DTYPES = {"q_ptr": "u8", "k_ptr": "u8", "q_out_ptr": "u8", "k_out_ptr": "u8", "cos_ptr": "fp32",
+                   "sin_ptr": "fp32", "q_weight_ptr": "fp32", "q_bias_ptr": "fp32", "k_weight_ptr": "fp32",
+                   "k_bias_ptr": "fp32"}
 
 
 def _make_config(hidden: bool, block_h: int, block_d: int) -> AotConfig:
@@ -188,7 +182,7 @@ def _make_config(hidden: bool, block_h: int, block_d: int) -> AotConfig:
     chunk = min(block_d, warps * 32 * ELEMS_PER_THREAD) if hidden else block_d
     scope = f"hidden CHUNK={chunk}" if hidden else "head"
     return AotConfig(kernel=_KERNEL, name=OP, config=f"{scope} BLOCK_H={block_h} BLOCK_D={block_d} w{warps}",
-                     signature=dict(_SIGNATURE),
+                     pointer_dtypes=_POINTER_DTYPES,
                      constexprs={"BLOCK_H": block_h, "BLOCK_D": block_d, "HIDDEN": hidden, "CHUNK": chunk},
                      num_warps=warps, num_stages=1)
 
@@ -234,24 +228,23 @@ def select_config(head_dim: int, hq: int, hk: int, norm_scope: str) -> AotConfig
 # Host side
 
 
-def supports(info) -> str | None:
-    """None if the Triton kernel can run this call, else why not (device checks are done by the registry)."""
-    ex = info.extra
-    if info.dtype not in _DTYPE_CODE:
-        return f"q dtype {info.dtype} is not fp32/fp16/bf16"
+def supports(a) -> str | None:
+    """None if the Triton kernel can run this ``QkNormRopeArgs`` call, else why not (device rules:
+    ``magi_kernels.kernels.triton.device_reason``)."""
+    if a.q.dtype not in DTYPE_CODE:
+        return f"q dtype {a.q.dtype} is not fp32/fp16/bf16"
     try:
-        select_config(int(ex.get("head_dim", 0)), int(ex.get("hq", 1)), int(ex.get("hk", 1)),
-                      ex.get("norm_scope", "head"))
+        select_config(a.head_dim, a.q.shape[1], a.k.shape[1], a.norm_scope)
     except ValueError as e:
         return str(e)
     return None
 
 
-def make_plan(a, q_out: torch.Tensor, k_out: torch.Tensor) -> Plan:
+def make_launch(a, q_out: torch.Tensor, k_out: torch.Tensor) -> KernelLaunch:
     """Map validated QkNormRopeArgs (+ contiguous outputs) to a shipped config, grid, and kernel args."""
     T, hq, d = a.q.shape
     hk = a.k.shape[1]
-    if a.q.dtype not in _DTYPE_CODE or q_out.dtype not in _DTYPE_CODE:
+    if a.q.dtype not in DTYPE_CODE or q_out.dtype not in DTYPE_CODE:
         raise ValueError(f"{OP}: q and q_out must be fp32/fp16/bf16, got {a.q.dtype} and {q_out.dtype}")
     if k_out.dtype != q_out.dtype:
         raise ValueError(f"{OP}: k_out must have q_out's dtype {q_out.dtype}, got {k_out.dtype}")
@@ -271,35 +264,30 @@ def make_plan(a, q_out: torch.Tensor, k_out: torch.Tensor) -> Plan:
     rope = a.rotary_dim > 0
     cos = a.cos if rope else absent
     sin = a.sin if rope else absent
-    R = a.cos.shape[0] if rope else 1
 
     def gamma_offset(w):
         # No weight: gamma is the offset alone, or 1 when the offset is 0 too (the reference's rule).
         return a.weight_offset if (w is not None or a.weight_offset != 0.0) else 1.0
 
-    args = (
-        erase(a.q), erase(a.k), erase(q_out), erase(k_out), cos, sin,
-        a.q_weight if a.q_weight is not None else absent, a.q_bias if a.q_bias is not None else absent,
-        a.k_weight if a.k_weight is not None else absent, a.k_bias if a.k_bias is not None else absent,
-        int(a.q_weight is not None), int(a.q_bias is not None), int(a.k_weight is not None), int(a.k_bias is not None),
-        float(gamma_offset(a.q_weight)), float(gamma_offset(a.k_weight)),
-        T, hq, hk, d, R, a.q.stride(0), a.k.stride(0), q_tiles,
-        _DTYPE_CODE[a.q.dtype], _DTYPE_CODE[q_out.dtype], int(a.norm == "rmsnorm"),
-        float(a.eps), int(a.rotary_dim), int(a.interleaved),
+    args = dict(
+        q_ptr=erase(a.q), k_ptr=erase(a.k), q_out_ptr=erase(q_out), k_out_ptr=erase(k_out), cos_ptr=cos, sin_ptr=sin,
+        q_weight_ptr=a.q_weight if a.q_weight is not None else absent,
+        q_bias_ptr=a.q_bias if a.q_bias is not None else absent,
+        k_weight_ptr=a.k_weight if a.k_weight is not None else absent,
+        k_bias_ptr=a.k_bias if a.k_bias is not None else absent,
+        q_has_weight=int(a.q_weight is not None), q_has_bias=int(a.q_bias is not None),
+        k_has_weight=int(a.k_weight is not None), k_has_bias=int(a.k_bias is not None),
+        q_gamma_offset=float(gamma_offset(a.q_weight)), k_gamma_offset=float(gamma_offset(a.k_weight)),
+        num_tokens=T, q_heads=hq, k_heads=hk, head_dim=d, cos_rows=a.cos.shape[0] if rope else 1,
+        stride_q_token=a.q.stride(0), stride_k_token=a.k.stride(0), q_tiles=q_tiles,
+        in_kind=DTYPE_CODE[a.q.dtype], out_kind=DTYPE_CODE[q_out.dtype], is_rms=int(a.norm == "rmsnorm"),
+        eps=float(a.eps), rotary_dim=int(a.rotary_dim), interleaved=int(a.interleaved),
     )
-    return Plan(cfg, (q_tiles + k_tiles,), args)
-
-
-def _run(plan: Plan) -> None:
-    from magi_kernels.kernels.triton.aot import resolve_kernel
-
-    kernel = resolve_kernel(plan.config)
-    kernel[plan.grid](*plan.args, **plan.config.constexprs, num_warps=plan.config.num_warps,
-                      num_stages=plan.config.num_stages)
+    return KernelLaunch(cfg, (q_tiles + k_tiles,), args)
 
 
 def launch(a, q_out: torch.Tensor, k_out: torch.Tensor) -> None:
     """Write qk_norm_rope(a) into q_out [T, Hq, D] and k_out [T, Hk, D] (contiguous) with one launch."""
     if a.q.shape[0] == 0:
         return
-    _run(make_plan(a, q_out, k_out))
+    make_launch(a, q_out, k_out).run()

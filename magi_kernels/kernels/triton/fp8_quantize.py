@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from magi_kernels import registry
-from magi_kernels.kernels.triton.aot import AotConfig, register_aot
+from magi_kernels.kernels.triton._io import round_to_bf16_grid
+from magi_kernels.kernels.triton.aot import AotConfig, KernelLaunch, register_aot
 from magi_kernels.reference.fp8 import AMAX_FLOOR, E4M3_MAX
 
 # Globals a @triton.jit function reads must be tl.constexpr.
@@ -43,18 +43,11 @@ def _e4m3_code(y):
 
 
 @triton.jit
-def _bf16_rne(x):
-    bits = x.to(tl.int32, bitcast=True)
-    r = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    return tl.where(x != x, x, r.to(tl.float32, bitcast=True))
-
-
-@triton.jit
 def _quantize_tile(x, s, BF16_ROUND: tl.constexpr):
     y = tl.math.div_rn(x, s)  # IEEE division: '/' lowers to an approximate divide on NVIDIA
     y = tl.where(y != y, y, tl.minimum(tl.maximum(y, -448.0), 448.0))  # min/max would drop NaN
     if BF16_ROUND:
-        y = _bf16_rne(y)
+        y = round_to_bf16_grid(y)
     return _e4m3_code(y).to(tl.uint8)
 
 
@@ -74,46 +67,46 @@ def _dyn_scale(x, AXIS: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.constexpr
 
 
 @triton.jit
-def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, so_ptr, M, K, stride_xm, stride_qm, stride_som,
-                      MODE: tl.constexpr, BF16_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
+def _fp8_quantize_kernel(x_ptr, q_ptr, scale_ptr, scale_out_ptr, n_rows, n_cols, stride_xm, stride_qm,
+                      stride_scale_out_row, MODE: tl.constexpr, BF16_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
+    m_ok = offs_m < n_rows
     if MODE == 2:
-        # Per row: pass 1 finds each row's amax over all of K, pass 2 quantizes.
+        # Per row: pass 1 finds each row's amax over all of n_cols, pass 2 quantizes.
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
         nb = tl.zeros((BLOCK_M,), dtype=tl.int32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, n_cols, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            msk = m_ok[:, None] & (offs_k[None, :] < K)
+            msk = m_ok[:, None] & (offs_k[None, :] < n_cols)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=msk, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
             nb = tl.maximum(nb, tl.max(((x * 0.0) != 0.0).to(tl.int32), axis=1))
         s = tl.where(nb > 0, float("nan"), tl.maximum(amax, _AMAX_FLOOR) / _QMAX)
-        tl.store(so_ptr + offs_m * stride_som, s, mask=m_ok)
-        for k0 in range(0, K, BLOCK_K):
+        tl.store(scale_out_ptr + offs_m * stride_scale_out_row, s, mask=m_ok)
+        for k0 in range(0, n_cols, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            msk = m_ok[:, None] & (offs_k[None, :] < K)
+            msk = m_ok[:, None] & (offs_k[None, :] < n_cols)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=msk, other=0.0).to(tl.float32)
             q = _quantize_tile(x, s[:, None], BF16_ROUND)
             tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=msk)
     else:
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        msk = m_ok[:, None] & (offs_k[None, :] < K)
+        msk = m_ok[:, None] & (offs_k[None, :] < n_cols)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=msk, other=0.0).to(tl.float32)
         if MODE == 0:
-            q = _quantize_tile(x, tl.load(s_ptr), BF16_ROUND)
+            q = _quantize_tile(x, tl.load(scale_ptr), BF16_ROUND)
         elif MODE == 1:
-            q = _quantize_tile(x, tl.load(s_ptr + offs_k, mask=offs_k < K, other=1.0)[None, :], BF16_ROUND)
+            q = _quantize_tile(x, tl.load(scale_ptr + offs_k, mask=offs_k < n_cols, other=1.0)[None, :], BF16_ROUND)
         elif MODE == 3:
             s = _dyn_scale(x, 1, _AMAX_FLOOR, _QMAX)  # one scale per row of this 1 x 128 block
-            tl.store(so_ptr + offs_m * stride_som + pid_k, s, mask=m_ok)
+            tl.store(scale_out_ptr + offs_m * stride_scale_out_row + pid_k, s, mask=m_ok)
             q = _quantize_tile(x, s[:, None], BF16_ROUND)
         else:
             s = _dyn_scale(x, None, _AMAX_FLOOR, _QMAX)  # one scale for the 128 x 128 tile
-            tl.store(so_ptr + pid_m * stride_som + pid_k, s)
+            tl.store(scale_out_ptr + pid_m * stride_scale_out_row + pid_k, s)
             q = _quantize_tile(x, s, BF16_ROUND)
         tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=msk)
 
@@ -123,24 +116,25 @@ def _tiles(mode: int) -> tuple[int, int, int]:
     return {0: (32, 128, 4), 1: (32, 128, 4), 2: (16, 256, 4), 3: (32, 128, 4), 4: (128, 128, 8)}[mode]
 
 
-def _register_aot() -> None:
-    sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "so_ptr": "*fp32", "M": "i32", "K": "i32",
-           "stride_xm": "i32", "stride_qm": "i32", "stride_som": "i32", "MODE": "constexpr",
-           "BF16_ROUND": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}
+def _shipped() -> dict[tuple[int, bool], AotConfig]:
+    """(mode, bf16_round) -> config. Compiled for bf16 input; fp16/fp32 inputs use the same tiles."""
+    pointers = {"x_ptr": "bf16", "q_ptr": "u8", "scale_ptr": "fp32", "scale_out_ptr": "fp32"}
+    cfgs = {}
     for name, mode in MODES.items():
         bm, bk, nw = _tiles(mode)
         for bf16_round in (False, True):
-            register_aot(AotConfig(
-                kernel=f"{__name__}:_fp8_quant_kernel", name="fp8_quant",
+            cfgs[(mode, bf16_round)] = register_aot(AotConfig(
+                kernel=f"{__name__}:_fp8_quantize_kernel", name="fp8_quantize",
                 config=f"{name} {'bf16-round ' if bf16_round else ''}{bm}x{bk} w{nw} bf16-in",
-                signature=sig, constexprs=dict(MODE=mode, BF16_ROUND=bf16_round, BLOCK_M=bm, BLOCK_K=bk),
+                pointer_dtypes=pointers, constexprs=dict(MODE=mode, BF16_ROUND=bf16_round, BLOCK_M=bm, BLOCK_K=bk),
                 num_warps=nw, num_stages=1, archs=(89, 90), mma=None))
+    return cfgs
 
 
-_register_aot()
+_CONFIGS = _shipped()
 
 
-def supports(info: registry.CallInfo) -> str | None:
+def supports(a) -> str | None:
     return None  # integer/fp32 arithmetic only; runs on any CUDA GPU Triton supports
 
 
@@ -157,15 +151,16 @@ def launch(args, q: torch.Tensor, scale_out: torch.Tensor) -> None:
 
         s_in = dynamic_scale_ref(x, "tensor")
     mode = MODES[gran]
-    bm, bk, nw = _tiles(mode)
+    cfg = _CONFIGS[(mode, bool(args.bf16_round))]
+    bm, bk = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_K"]
     if mode == 2:
         grid = (triton.cdiv(m, bm), 1)
     else:
         grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
     so = scale_out if mode in (2, 3, 4) else q  # unused pointer when the scale is an input
-    _fp8_quant_kernel[grid](
-        x, q.view(torch.uint8), s_in if s_in is not None else scale_out, so, m, k,
-        x.stride(0), q.stride(0), scale_out.stride(0) if mode in (2, 3, 4) else 0,
-        MODE=mode, BF16_ROUND=args.bf16_round, BLOCK_M=bm, BLOCK_K=bk, num_warps=nw)
+    KernelLaunch(cfg, grid, dict(
+        x_ptr=x, q_ptr=q.view(torch.uint8), scale_ptr=s_in if s_in is not None else scale_out, scale_out_ptr=so,
+        n_rows=m, n_cols=k, stride_xm=x.stride(0), stride_qm=q.stride(0),
+        stride_scale_out_row=scale_out.stride(0) if mode in (2, 3, 4) else 0)).run()
     if mode in (0, 1):
         scale_out.copy_(s_in.reshape(scale_out.shape))
