@@ -80,6 +80,11 @@ class TimedModel:
         self.act_dtype = model.act_dtype
         self.calls: list[dict] = []
         self.seen: set = set()
+        self.cuda_peak = 0  # per-call measurements reset CUDA's peak counter: keep the running maximum here
+
+    def _note_cuda_peak(self):
+        if self.device_.type == "cuda":
+            self.cuda_peak = max(self.cuda_peak, torch.cuda.max_memory_allocated(self.device_))
 
     @property
     def device(self):
@@ -91,12 +96,14 @@ class TimedModel:
         self.seen.add(fwd)
         call = lambda: self.model(x, t, caption, caption_mask, **kw)  # noqa: E731
         self.sync()
+        self._note_cuda_peak()
         t0 = time.perf_counter()
         if profile:
             out, peak = peak_memory(call, self.device_)
         else:
             out, peak = call(), None
         self.sync()
+        self._note_cuda_peak()
         self.calls.append({"forward": fwd, "seconds": time.perf_counter() - t0, "activation_peak_bytes": peak,
                            "profiled": profile and self.device_.type == "cpu"})
         return out
@@ -169,7 +176,8 @@ def run(cfg, model, vae, device, a) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     total = generate()
     if device.type == "cuda":
-        peak, method = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated over the run"
+        timed._note_cuda_peak()
+        peak, method = timed.cuda_peak, "torch.cuda.max_memory_allocated over the run"
     else:
         peak, method = None, "not measured for the whole run on CPU (per-forward peaks: profiler memory timeline)"
     kv = sum(b.nbytes for b in sampler.kv_cache.buffers if b is not None)

@@ -44,21 +44,25 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
         return result, torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
-    return result, _timeline_peak(prof)
+    return result, _allocation_peak(prof, device)
 
 
-def _timeline_peak(prof) -> int:
-    from torch.profiler._memory_profiler import Action
+def _allocation_peak(prof, device: torch.device) -> int:
+    """Peak of the running sum of the profiler's allocation records (frees are negative) on ``device``."""
+    from torch._C._profiler import _EventType
 
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.typed[0] == _EventType.Allocation and e.typed[1].device.type == device.type:
+            events.append((e.start_time_ns, e.typed[1].alloc_size))
     live = peak = 0
-    for _t, action, _key, size in prof._memory_profile().timeline:
-        if action == Action.CREATE:
-            live += size
-            peak = max(peak, live)
-        elif action == Action.DESTROY:
-            live -= size
+    for _t, size in sorted(events):
+        live += size
+        peak = max(peak, live)
     return peak
 
 

@@ -55,20 +55,12 @@ def _param_table(cfg: MagiConfig) -> tuple:
 def weight_bytes(cfg: MagiConfig, pp: int = 1, stage: int | None = None) -> int:
     """Bytes of the DiT parameters one pipeline stage holds (the largest stage when ``stage`` is None).
 
-    Every stage runs the embedding stage (x/t/y embedders, rope); the last one also holds the final
-    norm and linear."""
+    Every stage holds its layers and everything outside the layer stack (embedders, rope, final norm
+    and linear), as ``magi_model.parallel.model.build_stage_dit`` materializes them."""
     if stage is None:
         return max(weight_bytes(cfg, pp, s) for s in range(pp))
     layers = stage_layers(cfg.model.num_layers, pp, stage)
-    total = 0
-    for name, layer, nbytes in _param_table(cfg):
-        if layer is not None:
-            total += nbytes if layer in layers else 0
-        elif name.startswith(("videodit_blocks.final_layernorm", "final_linear")):
-            total += nbytes if stage == pp - 1 else 0
-        else:
-            total += nbytes
-    return total
+    return sum(nbytes for _name, layer, nbytes in _param_table(cfg) if layer is None or layer in layers)
 
 
 def kv_heads_per_rank(cfg: MagiConfig, cp: int) -> int:

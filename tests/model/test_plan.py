@@ -127,9 +127,9 @@ def test_weight_bytes_equal_the_modules(name):
     assert weight_bytes(cfg, 1) == total
     L = cfg.model.num_layers
     pp = 2
+    # A stage holds its layers and everything outside the layer stack (magi_model.parallel's stage DiT).
     stage0 = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                 if not n.startswith(("final_linear", "videodit_blocks.final_layernorm"))
-                 and not (n.startswith("videodit_blocks.layers.") and int(n.split(".")[2]) >= L // pp))
+                 if not (n.startswith("videodit_blocks.layers.") and int(n.split(".")[2]) >= L // pp))
     assert weight_bytes(cfg, pp, 0) == stage0
     assert weight_bytes(cfg, pp) == max(weight_bytes(cfg, pp, 0), weight_bytes(cfg, pp, 1)) < total
 
@@ -266,3 +266,15 @@ def test_tf32_speeds_up_the_fp32_linear_proj_of_unquantized_models():
     on = plan("24B_distill", "8xH100-SXM", cp=8, pp=1, window=4, kv_offload=False, tf32=True).best
     assert on.time_s["linear"] < 0.7 * off.time_s["linear"] and on.floor_s < off.floor_s
     assert on.time_s["attention"] == off.time_s["attention"]
+
+
+@pytest.mark.parametrize("pp", [2, 3])
+def test_stage_weight_bytes_equal_the_parallel_stage_dit(pp):
+    from magi_model.parallel.layout import ParallelLayout
+    from magi_model.parallel.model import build_stage_dit
+
+    cfg = small_config("tiny_distill_quant")
+    for stage in range(pp):
+        dit = build_stage_dit(cfg, ParallelLayout(1, pp, "cp_ulysses", stage, torch.device("cpu")), seed=None)
+        real = sum(p.numel() * p.element_size() for p in dit.parameters() if p.device.type != "meta")
+        assert weight_bytes(cfg, pp, stage) == real
