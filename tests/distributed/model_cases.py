@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from magi_model.config import MagiConfig, preset_dict
+from magi_kernels.distributed import even_shard_sizes
+from magi_model.config import MagiConfig, preset_dict, tokens_per_chunk
 from magi_model.dit import build_dit
 from magi_model.parallel import (
     ParallelConfigError,
@@ -63,9 +64,17 @@ def check_generation(rank, world, seed, *, cp, pp, strategy, name="tiny"):
     top = sum(p.numel() for n, p in full.named_parameters() if not n.startswith("videodit_blocks.layers."))
     assert materialized_parameters(model) == top + len(own) * per_layer
     pdit = ParallelDiT(model, layout)
+    caches = []
+    inner = pdit.forward_many
+
+    def spy(calls):
+        caches.extend(kw["kv_cache"] for _, kw in calls if kw.get("kv_cache") is not None)
+        return inner(calls)
+    pdit.forward_many = spy
     caps = captions(model, 2, seed)
     check_same_on_all_ranks("config and captions", (cfg.to_dict(), caps))
     got = generate_latents(pdit, cfg, caps, seed=seed, progress=False)
+    _check_cache_is_local(caches[-1], cfg, cp, strategy, own)
     err, frames_off = 0.0, 0.0
     if rank == 0:
         want = _reference(cfg, seed)[0]
@@ -76,6 +85,25 @@ def check_generation(rank, world, seed, *, cp, pp, strategy, name="tiny"):
     assert err <= REL_TOL, f"relative error {err:.3g} > {REL_TOL}"
     assert frames_off <= 1e-4, f"{frames_off:.2%} of the decoded uint8 frame values differ"
     assert torch.equal(ref, got)
+
+
+def _check_cache_is_local(cache, cfg, cp, strategy, own):
+    """The KV cache holds only this stage's layers and, per layer, this rank's share: its kv heads for
+    every token (cp_ulysses) or its piece of every chunk with all kv heads (cp_shuffle_overlap)."""
+    m = cfg.model
+    n = tokens_per_chunk(cfg)
+    for i, buf in enumerate(cache.buffers):
+        if i not in own:
+            assert buf is None, f"layer {i} of another stage has a cache buffer"
+            continue
+        _, tokens, heads, width = buf.shape
+        assert width == 2 * m.kv_channels
+        if strategy == "cp_ulysses":
+            assert heads == max(m.num_query_groups, cp) // cp and tokens == cache.capacity, buf.shape
+        else:
+            assert heads == m.num_query_groups, buf.shape
+            assert tokens == cache.capacity // n * max(even_shard_sizes(n, cp)) or \
+                tokens == cache.capacity // n * min(even_shard_sizes(n, cp)), buf.shape
 
 
 def _frames_differ(a, b, cfg, seed) -> float:
