@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-PG_TIMEOUT_S = 90  # a case that desynchronises the ranks fails after this instead of hanging
+PG_TIMEOUT_S = 240  # a case that desynchronises the ranks fails after this instead of hanging (generous: loaded CI)
 
 
 def main() -> None:
