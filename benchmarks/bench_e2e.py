@@ -212,7 +212,7 @@ def predict(cfg, a, device, layout_obj, meas) -> dict:
     ref_ops = device.type == "cpu"  # the ops run their torch reference on CPU
     out = {"kind": "prediction (magi_model.plan, magi_model memory model)", "layout": lay.label,
            "weight_bytes": weight_bytes(cfg, pp), "forwards": len(wl.forwards),
-           "kv_cache_bytes": kv_cache_bytes(cfg, wl.output_chunks * tokens_per_chunk(cfg), cp=cp, pp=pp),
+           "kv_cache_bytes": kv_cache_bytes(cfg, wl.chunks * tokens_per_chunk(cfg), cp=cp, pp=pp),
            "activation_peak_bytes": {}, "forward_s": {}}
     timed_gpu = cluster is not None and device.type == "cuda"
     for f in {c["forward"] for c in meas["forwards"]}:

@@ -100,6 +100,11 @@ def print_plan(pl: Plan, top: int, file=None) -> None:
     con.print(f"physical floor (every FLOP at datasheet peak on all {pl.cluster.count} GPUs, no communication): "
               f"{best.floor_s:.1f} s; {'best' if pl.best else 'closest'} layout {best.layout.label}: predicted "
               f"{best.predicted_s:.1f} s = {best.ratio:.2f}x the floor")
+    c = best.comm_bytes_per_layer
+    if c and best.layout.ranks > 1:
+        con.print(f"communication per rank for the largest forward: Ulysses all-to-all {c['ulysses'] / 2**20:,.1f} MiB "
+                  f"per layer (a ring CP would send {c['ring_alternative'] / 2**20:,.1f} MiB), pipeline sends "
+                  f"{c['pp_per_forward'] / 2**20:,.1f} MiB per forward")
     mem = best.memory
     con.print("memory per rank of that layout (GiB): " + ", ".join(f"{k} {_gib(v)}" for k, v in mem.items() if v)
               + f"; activation peak at {best.activation_phase}")

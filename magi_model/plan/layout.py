@@ -242,7 +242,7 @@ class Planner:
 
         # --- memory per rank (largest stage)
         W = mem.weight_bytes(cfg, pp)
-        capacity = wl.output_chunks * n
+        capacity = wl.chunks * n
         kv_gpu = 0 if layout.kv_offload else mem.kv_cache_bytes(cfg, capacity, cp=cp, pp=pp)
         peaks = [(mem.activation_peak(cfg, fwd, cp=cp, implementation=self.implementation), fwd)
                  for fwd in wl.distinct_forwards]
@@ -253,7 +253,7 @@ class Planner:
         r = cfg.runtime
         h8, w8 = r.video_size_h // 8, r.video_size_w // 8
         state = (wl.latent_frames * m.latent_channels * h8 * w8 * 4 * 3  # latent, velocity, guidance mix (fp32)
-                 + 2 * wl.output_chunks * m.caption_max_length * m.caption_channels * 4)  # captions, both branches
+                 + 2 * wl.chunks * m.caption_max_length * m.caption_channels * 4)  # captions, both branches
         buffers = (mem.NCCL_BUFFER_BYTES if layout.ranks > 1 else 0) + (
             2 * math.ceil(wl.max_tokens / cp) * H * a if pp > 1 else 0)
         vae_w = mem.vae_weight_bytes()

@@ -261,7 +261,7 @@ class Workload:
     flops: Flops  # all DiT forwards
     vae_flops: int
     t5_flops: int
-    output_chunks: int
+    chunks: int  # latent chunks of the video (the KV cache holds all of them)
     latent_frames: int
 
     @property
