@@ -4,8 +4,9 @@ Time model (all terms per video; every assumption is a field of :class:`Efficien
 documented in ``docs/planner.md``):
 
 - compute: FLOPs on one rank / (datasheet peak of the precision x efficiency), per precision for the
-  linears (fp8 / bf16 / fp32) and bf16 for attention; Ulysses CP splits tokens (linears) and heads
-  (attention) ``cp`` ways;
+  linears (fp8 / bf16 / fp32) and bf16 for attention, whose self-attention part is scaled by the tile
+  efficiency of the block-sparse plan (128 x 128 tiles: boundary tiles are computed whole); Ulysses CP
+  splits tokens (linears) and heads (attention) ``cp`` ways;
 - memory-bound kernels (norms, rope, activations, casts): bytes they move / (HBM x efficiency);
 - Ulysses all-to-all (q, kv, out per layer) and the pipeline sends: not overlapped with compute
   (MAGI-1 waits on each all-to-all; ``ulysses_overlap_degree`` 1);
@@ -27,7 +28,8 @@ import math
 from magi_model.config import MagiConfig, tokens_per_chunk
 from magi_model.hardware import GIB, Cluster, read_json_object
 from magi_model.plan import memory as mem
-from magi_model.plan.workload import PRECISIONS, Forward, Workload, build_workload, forward_flops
+from magi_model.plan.workload import (PRECISIONS, Forward, Workload, build_workload, cross_attention_cells,
+                                      forward_flops, self_attention_cells, self_attention_tile_efficiency)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +127,7 @@ class LayoutResult:
     comm_bytes_per_layer: dict  # for the largest forward: ulysses / ring / pp bytes per rank
     forwards: int
     why_not: str = ""
+    attention_tile_efficiency: float = 1.0  # visited-tile cells / visible cells, largest forward
 
     @property
     def ratio(self) -> float:
@@ -136,7 +139,8 @@ class LayoutResult:
                 "ratio_to_floor": self.ratio, "time_s": self.time_s, "memory_bytes": self.memory,
                 "peak_bytes": self.peak_bytes, "capacity_bytes": self.capacity_bytes, "peak_phase": self.peak_phase,
                 "activation_phase": self.activation_phase, "t5_on_gpu": self.t5_on_gpu,
-                "comm_bytes_per_layer": self.comm_bytes_per_layer, "forwards": self.forwards}
+                "comm_bytes_per_layer": self.comm_bytes_per_layer, "forwards": self.forwards,
+                "attention_tile_efficiency": self.attention_tile_efficiency}
 
 
 def valid_cp(cfg: MagiConfig, cp: int) -> str:
@@ -180,6 +184,7 @@ class Planner:
         self.implementation, self.mode, self.text_tokens = implementation, mode, text_tokens
         self.tf32 = tf32  # fp32 GEMMs on TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32 = True)
         self._workloads: dict[int, Workload] = {}
+        self._tile_eff: dict[Forward, float] = {}
 
     # -------------------------------------------------------------------------------------------
     def config_for_window(self, window: int) -> MagiConfig:
@@ -230,13 +235,14 @@ class Planner:
 
         # --- time
         t = dict.fromkeys(("linear", "attention", "memory_bound", "communication", "kv_offload", "vae", "t5"), 0.0)
-        comm_largest = {}
+        comm_largest, tile_eff = {}, 1.0
         if not why:
             for fwd, count in wl.distinct_forwards.items():
                 for k, v in self.forward_time_s(fwd, layout).items():
                     t[k] += count * v
                 if fwd.tokens == wl.max_tokens:
                     comm_largest = self.comm_bytes_per_layer(fwd, cp, pp)
+                    tile_eff = self.tile_efficiency(fwd)
         vae_ranks = cp
         t["vae"] = wl.vae_flops / vae_ranks / (g.bf16_tflops * 1e12 * eff.gemm_bf16)
 
@@ -285,7 +291,7 @@ class Planner:
         predicted = sum(t.values())
         return LayoutResult(layout, fits, predicted, self.floor_s(wl), t, memory, int(peak), g.memory_bytes,
                             peak_phase, f"{act_phase.name} (forward of {act_fwd.tokens} tokens)", t5_on_gpu,
-                            comm_largest, len(wl.forwards), why)
+                            comm_largest, len(wl.forwards), why, tile_eff)
 
     def forward_time_s(self, fwd: Forward, layout: Layout) -> dict:
         """Predicted seconds of one DiT forward by term (all pipeline stages, one after the other)."""
@@ -298,7 +304,10 @@ class Planner:
             if f.linear[p]:
                 peak, e = self.gemm_rate(p)
                 t["linear"] += f.linear[p] / cp / (peak * e)
-        t["attention"] = f.total_attention / cp / (g.bf16_tflops * 1e12 * eff.attention)
+        # Attention kernels also compute the masked part of boundary tiles (the planner's tile efficiency).
+        per_cell = 4 * m.num_attention_heads * m.kv_channels * m.num_layers
+        cells = self_attention_cells(fwd) * self.tile_efficiency(fwd) + cross_attention_cells(fwd)
+        t["attention"] = per_cell * cells / cp / (g.bf16_tflops * 1e12 * eff.attention)
         tl = math.ceil(fwd.tokens / cp)
         t["memory_bound"] = tl * m.num_layers * _mem_bound_bytes_per_token_layer(cfg) / (g.hbm_gbps * 1e9 * eff.hbm)
         comm = self.comm_bytes_per_layer(fwd, cp, layout.pp)
@@ -309,6 +318,11 @@ class Planner:
                      * 2 * m.kv_channels * m.params_dtype.itemsize)
             t["kv_offload"] = moved * m.num_layers / (g.host_gbps * 1e9 * eff.host_copy)
         return t
+
+    def tile_efficiency(self, fwd: Forward) -> float:
+        if fwd not in self._tile_eff:
+            self._tile_eff[fwd] = self_attention_tile_efficiency(fwd)
+        return self._tile_eff[fwd]
 
     def comm_bytes_per_layer(self, fwd: Forward, cp: int, pp: int) -> dict:
         """Bytes one rank sends per layer (Ulysses all-to-all, or a ring CP alternative) and per forward (pp)."""

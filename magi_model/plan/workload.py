@@ -187,9 +187,29 @@ def forward_flops(cfg: MagiConfig, fwd: Forward, layers: "range | None" = None) 
 
 def attention_cells(fwd: Forward) -> int:
     """Visible (q, k) cells of self- plus cross-attention in one layer, all batch elements."""
-    self_area = fwd.mask().area() * fwd.batch
-    cross = fwd.chunk_tokens * sum(fwd.caption_tokens)
-    return self_area + cross
+    return self_attention_cells(fwd) + cross_attention_cells(fwd)
+
+
+def self_attention_cells(fwd: Forward) -> int:
+    return fwd.mask().area() * fwd.batch
+
+
+def cross_attention_cells(fwd: Forward) -> int:
+    return fwd.chunk_tokens * sum(fwd.caption_tokens)
+
+
+ATTENTION_TILE = (128, 128)  # the block-sparse kernels' tile (assumption for the time model)
+
+
+def self_attention_tile_efficiency(fwd: Forward, tile: tuple = ATTENTION_TILE) -> float:
+    """Cells of the tiles the block-sparse planner visits / visible cells (>= 1): work spent on the masked
+    part of boundary tiles (``magi_kernels.plan``'s plan for this forward's mask)."""
+    from magi_kernels.plan import get_plan, tile_efficiency
+
+    mask = fwd.mask()
+    q, k, t = mask.to_ranges()
+    plan = get_plan(q.numpy(), k.numpy(), t.numpy(), mask.total_q, mask.total_k, *tile)
+    return tile_efficiency(plan, mask.area())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,5 +309,6 @@ def build_workload(cfg: MagiConfig, *, mode: str = "t2v", text_tokens: int = 64)
 
 
 __all__ = ["Forward", "forward_of_call", "record_forwards", "Flops", "forward_flops", "layer_linear_flops", "attention_cells",
-           "vae_decode_tiles", "vae_decode_tile_flops", "vae_decode_flops", "t5_params", "t5_flops", "T5_XXL",
+           "self_attention_cells", "cross_attention_cells",
+           "self_attention_tile_efficiency", "ATTENTION_TILE", "vae_decode_tiles", "vae_decode_tile_flops", "vae_decode_flops", "t5_params", "t5_flops", "T5_XXL",
            "Workload", "build_workload", "PRECISIONS"]
