@@ -10,7 +10,7 @@ What is measured:
   chunk, and the whole video (denoising + decoding; T5 is not run: text embeddings are random);
 - peak memory per rank: on CUDA ``torch.cuda.max_memory_allocated`` over the run (weights included);
 - the activation peak of the first call of every distinct forward: on CUDA the rise of
-  ``max_memory_allocated`` during the call, on CPU the PyTorch profiler's memory timeline
+  ``max_memory_allocated`` during the call, on CPU the PyTorch profiler's allocation records
   (allocations minus frees of every tensor storage; ``magi_model/plan/measure.py``), next to the
   planner's prediction for that forward;
 - the GPU: name, clocks, memory, power limit via NVML (skipped without an NVIDIA driver).
@@ -70,7 +70,7 @@ def parse_args(argv=None):
 
 class TimedModel:
     """The DiT behind ChunkSampler's model interface: times every call on the device and measures the
-    activation peak of the first call of each distinct forward (on CPU with the profiler timeline, whose
+    activation peak of the first call of each distinct forward (on CPU with the profiler's allocation records, whose
     calls are then left out of the timing medians when other calls of that forward exist)."""
 
     def __init__(self, model, chunk_tokens: int, device, sync, measure_memory: bool):
@@ -179,7 +179,7 @@ def run(cfg, model, vae, device, a) -> dict:
         timed._note_cuda_peak()
         peak, method = timed.cuda_peak, "torch.cuda.max_memory_allocated over the run"
     else:
-        peak, method = None, "not measured for the whole run on CPU (per-forward peaks: profiler memory timeline)"
+        peak, method = None, "not measured for the whole run on CPU (per-forward peaks: profiler allocation records)"
     kv = sum(b.nbytes for b in sampler.kv_cache.buffers if b is not None)
     params = sum(p.numel() * p.element_size() for p in base.parameters() if p.device.type != "meta")
     return {"seconds_per_video": total, "seconds_vae_decode": sum(decode_s), "vae_decode_per_chunk_s": decode_s,

@@ -4,7 +4,7 @@
   registered (``magi_kernels.ops.flop_counts``). "attention" is ``magi_kernels::flex_attn``; "linear"
   is everything else the counter sees (ATen matmuls and convolutions, ``magi_kernels::fp8_gemm``).
 - Peak memory on CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the call.
-- Peak memory on CPU (no allocator statistics there): the PyTorch profiler's memory timeline. With
+- Peak memory on CPU (no allocator statistics there): the PyTorch profiler's allocation records. With
   ``profile_memory=True`` every CPU allocation and free of a tensor storage is recorded; the peak is
   the maximum of the running sum of (allocated - freed) bytes over the call. It counts what the
   call allocated, exactly like ``max_memory_allocated`` does on a GPU (no allocator rounding,

@@ -3,7 +3,7 @@
 - FLOPs: the planner's per-forward count equals FlopCounterMode over the real DiT forward (our ops'
   formulas registered): linears exactly, attention within 1% (it is exact: both use the mask's area).
 - Memory: weight and KV-cache bytes equal the real tensors' bytes; the activation peak is within 15%
-  of the peak the PyTorch profiler's memory timeline measures on CPU (magi_model.plan.measure).
+  of the peak the PyTorch profiler's allocation records give on CPU (magi_model.plan.measure).
 - MAGI-1's recommended hardware comes out as "fits", and 24B distill+fp8 on 8x RTX 4090 with cp 8 as
   out of memory.
 """
