@@ -201,3 +201,16 @@ def test_flex_attn_func_takes_a_mask_object():
         mk.flex_attn_func(q, k[:10], v[:10], mask)
     with pytest.raises(MagiArgumentError, match="'k_ranges' must be None"):
         mk.flex_attn_func(q, k, v, mask, mask.to_ranges()[1])
+
+
+def test_triton_backend_through_the_entry_point():
+    # the Triton kernel (interpreter on CPU) behind the same reshapes: bhsd views, GQA, a batch-repeated mask
+    B, chunks, hq, hk, d = 2, [4, 5], 2, 1, 64  # the Triton configs ship head_dim 64 and 128
+    S = sum(chunks)
+    q, k, v = torch.randn(B, hq, S, d), torch.randn(B, hk, S, d), torch.randn(B, hk, S, d)
+    out, lse = mk.attention(q, k, v, mask=mk.BlockCausal(chunk_lens=chunks), layout="bhsd", return_lse=True,
+                            backend="triton")
+    dense = _block_diag([_block_causal_dense(chunks)] * B)
+    ref_o, ref_l = _sdpa64(*(t.transpose(1, 2).flatten(0, 1) for t in (q, k, v)), dense)
+    _close(out.transpose(1, 2).flatten(0, 1), ref_o, tol=1e-4)
+    _close(lse.transpose(1, 2).flatten(0, 1), ref_l, tol=1e-4)
