@@ -31,7 +31,7 @@ PYBIND11_MODULE(_C, m) {
   py::module_ simt = m.def_submodule("simt", "the CUDA kernel sources executed on the CPU (testing)");
   py::module_ host = m.def_submodule("host", "host-side C++ (planning)");
   (void)host;
-  magi::bind::norm_rope(m, cuda, simt);
+  magi::bind::fused_norm(m, cuda, simt);
   magi::bind::attn_plan(host);
-  magi::bind::fp8_quant(m, cuda, simt);
+  magi::bind::fp8_quantize(m, cuda, simt);
 }

@@ -6,7 +6,7 @@
 
 namespace magi::bind {
 namespace py = pybind11;
-void norm_rope(py::module_& m, py::module_& cuda, py::module_& simt);
+void fused_norm(py::module_& m, py::module_& cuda, py::module_& simt);
 void attn_plan(py::module_& host);
-void fp8_quant(py::module_& m, py::module_& cuda, py::module_& simt);
+void fp8_quantize(py::module_& m, py::module_& cuda, py::module_& simt);
 }  // namespace magi::bind

@@ -1,5 +1,5 @@
 // gated_post_norm_residual: out[t] = residual[t] + norm(x[t] * gate[gate_index[t]]) * gamma + beta,
-// fp32 inside, one pass over memory. Semantics: magi_kernels/reference/norm_rope.py.
+// fp32 inside, one pass over memory. Semantics: magi_kernels/reference/gated_post_norm_residual.py.
 //
 // Compiled by nvcc and by the host compiler under the SIMT emulator from this one source (see
 // qk_norm_rope.cuh). One block per token row; each thread caches VPT products x*gate in registers, so
@@ -11,7 +11,7 @@
 #pragma once
 
 #include "magi/device.h"
-#include "kernels/norm_rope_params.h"
+#include "kernels/fused_norm_params.h"
 #include "kernels/qk_norm_rope.cuh"  // affine(), row_config(), dispatch_dtype()
 
 namespace magi {

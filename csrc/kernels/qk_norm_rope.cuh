@@ -1,8 +1,8 @@
 // qk_norm_rope: LayerNorm/RMSNorm of q and k (per head or over all heads), affine, then rotary on the
-// first rotary_dim dims, for q and k in ONE launch. Semantics: magi_kernels/reference/norm_rope.py.
+// first rotary_dim dims, for q and k in ONE launch. Semantics: magi_kernels/reference/qk_norm_rope.py.
 //
-// Compiled twice from this one source: by nvcc (csrc/cuda/norm_rope.cu) and by the host compiler
-// against the SIMT emulator (csrc/simt/norm_rope_simt.cpp). Keep it free of #ifdef __CUDACC__:
+// Compiled twice from this one source: by nvcc (csrc/cuda/fused_norm.cu) and by the host compiler
+// against the SIMT emulator (csrc/simt/fused_norm_simt.cpp). Keep it free of #ifdef __CUDACC__:
 // everything backend-specific lives in magi/device.h.
 //
 // Design (bandwidth-bound: each input byte is read from DRAM once, each output byte written once):
@@ -21,7 +21,7 @@
 #pragma once
 
 #include "magi/device.h"
-#include "kernels/norm_rope_params.h"
+#include "kernels/fused_norm_params.h"
 
 namespace magi {
 inline namespace MAGI_BACKEND_NS {

@@ -112,7 +112,7 @@ def test_deadlock_message_names_sites_and_threads():
     with pytest.raises(RuntimeError) as ei:
         C.simt.selftest_broken(0, 64)
     msg = str(ei.value)
-    assert "block (0,0,0)" in msg and "[0..31]" in msg and "[32..63] exited" in msg and "norm_rope_simt.cpp:" in msg
+    assert "block (0,0,0)" in msg and "[0..31]" in msg and "[32..63] exited" in msg and "fused_norm_simt.cpp:" in msg
 
 
 def test_kernel_output_rounding_matches_torch_cast():

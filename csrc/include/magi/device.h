@@ -74,7 +74,7 @@ template <>
 MAGI_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Load element i of a buffer whose element type is only known at run time (dtype code from
-// norm_rope_params.h). The switch is uniform across the grid, so it costs a predictable branch, and it
+// fused_norm_params.h). The switch is uniform across the grid, so it costs a predictable branch, and it
 // keeps the number of template instantiations down for operands that are not the main data stream.
 MAGI_DEVICE float load_dyn(const void* p, int32_t dtype, int64_t i) {
   switch (dtype) {

@@ -90,8 +90,8 @@ inline std::string check_gated_post_norm(const GatedPostNormParams& p) {
   return "";
 }
 
-// Host entry points. The CUDA ones exist only when _C is built with nvcc (csrc/cuda/norm_rope.cu);
-// the SIMT ones always (csrc/simt/norm_rope_simt.cpp). Both throw std::runtime_error on failure.
+// Host entry points. The CUDA ones exist only when _C is built with nvcc (csrc/cuda/fused_norm.cu);
+// the SIMT ones always (csrc/simt/fused_norm_simt.cpp). Both throw std::runtime_error on failure.
 void cuda_qk_norm_rope(const QkNormRopeParams& p, int64_t stream);
 void cuda_gated_post_norm_residual(const GatedPostNormParams& p, int64_t stream);
 void simt_qk_norm_rope(const QkNormRopeParams& p);

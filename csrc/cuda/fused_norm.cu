@@ -1,7 +1,7 @@
 // nvcc translation unit for the fused norm kernels: instantiates csrc/kernels/*.cuh as real device
-// code and exports plain C++ launchers (declared in kernels/norm_rope_params.h). No pybind11 here:
+// code and exports plain C++ launchers (declared in kernels/fused_norm_params.h). No pybind11 here:
 // nvcc only ever sees CUDA + the standard library, which keeps this TU fast to compile and free of
-// host-compiler quirks; csrc/bind/norm_rope.cpp wraps these for Python.
+// host-compiler quirks; csrc/bind/fused_norm.cpp wraps these for Python.
 #include "kernels/gated_post_norm_residual.cuh"
 #include "kernels/qk_norm_rope.cuh"
 

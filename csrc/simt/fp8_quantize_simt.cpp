@@ -1,6 +1,6 @@
-// The fp8 quantization kernels (csrc/kernels/fp8_quant.cuh) compiled for the CPU against the SIMT
+// The fp8 quantization kernels (csrc/kernels/fp8_quantize.cuh) compiled for the CPU against the SIMT
 // emulator. Host compiler only; never needs the CUDA toolkit.
-#include "kernels/fp8_quant.cuh"
+#include "kernels/fp8_quantize.cuh"
 
 namespace magi::kernels {
 

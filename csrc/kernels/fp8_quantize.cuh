@@ -1,8 +1,8 @@
 // fp8 (e4m3fn) quantization: static per-tensor / per-channel divisors, dynamic per-row, 1x128 and
 // 128x128 block scales. Semantics: magi_kernels/reference/fp8.py (bit-exact with its torch ops).
 //
-// Compiled twice from this one source: by nvcc (csrc/cuda/fp8_quant.cu) and by the host compiler
-// against the SIMT emulator (csrc/simt/fp8_quant_simt.cpp); no #ifdef __CUDACC__ here.
+// Compiled twice from this one source: by nvcc (csrc/cuda/fp8_quantize.cu) and by the host compiler
+// against the SIMT emulator (csrc/simt/fp8_quantize_simt.cpp); no #ifdef __CUDACC__ here.
 //
 // Numerics shared by every kernel:
 //  * y = x / s is the IEEE fp32 division (nvcc's default -prec-div=true; the reference divides).
@@ -27,7 +27,7 @@
 #pragma once
 
 #include "magi/device.h"
-#include "kernels/fp8_quant_params.h"
+#include "kernels/fp8_quantize_params.h"
 
 namespace magi {
 inline namespace MAGI_BACKEND_NS {

@@ -7,16 +7,16 @@
 #include <vector>
 
 #include "bind/bindings.h"
-#include "kernels/fp8_quant_params.h"
+#include "kernels/fp8_quantize_params.h"
 
 namespace magi::bind {
 
-void fp8_quant(py::module_& m, py::module_& cuda, py::module_& simt) {
+void fp8_quantize(py::module_& m, py::module_& cuda, py::module_& simt) {
   using magi::Fp8QuantParams;
   namespace k = magi::kernels;
 
 #define MAGI_RW(f) .def_readwrite(#f, &Fp8QuantParams::f)
-  py::class_<Fp8QuantParams>(m, "Fp8QuantParams", "raw-pointer parameter block of fp8_quant (see csrc/kernels/fp8_quant_params.h)")
+  py::class_<Fp8QuantParams>(m, "Fp8QuantParams", "raw-pointer parameter block of fp8_quant (see csrc/kernels/fp8_quantize_params.h)")
       .def(py::init<>())
       MAGI_RW(x) MAGI_RW(q) MAGI_RW(scale_in) MAGI_RW(scale_out) MAGI_RW(rows) MAGI_RW(cols) MAGI_RW(x_stride)
       MAGI_RW(q_stride) MAGI_RW(scale_out_stride) MAGI_RW(mode) MAGI_RW(bf16_round) MAGI_RW(in_dtype)

@@ -9,9 +9,9 @@
 #include <vector>
 
 #include "bind/bindings.h"
-#include "kernels/norm_rope_params.h"
+#include "kernels/fused_norm_params.h"
 
-// Defined in csrc/simt/norm_rope_simt.cpp (emulator self-test kernels).
+// Defined in csrc/simt/fused_norm_simt.cpp (emulator self-test kernels).
 namespace magi::simt_selftest {
 std::vector<float> shfl(const std::string& kind, const std::vector<float>& in, int arg, int width, unsigned mask);
 std::vector<float> block_sum(const std::vector<float>& in, int rows, int threads);
@@ -22,13 +22,13 @@ std::vector<float> round_trip(const std::vector<float>& in, int dtype);
 
 namespace magi::bind {
 
-void norm_rope(py::module_& m, py::module_& cuda, py::module_& simt) {
+void fused_norm(py::module_& m, py::module_& cuda, py::module_& simt) {
   using magi::GatedPostNormParams;
   using magi::QkNormRopeParams;
   namespace k = magi::kernels;
 
 #define MAGI_RW(cls, f) .def_readwrite(#f, &cls::f)
-  py::class_<QkNormRopeParams>(m, "QkNormRopeParams", "raw-pointer parameter block of qk_norm_rope (see csrc/kernels/norm_rope_params.h)")
+  py::class_<QkNormRopeParams>(m, "QkNormRopeParams", "raw-pointer parameter block of qk_norm_rope (see csrc/kernels/fused_norm_params.h)")
       .def(py::init<>())
       MAGI_RW(QkNormRopeParams, q) MAGI_RW(QkNormRopeParams, k) MAGI_RW(QkNormRopeParams, q_out)
       MAGI_RW(QkNormRopeParams, k_out) MAGI_RW(QkNormRopeParams, cos) MAGI_RW(QkNormRopeParams, sin)

@@ -1,13 +1,13 @@
-// Plain C++ parameter block of the fp8 (e4m3fn) quantization kernels (csrc/kernels/fp8_quant.cuh).
+// Plain C++ parameter block of the fp8 (e4m3fn) quantization kernels (csrc/kernels/fp8_quantize.cuh).
 //
-// Same ABI rules as norm_rope_params.h: raw pointers (tensor.data_ptr()), sizes and strides in
+// Same ABI rules as fused_norm_params.h: raw pointers (tensor.data_ptr()), sizes and strides in
 // elements, dtype codes; no torch types, so _C loads without libtorch. Passed by value as the kernel
 // argument. Semantics: magi_kernels/reference/fp8.py.
 #pragma once
 #include <cstdint>
 #include <string>
 
-#include "kernels/norm_rope_params.h"  // DTypeCode (one set of dtype codes for every family)
+#include "kernels/fused_norm_params.h"  // DTypeCode (one set of dtype codes for every family)
 
 namespace magi {
 
@@ -50,8 +50,8 @@ inline std::string check_fp8_quant(const Fp8QuantParams& p) {
   return "";
 }
 
-// Host entry points: CUDA only when built with nvcc (csrc/cuda/fp8_quant.cu), SIMT always
-// (csrc/simt/fp8_quant_simt.cpp). Both throw std::runtime_error on failure.
+// Host entry points: CUDA only when built with nvcc (csrc/cuda/fp8_quantize.cu), SIMT always
+// (csrc/simt/fp8_quantize_simt.cpp). Both throw std::runtime_error on failure.
 void cuda_fp8_quant(const Fp8QuantParams& p, int64_t stream);
 void simt_fp8_quant(const Fp8QuantParams& p);
 // The e4m3 byte of one fp32 value (|y| <= 448 or NaN) via the kernels' encoder, for unit tests.

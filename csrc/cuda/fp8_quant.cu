@@ -1,9 +1,0 @@
-// nvcc translation unit of the fp8 quantization kernels (csrc/kernels/fp8_quant.cuh): device code plus
-// the plain C++ launcher declared in kernels/fp8_quant_params.h. No pybind11 here (see norm_rope.cu).
-#include "kernels/fp8_quant.cuh"
-
-namespace magi::kernels {
-
-void cuda_fp8_quant(const Fp8QuantParams& p, int64_t stream) { launch_fp8_quant(p, reinterpret_cast<cudaStream_t>(stream)); }
-
-}  // namespace magi::kernels
