@@ -373,9 +373,9 @@ def run_job(job: Job) -> dict:
     # --- prefix latents
     prefix = None
     if job.image is not None:
-        prefix = vae_mod.encode_image(vae, job.image.to(device), r.scale_factor)
+        prefix = vae_mod.encode_image(vae, job.image.to(device), r.scale_factor, par and par.run_tiles())
     elif job.frames is not None:
-        prefix = vae_mod.encode_video(vae, job.frames.to(device), r.scale_factor)
+        prefix = vae_mod.encode_video(vae, job.frames.to(device), r.scale_factor, par and par.run_tiles())
     if prefix is not None and prefix.shape[2] != chunks.prefix_latent_frames:
         raise RuntimeError(f"prefix encoded to {prefix.shape[2]} latent frames, planned "
                            f"{chunks.prefix_latent_frames}")  # internal check

@@ -376,16 +376,16 @@ def output_to_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_image(vae: ViTVAE, image: torch.Tensor, scale_factor: float) -> torch.Tensor:
+def encode_image(vae: ViTVAE, image: torch.Tensor, scale_factor: float, run_tiles=None) -> torch.Tensor:
     """I2V prefix: uint8 (H, W, 3) -> the frame repeated 4x, encoded, first latent frame, x scale."""
     x = pixels_to_input(image[None].expand(vae.temporal_factor, -1, -1, -1), vae.dtype)
-    return vae.encode(x)[:, :, :1].float() * scale_factor
+    return vae.encode(x, run_tiles=run_tiles)[:, :, :1].float() * scale_factor
 
 
 @torch.no_grad()
-def encode_video(vae: ViTVAE, frames: torch.Tensor, scale_factor: float) -> torch.Tensor:
+def encode_video(vae: ViTVAE, frames: torch.Tensor, scale_factor: float, run_tiles=None) -> torch.Tensor:
     """V2V prefix: uint8 (T, H, W, 3) -> tiled encode -> x scale (12-frame tiles: 32 frames -> 8 latents)."""
-    return vae.encode(pixels_to_input(frames, vae.dtype)).float() * scale_factor
+    return vae.encode(pixels_to_input(frames, vae.dtype), run_tiles=run_tiles).float() * scale_factor
 
 
 @torch.no_grad()

@@ -60,12 +60,16 @@ class DistributedRun:
     def build_dit(self, cfg, *, seed: int | None, checkpoint_dir: str | None = None) -> ParallelDiT:
         return ParallelDiT(build_stage_dit(cfg, self.layout, seed=seed, checkpoint_dir=checkpoint_dir), self.layout)
 
+    def run_tiles(self):
+        """``run_tiles`` for the VAE on the calling thread: tiles over this stage's cp group (None: one rank)."""
+        return tile_runner(self.layout.vae_group) if self.layout.cp_size > 1 else None
+
     def on_chunk(self, decode: Callable[[torch.Tensor, object], torch.Tensor], write: Callable[[torch.Tensor], None]):
         """The sampler's ``on_chunk``: first-stage ranks decode (tiles over the cp group) in the background;
         rank 0 writes. ``decode(latents, run_tiles)`` -> uint8 frames."""
         if not self.layout.is_first_stage:
             return None
-        runner = tile_runner(self.layout.vae_group) if self.layout.cp_size > 1 else None
+        runner = self.run_tiles()
 
         def sink(_index, frames):
             if self.is_rank0:
