@@ -3,6 +3,7 @@
 from magi_kernels.utils import import_hooks as _import_hooks
 
 from .flex_attn import flex_attn_func, merge_attn_states
+from .flex_attn_fp8 import flex_attn_fp8_func
 from .fp8_gemm import fp8_gemm
 from .fp8_linear import fp8_linear
 from .fp8_quantize import fp8_quantize
@@ -18,4 +19,4 @@ def _register_flop_formulas() -> None:
 _import_hooks.when_imported("torch.utils.flop_counter", _register_flop_formulas)
 
 __all__ = ["qk_norm_rope", "gated_post_norm_residual", "fp8_quantize", "fp8_gemm", "fp8_linear", "flex_attn_func",
-           "merge_attn_states"]
+           "flex_attn_fp8_func", "merge_attn_states"]

@@ -1,0 +1,349 @@
+"""Triton fp8 (e4m3) flex attention forward over the planner's tile lists (inference only).
+
+Semantics: magi_kernels/reference/flex_attn_fp8.py, which emulates every rounding step below in torch.
+Design (docs/fp8_attention.md explains the accuracy side):
+
+* Two kernels. ``_fp8_kv_quantize_kernel`` reads K and V once per (k tile, kv head) and writes
+  - K smoothed and quantized: ``k8 = e4m3((k - mean_k) / sk)``, ``sk = amax|k - mean_k| / 448`` over the
+    [BLOCK_N, D] tile of one kv head, stored [Hk, Nt*BLOCK_N, D] (zero-padded: the hot loop never masks loads);
+  - V quantized per channel: ``v8 = e4m3(v / sv[d])``, ``sv = amax_tokens|v[:, kh, d]| / 448``, stored
+    transposed [Hk, D, Nt*BLOCK_N] so both fp8 MMA operands are K-major, which fp8 wgmma requires.
+  ``mean_k`` [Hk, D] and the V channel amax are two torch reductions over K and V (no copies).
+  The attention kernel quantizes its Q tile in the prologue (one scale per [BLOCK_M, D] tile and q head),
+  so Q is read once and never stored in fp8.
+* Smoothing subtracts the same vector from every key, so ``q . k_j`` changes by ``q . mean_k``, the same
+  for all keys of a row: softmax is unchanged. The kernel adds ``q . mean_k`` (fp32, from the unquantized
+  q) back to every score, so the scores, the softcap input and the returned lse are those of the
+  unsmoothed K: lse keeps flex_attn's convention and ``merge_attn_states`` combines fp8 and bf16 pieces.
+* P is quantized per row against its exact bound: after subtracting the running row max, P <= 1, so the
+  per-row scale is the constant 1/448, folded into the exponent (``p = exp2(s2 - m + log2 448)``). The row
+  sum l is taken in fp32 on the same 448-scaled P, so the factor cancels in ``out = acc / l`` and costs
+  nothing in the loop; ``lse = m + log2(l / 448)``.
+* Accumulation: both tile MMAs accumulate in fp32 (tensor-core fp32 accumulators; each MMA's reduction is
+  one tile, BLOCK_N or D <= 128 long), and the running acc / l / m are fp32 in registers, so no
+  accumulation chain longer than a tile stays in the tensor core.
+* e4m3 rounding: on GPUs ``.to(tl.float8e4nv)`` (cvt.rn.satfinite, round-to-nearest-even). The Triton
+  interpreter's own fp32 -> e4m3 cast rounds wrongly, so interpreter configs set ``EXACT_E4M3`` and build
+  the byte with the integer recipe of ``fp8_quantize._e4m3_code`` (bit-identical RNE); every other line
+  of the kernel body is the one the AOT check compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from magi_kernels.kernels.triton import triton_interpreting
+from magi_kernels.kernels.triton._io import check_i32
+from magi_kernels.kernels.triton.aot import AotConfig, KernelLaunch, kernel_parameters, register_aot
+from magi_kernels.kernels.triton.flex_attn import HEAD_DIMS, PLAN_ARGS, _plan_args, _scalars, _slice_mask, _tanh
+from magi_kernels.kernels.triton.fp8_quantize import _e4m3_code
+from magi_kernels.reference.flex_attn_fp8 import kv_statistics
+from magi_kernels.reference.fp8 import AMAX_FLOOR, E4M3_MAX
+
+OP = "flex_attn_fp8"
+IN_DTYPES = (torch.float16, torch.bfloat16)
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
+_QMAX = tl.constexpr(E4M3_MAX)
+_LOG2_QMAX = tl.constexpr(math.log2(E4M3_MAX))
+
+
+@triton.jit
+def _to_e4m3(x, EXACT_E4M3: tl.constexpr):
+    """fp32 (|x| <= 448) -> e4m3fn, round-to-nearest-even (see the module docstring for EXACT_E4M3)."""
+    if EXACT_E4M3:
+        return _e4m3_code(x).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    else:
+        return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _quantize_block(x, EXACT_E4M3: tl.constexpr):
+    """One scale for the whole 2-D block: (e4m3(x / s), s), s = max(amax|x|, floor) / 448."""
+    s = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), _AMAX_FLOOR) / _QMAX
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -_QMAX), _QMAX)
+    return _to_e4m3(y, EXACT_E4M3), s
+
+
+# --------------------------------------------------------------------------------------------------
+# K / V quantization (one program per (k tile, kv head))
+
+
+@triton.jit(do_not_specialize=["total_k", "k_tiles"])
+def _fp8_kv_quantize_kernel(k_ptr, v_ptr, k_mean_ptr, v_scale_ptr, k8_ptr, v8t_ptr, k_scale_ptr, stride_kt, stride_kh,
+                            stride_vt, stride_vh, total_k, k_tiles, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            EXACT_E4M3: tl.constexpr):
+    n = tl.program_id(0)
+    kh = tl.program_id(1)
+    cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = (cols < total_k)[:, None]
+    cols64 = cols.to(tl.int64)
+    padded = k_tiles * BLOCK_N  # token extent of the padded fp8 buffers
+    k = tl.load(k_ptr + cols64[:, None] * stride_kt + kh * stride_kh + offs_d[None, :], mask=col_ok, other=0.0)
+    mean = tl.load(k_mean_ptr + kh * HEAD_DIM + offs_d)
+    kc = tl.where(col_ok, k.to(tl.float32) - mean[None, :], 0.0)  # padding rows stay 0 (and out of the amax)
+    k8, sk = _quantize_block(kc, EXACT_E4M3)
+    tl.store(k8_ptr + (kh * padded + cols64)[:, None] * HEAD_DIM + offs_d[None, :], k8)
+    tl.store(k_scale_ptr + kh * k_tiles + n, sk)
+
+    v = tl.load(v_ptr + cols64[:, None] * stride_vt + kh * stride_vh + offs_d[None, :], mask=col_ok, other=0.0)
+    sv = tl.load(v_scale_ptr + kh * HEAD_DIM + offs_d)
+    y = tl.minimum(tl.maximum(tl.math.div_rn(v.to(tl.float32), sv[None, :]), -_QMAX), _QMAX)
+    v8 = _to_e4m3(y, EXACT_E4M3)
+    # Transposed store: [Hk, D, padded], keys contiguous (the PV MMA's reduction axis).
+    tl.store(v8t_ptr + (kh * HEAD_DIM + offs_d.to(tl.int64))[None, :] * padded + cols64[:, None], v8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention forward (one program per (q tile, q head))
+
+
+@triton.jit
+def _fp8_fwd_tile(acc, m_i, l_i, q8, qm, score_mul, k8_ptr, v8t_ptr, k_scale_ptr, n, offs_m, offs_d, kh, padded,
+                  k_tiles, slices_ptr, mask_slices_ptr, j0, j1, cap_out, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, EXACT_E4M3: tl.constexpr):
+    """One online-softmax step over k tile n in the log2 domain, with 448-scaled P (module docstring)."""
+    cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k8 = tl.load(k8_ptr + (kh * padded + cols)[:, None] * HEAD_DIM + offs_d[None, :])
+    v8t = tl.load(v8t_ptr + (kh * HEAD_DIM + offs_d)[:, None] * padded + cols[None, :])
+    sk = tl.load(k_scale_ptr + kh * k_tiles + n)
+    # score_mul = sq * (scale * log2 e) without softcap, sq * (scale / c) with it; qm is q . mean_k times
+    # the same factor: the unsmoothed score in one FFMA per element.
+    t = tl.dot(q8, tl.trans(k8)) * (score_mul * sk) + qm[:, None]
+    if SOFTCAP:
+        s2 = _tanh(t) * cap_out
+    else:
+        s2 = t
+    if MASKED:
+        vis = _slice_mask(slices_ptr, mask_slices_ptr, j0, j1, offs_m[:, None], cols[None, :])
+        s2 = tl.where(vis, s2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s2, 1))
+    if MASKED:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet: exp2 gives 0
+    else:
+        m_use = m_new
+    p = tl.exp2(s2 - (m_use - _LOG2_QMAX)[:, None])  # 448 * exp2(s2 - m): P's fp8 scale, folded
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, EXACT_E4M3), tl.trans(v8t))
+    return acc, m_new, l_i
+
+
+@triton.jit(do_not_specialize=["total_q", "groups", "q_heads", "k_tiles"])
+def _flex_attn_fp8_fwd_kernel(q_ptr, k8_ptr, v8t_ptr, k_scale_ptr, v_scale_ptr, k_mean_ptr, out_ptr, lse_ptr,
+                              q_start_ptr, q_nfull_ptr, q_kidx_ptr, q_pstart_ptr, p_mstart_ptr, mask_slices_ptr,
+                              slices_ptr, stride_qt, stride_qh, stride_ot, stride_oh, q_heads, total_q, k_tiles,
+                              groups, qk_mul: tl.float32, cap_out: tl.float32, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr,
+                              EXACT_E4M3: tl.constexpr):
+    m = tl.program_id(0)
+    h = tl.program_id(1)
+    kh = h // groups
+    padded = k_tiles * BLOCK_N
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < total_q
+    rows64 = offs_m.to(tl.int64)
+    q = tl.load(q_ptr + rows64[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0).to(tl.float32)
+    # K smoothing's add-back term (fp32, unquantized q) and the Q tile's fp8 quantization.
+    qm = tl.sum(q * tl.load(k_mean_ptr + kh * HEAD_DIM + offs_d)[None, :], 1) * qk_mul
+    q8, sq = _quantize_block(q, EXACT_E4M3)
+    score_mul = sq * qk_mul
+
+    e0 = tl.load(q_start_ptr + m)
+    e1 = tl.load(q_start_ptr + m + 1)
+    e_mid = e0 + tl.load(q_nfull_ptr + m)  # [e0, e_mid) FULL, [e_mid, e1) PARTIAL
+    p0 = tl.load(q_pstart_ptr + m) - e_mid
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for e in range(e0, e_mid):
+        n = tl.load(q_kidx_ptr + e)
+        acc, m_i, l_i = _fp8_fwd_tile(acc, m_i, l_i, q8, qm, score_mul, k8_ptr, v8t_ptr, k_scale_ptr, n, offs_m,
+                                      offs_d, kh, padded, k_tiles, slices_ptr, mask_slices_ptr, 0, 0, cap_out, BLOCK_N,
+                                      HEAD_DIM, False, SOFTCAP, EXACT_E4M3)
+    for e in range(e_mid, e1):
+        n = tl.load(q_kidx_ptr + e)
+        j0 = tl.load(p_mstart_ptr + p0 + e)
+        j1 = tl.load(p_mstart_ptr + p0 + e + 1)
+        acc, m_i, l_i = _fp8_fwd_tile(acc, m_i, l_i, q8, qm, score_mul, k8_ptr, v8t_ptr, k_scale_ptr, n, offs_m,
+                                      offs_d, kh, padded, k_tiles, slices_ptr, mask_slices_ptr, j0, j1, cap_out,
+                                      BLOCK_N, HEAD_DIM, True, SOFTCAP, EXACT_E4M3)
+
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    sv = tl.load(v_scale_ptr + kh * HEAD_DIM + offs_d)
+    out = acc / l_safe[:, None] * sv[None, :]
+    lse = tl.where(seen, (m_i + tl.log2(l_safe) - _LOG2_QMAX) * 0.6931471805599453, float("-inf"))
+    tl.store(out_ptr + rows64[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(lse_ptr + rows64 * q_heads + h, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shipped configurations (compiled and inspected by `python -m magi_kernels.tools.aot_check`)
+
+KERNELS = {  # kind -> (AOT name, "module:attr")
+    "fwd": ("flex_attn_fp8_fwd", f"{__name__}:_flex_attn_fp8_fwd_kernel"),
+    "quant": ("flex_attn_fp8_kv_quantize", f"{__name__}:_fp8_kv_quantize_kernel"),
+}
+ARCHS = (89, 90)  # fp8 tensor cores: QMMA (sm_89) and QGMMA (sm_90)
+
+# (arch, head_dim) -> (BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention kernel; the quantize
+# kernel uses the same BLOCK_N (K's scales are per attention k tile). The largest tiles that compile with
+# 0 spills (aot_check): BLOCK_N=128 spilled on sm_90 (3-30 STL); sm_89 d128 takes 32-key steps (216 regs).
+TILES = {
+    (90, 64): (128, 64, 8, 3), (90, 128): (128, 64, 8, 3),
+    (89, 64): (128, 64, 8, 2), (89, 128): (128, 32, 8, 2),
+}
+_FP32_ARGS = ("lse_ptr", "k_scale_ptr", "v_scale_ptr", "k_mean_ptr")
+_FP8_ARGS = ("k8_ptr", "v8t_ptr")
+_DIVISIBLE_BY_16 = ("*_ptr", "stride_*")
+
+
+def _pointer_dtypes(kind: str, dt: str) -> dict[str, str]:
+    fn = {"fwd": _flex_attn_fp8_fwd_kernel, "quant": _fp8_kv_quantize_kernel}[kind]
+    ptrs = [n for n, t in kernel_parameters(fn) if t == "ptr"]
+    return {n: "i32" if n in PLAN_ARGS else "fp32" if n in _FP32_ARGS else "fp8e4nv" if n in _FP8_ARGS else dt
+            for n in ptrs}
+
+
+def make_config(kind: str, dtype: torch.dtype, head_dim: int, softcap: bool, block_m: int, block_n: int,
+                num_warps: int = 4, num_stages: int = 2, archs: tuple[int, ...] = ARCHS,
+                exact_e4m3: bool = False) -> AotConfig:
+    """A config for one kernel (shipped ones from TILES; interpreter runs set exact_e4m3 and small tiles)."""
+    name, kernel = KERNELS[kind]
+    dt = _TRITON_DTYPE[dtype]
+    arch = "/".join(f"sm{a}" for a in archs)
+    consts = {"BLOCK_N": block_n, "HEAD_DIM": head_dim, "EXACT_E4M3": exact_e4m3}
+    if kind == "fwd":
+        consts.update(BLOCK_M=block_m, SOFTCAP=softcap)
+        label = f"{arch} {dt} D={head_dim} BM={block_m} BN={block_n} w{num_warps} s{num_stages}"
+        label += " softcap" if softcap else ""
+    else:
+        label = f"{arch} {dt} D={head_dim} BN={block_n} w{num_warps}"
+    return AotConfig(kernel=kernel, name=name, config=label, pointer_dtypes=_pointer_dtypes(kind, dt),
+                     constexprs=consts, num_warps=num_warps, num_stages=num_stages, archs=tuple(archs),
+                     mma="fp8" if kind == "fwd" else None, divisible_by_16=_DIVISIBLE_BY_16)
+
+
+def _shipped() -> dict:
+    cfgs = {}
+    for (arch, d), (bm, bn, w, s) in TILES.items():
+        for dtype in IN_DTYPES:
+            for cap in (False, True):
+                cfgs[("fwd", arch, dtype, d, cap)] = make_config("fwd", dtype, d, cap, bm, bn, w, s, (arch,))
+            cfgs[("quant", arch, dtype, d, False)] = make_config("quant", dtype, d, False, bm, bn, 4, 1, (arch,))
+    return cfgs
+
+
+_CONFIGS = _shipped()
+for _cfg in _CONFIGS.values():
+    register_aot(_cfg)
+
+
+def shipped_configs() -> list[AotConfig]:
+    return list(_CONFIGS.values())
+
+
+def arch_of(device: torch.device) -> int:
+    """sm_90 -> 90; every other fp8-capable part (sm_89, consumer Blackwell, ...) -> 89's smaller tiles."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
+        return 90
+    return 89
+
+
+def select_configs(dtype: torch.dtype, head_dim: int, softcap: bool, arch: int) -> tuple[AotConfig, AotConfig]:
+    """(quantize, attention) configs for a call. Under the interpreter: the same tiles with EXACT_E4M3
+    (and fp32 inputs allowed), configs that are never compiled for a GPU, so not registered."""
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"{OP}: the Triton kernels support head_dim in {HEAD_DIMS}, got {head_dim}")
+    if triton_interpreting():
+        bm, bn, w, s = TILES[(arch, head_dim)]
+        return (make_config("quant", dtype, head_dim, False, bm, bn, 4, 1, (arch,), True),
+                make_config("fwd", dtype, head_dim, softcap, bm, bn, w, s, (arch,), True))
+    return _CONFIGS[("quant", arch, dtype, head_dim, False)], _CONFIGS[("fwd", arch, dtype, head_dim, bool(softcap))]
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side
+
+
+def supports(a) -> str | None:
+    """None if the kernels can run this ``FlexAttnArgs`` call (fp8 MMAs need sm_89+)."""
+    d, dev = a.q.shape[2], a.q.device
+    if d not in HEAD_DIMS:
+        return f"head_dim {d} is not one of {HEAD_DIMS}"
+    if dev.type == "cuda":
+        if torch.cuda.get_device_capability(dev) < (8, 9):
+            return "fp8 tensor cores need sm_89 or newer"
+        if a.q.dtype not in IN_DTYPES:
+            return f"q dtype {a.q.dtype} is not fp16/bf16"
+    elif a.q.dtype not in IN_DTYPES + (torch.float32,):
+        return f"q dtype {a.q.dtype} is not fp16/bf16/fp32"
+    return None
+
+
+def quantize_kv(a, cfg: AotConfig, mean_k: torch.Tensor, v_scale: torch.Tensor):
+    """(k8 [Hk, Nt*BN, D], v8t [Hk, D, Nt*BN], k_scale [Hk, Nt]) for the attention kernel with cfg's BLOCK_N."""
+    tk, hk, d = a.k.shape
+    bn = cfg.constexprs["BLOCK_N"]
+    nt = triton.cdiv(tk, bn)
+    dev = a.k.device
+    k8 = torch.empty(hk, nt * bn, d, dtype=torch.float8_e4m3fn, device=dev)
+    v8t = torch.empty(hk, d, nt * bn, dtype=torch.float8_e4m3fn, device=dev)
+    k_scale = torch.empty(hk, nt, dtype=torch.float32, device=dev)
+    k, v = a.k, a.v
+    check_i32(OP, total_k=tk, padded_k=hk * nt * bn * d, k_stride=k.stride(0), v_stride=v.stride(0))
+    KernelLaunch(cfg, (nt, hk), dict(
+        k_ptr=k, v_ptr=v, k_mean_ptr=mean_k, v_scale_ptr=v_scale, k8_ptr=k8, v8t_ptr=v8t, k_scale_ptr=k_scale,
+        stride_kt=k.stride(0), stride_kh=k.stride(1), stride_vt=v.stride(0), stride_vh=v.stride(1), total_k=tk,
+        k_tiles=nt)).run()
+    return k8, v8t, k_scale
+
+
+def _aligned_input(t: torch.Tensor) -> torch.Tensor:
+    ok = t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and t.stride(0) % 16 == 0 and t.stride(1) % 16 == 0
+    return t if ok else t.contiguous().clone()
+
+
+def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, configs: tuple[AotConfig, AotConfig] | None = None) -> None:
+    """Write out [Tq, Hq, D] (q's dtype) and lse [Tq, Hq] (fp32, natural log) for FlexAttnArgs ``a``."""
+    tq, hq, d = a.q.shape
+    if tq == 0:
+        return
+    cq, cf = configs or select_configs(a.q.dtype, d, a.softcap > 0, arch_of(a.q.device))
+    bm, bn = cf.constexprs["BLOCK_M"], cf.constexprs["BLOCK_N"]
+    if cq.constexprs["BLOCK_N"] != bn:
+        raise ValueError(f"{OP}: the quantize config's BLOCK_N {cq.constexprs['BLOCK_N']} must be the attention "
+                         f"config's {bn} (K scales are per attention k tile)")
+    if a.total_k == 0:  # no key anywhere: every row sees nothing
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return
+    a_k = dataclasses.replace(a, k=_aligned_input(a.k), v=_aligned_input(a.v))
+    mean_k, v_scale = kv_statistics(a_k.k, a_k.v)
+    k8, v8t, k_scale = quantize_kv(a_k, cq, mean_k, v_scale)
+    q = _aligned_input(a.q)
+    o_buf = out if (out.is_contiguous() and out.data_ptr() % 16 == 0 and d % 16 == 0) else torch.empty_like(q)
+    lse_buf = lse if (lse.is_contiguous() and lse.data_ptr() % 16 == 0) else torch.empty(tq, hq, device=q.device)
+    check_i32(OP, total_q=tq, q_stride=q.stride(0), o_stride=o_buf.stride(0))
+    sc = _scalars(a)
+    qk_mul = sc["cap_in"] if a.softcap > 0 else sc["qk_scale"]
+    KernelLaunch(cf, (triton.cdiv(tq, bm), hq), dict(
+        q_ptr=q, k8_ptr=k8, v8t_ptr=v8t, k_scale_ptr=k_scale, v_scale_ptr=v_scale, k_mean_ptr=mean_k, out_ptr=o_buf,
+        lse_ptr=lse_buf, **_plan_args(a, cf), stride_qt=q.stride(0), stride_qh=q.stride(1),
+        stride_ot=o_buf.stride(0), stride_oh=o_buf.stride(1), q_heads=hq, total_q=tq, k_tiles=k_scale.shape[1],
+        groups=a.groups, qk_mul=float(qk_mul), cap_out=float(sc["cap_out"]))).run()
+    if o_buf is not out:
+        out.copy_(o_buf)
+    if lse_buf is not lse:
+        lse.copy_(lse_buf)

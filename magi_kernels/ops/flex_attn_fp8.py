@@ -1,0 +1,119 @@
+"""flex_attn_fp8: flex attention's forward with e4m3 Q, K, P and V (inference only).
+
+    out, lse = flex_attn_fp8_func(q, k, v, q_ranges, k_ranges, attn_type_map)
+
+Same arguments, mask semantics and outputs as ``flex_attn_func`` (magi_kernels/ops/flex_attn.py): out in q's
+dtype, lse fp32 natural log in the same convention, so ``merge_attn_states`` combines fp8 and bf16 pieces.
+Quantization (per (tile x head) Q and smoothed-K blocks, P per row, V per channel) is defined, rounding step
+by rounding step, in magi_kernels/reference/flex_attn_fp8.py; docs/fp8_attention.md describes accuracy.
+
+Backends (registry op ``flex_attn_fp8``): ``triton`` (magi_kernels/kernels/triton/flex_attn_fp8.py; fp8
+tensor cores, sm_89+) and ``torch`` (the reference emulation: slow, exact in the kernel's rounding, for CPU
+runs and tests). No backward: inputs that require grad under grad mode are rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from magi_kernels import registry
+from magi_kernels.ops._spec import define_op, values
+from magi_kernels.ops.flex_attn import FlexAttnArgs, FlexAttnCall, build_args, check_qkv, check_scalars
+from magi_kernels.ranges.masks import _MaskBase
+from magi_kernels.ranges.validate import check_ranges_meta
+from magi_kernels.reference.flex_attn_fp8 import flex_attn_fp8_ref
+from magi_kernels.utils.checks import check_tensor, fail
+
+OP = "flex_attn_fp8"
+# The torch path emulates the Triton kernel's tiles of the arch it would run on; on CPU, sm_90's.
+TORCH_TILE = (128, 128)
+
+
+@dataclasses.dataclass
+class FlexAttnFp8Call:
+    """The op's arguments, declared once (schema and fake derive from these)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_ranges: torch.Tensor
+    k_ranges: torch.Tensor
+    attn_type_map: Optional[torch.Tensor]
+    softmax_scale: Optional[float]
+    softcap: float
+    backend: Optional[str] = None
+
+
+def check(c: FlexAttnFp8Call) -> None:
+    """Metadata rules (no device sync). Range values are checked in ``build_args``."""
+    check_qkv(c.q, c.k, c.v, OP)
+    check_scalars(c.softmax_scale, c.softcap, OP)
+    check_ranges_meta(OP, c.q_ranges, c.k_ranges, c.attn_type_map, c.q.device)
+    if torch.is_grad_enabled():
+        for name, t in (("q", c.q), ("k", c.k), ("v", c.v)):
+            if t.requires_grad:
+                fail(OP, name, "requires grad, but fp8 attention is forward only (inference); use flex_attn_func "
+                               "to train, or run under torch.no_grad()")
+
+
+def make_args(c: FlexAttnFp8Call) -> FlexAttnArgs:
+    """Checked kernel arguments (flex_attn's: the same ranges, scale and plan cache)."""
+    check(c)
+    return _args(c)
+
+
+def _args(c: FlexAttnFp8Call) -> FlexAttnArgs:
+    return build_args(FlexAttnCall(c.q, c.k, c.v, c.q_ranges, c.k_ranges, c.attn_type_map, c.softmax_scale,
+                                   c.softcap, False))
+
+
+registry.register_op(OP, preference=("triton", "torch"))
+
+
+@registry.register_impl(OP, "torch")
+def _torch_fwd(a: FlexAttnArgs, out: torch.Tensor, lse: torch.Tensor) -> None:
+    o, l_ = flex_attn_fp8_ref(a.q, a.k, a.v, a.qr, a.kr, a.types, softmax_scale=a.softmax_scale, softcap=a.softcap,
+                              block_m=TORCH_TILE[0], block_n=TORCH_TILE[1])
+    out.copy_(o)
+    lse.copy_(l_)
+
+
+registry.register_module_impl(OP, "triton", "magi_kernels.kernels.triton.flex_attn_fp8", launch="launch_fwd")
+
+
+def _outputs(c: FlexAttnFp8Call) -> tuple[torch.Tensor, torch.Tensor]:
+    return c.q.new_empty(c.q.shape), c.q.new_empty(c.q.shape[:2], dtype=torch.float32)
+
+
+def _run(c: FlexAttnFp8Call) -> tuple[torch.Tensor, torch.Tensor]:
+    a = _args(c)
+    out, lse = _outputs(c)
+    registry.select(OP, a, c.backend).fn(a, out, lse)
+    return out, lse
+
+
+_flex_attn_fp8_op = define_op(OP, FlexAttnFp8Call, returns=tuple[torch.Tensor, torch.Tensor], impl=_run,
+                              fake=_outputs)
+
+
+def flex_attn_fp8_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges,
+                       k_ranges: Optional[torch.Tensor] = None, attn_type_map: Optional[torch.Tensor] = None, *,
+                       softmax_scale: Optional[float] = None, softcap: float = 0.0,
+                       backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 attention over the union of slices; arguments and outputs as ``flex_attn_func`` (no ``deterministic``:
+    there is no backward). q/k/v: fp16/bf16 (fp32 accepted; it is quantized the same way)."""
+    if isinstance(q_ranges, _MaskBase):
+        if k_ranges is not None or attn_type_map is not None:
+            fail(OP, "k_ranges", "must be None (attn_type_map too) when q_ranges is a mask object")
+        check_tensor(OP, "q", q, ndim=3)
+        check_tensor(OP, "k", k, ndim=3)
+        q_ranges, k_ranges, attn_type_map = q_ranges.range_tensors(q.device, total_q=q.shape[0],
+                                                                   total_k=k.shape[0], op=OP)
+    c = FlexAttnFp8Call(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, backend)
+    check(c)
+    c.softmax_scale = None if softmax_scale is None else float(softmax_scale)
+    c.softcap = float(softcap)
+    return _flex_attn_fp8_op(*values(c))
