@@ -225,7 +225,7 @@ def _bwd_delta_tile(m_i, l_i, dacc, q, do, k_ptr, v_ptr, n, offs_m, offs_d, stri
 def _bwd_delta_walk(q, do, k_ptr, v_ptr, q_kidx_ptr, p_mstart_ptr, e0, e_mid, e1, p0, offs_m, offs_d, stride_kt,
                     stride_kh, stride_vt, stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, qk_scale, cap_in,
                     cap_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr):
-    """The delta pre-pass over a q tile's k tiles: (lse2, sum P dP / l, l) per row, lse2 = +inf where unseen.
+    """The delta pre-pass over a q tile's k tiles: per row (lse2, sum_j P_j dP_j), lse2 = +inf where unseen.
 
     Recomputing lse here instead of converting the stored natural-log lse keeps P exact where it should be:
     a row that sees one key gets lse2 = s2 exactly, P = exp2(0) = 1 and dS = 0 exactly, as in exact
