@@ -10,6 +10,9 @@ a video of structured noise -- it demonstrates the machinery, not the model.
 
 Repeat ``--prompt`` for chunk-wise prompting (prompt i conditions chunk i of 24 frames; the last
 one continues). ``--text_embeddings FILE`` replaces T5 with precomputed features.
+``--prompts_file FILE`` generates several videos (requests), one per line, each as a separate run
+with the same seed would, written to ``<output>_<i>.mp4``. Under torchrun with ``pp_size > 1`` the requests go through the
+pipeline stages interleaved so that no stage idles (docs/distributed.md#several-requests).
 Environment variables as MAGI-1: SPECIAL_TOKEN_PATH, PAD_* / NEG_PROMPT (special tokens; PAD_HQ and
 PAD_DURATION default to on as in MAGI-1's run.sh), prev_chunks_scale (distill blend, 0.7).
 Chunks are decoded and appended to the mp4 (H.264, yuv420p, fps from the config) as they finish.
@@ -127,6 +130,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      help="random-weight demo configuration (no downloads)")
     p.add_argument("--mode", choices=("t2v", "i2v", "v2v"), default="t2v")
     p.add_argument("--prompt", action="append", help="text prompt; repeat for chunk-wise prompts (one per 24 frames)")
+    p.add_argument("--prompts_file", help="several requests, one per line: a prompt, or a JSON list of chunk-wise "
+                   "prompts; each gives the video a run with those --prompt values would (same seed), written to "
+                   "OUTPUT_<i>.mp4 (blank lines and lines starting with # are skipped)")
     p.add_argument("--text_embeddings", help="precomputed prompt features (.safetensors/.pt/.npz: 'embeddings' "
                    "(P, L, 4096), optional 'mask' (P, L)) instead of T5 and --prompt")
     p.add_argument("--image_path", help="i2v: the first frame")
@@ -141,6 +147,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--pp_size", type=int, default=None, help="pipeline stages (default: engine_config.pp_size)")
     p.add_argument("--cp_strategy", choices=("cp_ulysses", "cp_shuffle_overlap"), default=None,
                    help="context-parallel attention layout (default: engine_config.cp_strategy)")
+    p.add_argument("--attention_precision", choices=("default", "fp8"), default=None,
+                   help="DiT attention: fp8 = e4m3 Q/K/P/V forward (default: engine_config.attention_precision)")
     return p.parse_args(argv)
 
 
@@ -162,6 +170,45 @@ class Job:
     frames: Optional[torch.Tensor] = None  # v2v: uint8 (T, H, W, 3), T a multiple of the VAE's time factor
     text_embeddings: Optional[list] = None  # --text_embeddings, loaded: [(emb (L, C), mask (L,))] per prompt
     special_tokens_path: Optional[str] = None  # None: random stand-ins (presets without a tokens file)
+    requests: list = dataclasses.field(default_factory=list)  # [[prompt, ...] per request]; [] with embeddings
+
+    @property
+    def output_paths(self) -> list:
+        return request_output_paths(self.args.output_path, len(self.requests))
+
+
+def request_output_paths(output_path: str, n_requests: int) -> list:
+    """One mp4 per request: ``--output_path`` itself for one request, else ``<stem>_<i>.mp4``."""
+    if n_requests <= 1:
+        return [output_path]
+    stem = output_path[:-len(".mp4")]
+    return [f"{stem}_{i}.mp4" for i in range(n_requests)]
+
+
+def read_prompts_file(path: str) -> list:
+    """Requests from ``--prompts_file``: per line, one prompt or a JSON list of chunk-wise prompts."""
+    import json
+
+    _check_readable_file("prompts_file", path)
+    requests = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("["):
+                try:
+                    prompts = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CLIError(f"prompts_file: line {n} starts with '[' but is not a JSON list ({e.msg})") from None
+                if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+                    raise CLIError(f"prompts_file: line {n} must be a non-empty JSON list of non-empty strings")
+                requests.append(prompts)
+            else:
+                requests.append([line])
+    if not requests:
+        raise CLIError(f"prompts_file: {path!r} holds no prompt (one request per line)")
+    return requests
 
 
 def _check_readable_file(argument: str, path: str) -> None:
@@ -243,10 +290,14 @@ def validate(a: argparse.Namespace) -> Job:
     seed = r.seed if a.seed is None else a.seed
     _check_seed(seed)
 
+    prompts_file = getattr(a, "prompts_file", None)
     if a.prompt and a.text_embeddings:
         raise CLIError("prompt: give --prompt or --text_embeddings, not both (the embeddings replace the prompts)")
-    if not a.prompt and not a.text_embeddings:
-        raise CLIError("prompt: give --prompt (repeat for chunk-wise prompts) or --text_embeddings")
+    if prompts_file and (a.prompt or a.text_embeddings):
+        raise CLIError("prompts_file: give --prompts_file or --prompt / --text_embeddings, not both")
+    if not (a.prompt or a.text_embeddings or prompts_file):
+        raise CLIError("prompt: give --prompt (repeat for chunk-wise prompts), --prompts_file or --text_embeddings")
+    requests = read_prompts_file(prompts_file) if prompts_file else [list(a.prompt)] if a.prompt else []
     for name, needed_by in (("image_path", "i2v"), ("prefix_video_path", "v2v")):
         value = getattr(a, name)
         if a.mode == needed_by:
@@ -258,6 +309,8 @@ def validate(a: argparse.Namespace) -> Job:
     if a.text_embeddings:
         _check_readable_file("text_embeddings", a.text_embeddings)
     _check_writable_output(a.output_path)
+    for path in request_output_paths(a.output_path, len(requests))[1:]:
+        _check_writable_output(path)
 
     tok_path = os.environ.get("SPECIAL_TOKEN_PATH", text_mod.DEFAULT_SPECIAL_TOKEN_PATH)
     special_tokens_path: Optional[str] = tok_path
@@ -293,14 +346,14 @@ def validate(a: argparse.Namespace) -> Job:
     if a.text_embeddings:
         embeddings = text_mod.load_text_embeddings(a.text_embeddings, dim=m.caption_channels,
                                                    max_length=m.caption_max_length)
-    n_prompts = len(embeddings) if embeddings is not None else len(a.prompt)
+    n_prompts = len(embeddings) if embeddings is not None else max(len(req) for req in requests)
     n_noisy = chunks.infer_chunk_num - chunks.chunk_offset
     if n_prompts > n_noisy:
         what = "--text_embeddings holds" if embeddings is not None else "got"
         raise CLIError(f"prompt: {what} {n_prompts} chunk-wise prompts but the video has only {n_noisy} generated "
                        f"chunk(s) (num_frames / 24, rounded up); pass at most {n_noisy}")
     return Job(a, cfg, device, seed, random_weights, chunks, image=image, frames=frames,
-               text_embeddings=embeddings, special_tokens_path=special_tokens_path)
+               text_embeddings=embeddings, special_tokens_path=special_tokens_path, requests=requests)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,7 +392,7 @@ def run_job(job: Job) -> dict:
     else:
         special = text_mod.load_special_tokens(job.special_tokens_path)
     if job.text_embeddings is not None:
-        prompts = job.text_embeddings
+        prompts = [job.text_embeddings]
     elif par is not None and not par.is_rank0:
         prompts = None  # the text encoder runs on rank 0 only; its features are broadcast below
     else:
@@ -348,7 +401,7 @@ def run_job(job: Job) -> dict:
         else:
             enc = text_mod.T5TextEncoder(r.t5_pretrained or "", device=r.t5_device if torch.cuda.is_available()
                                          else "cpu", max_length=L)
-        prompts = [enc(p) for p in a.prompt]
+        prompts = [[enc(p) for p in request] for request in job.requests]  # per request, per chunk
         del enc
     if par is not None:
         prompts = par.share(prompts)
@@ -369,6 +422,8 @@ def run_job(job: Job) -> dict:
         else:
             from magi_model.loading import weight_dir
             model = par.build_dit(cfg, seed=None, checkpoint_dir=weight_dir(cfg))
+    if getattr(a, "attention_precision", None):
+        model.attention_precision = a.attention_precision  # the single-device DiT's forward reads it
 
     # --- prefix latents
     prefix = None
@@ -381,36 +436,58 @@ def run_job(job: Job) -> dict:
                            f"{chunks.prefix_latent_frames}")  # internal check
 
     null, null_mask = model.null_caption(chunks.infer_chunk_num)
-    captions = text_mod.build_captions(prompts, num_chunks=chunks.infer_chunk_num, chunk_offset=chunks.chunk_offset,
-                                       null=null[0, 0].cpu(), null_mask=null_mask[0, 0].cpu(),
-                                       special_tokens=special)
-    captions = type(captions)(*(t.to(device) for t in (captions.cond, captions.cond_mask, captions.null,
-                                                         captions.null_mask)))
+
+    def request_captions(request_prompts):
+        caps = text_mod.build_captions(request_prompts, num_chunks=chunks.infer_chunk_num,
+                                       chunk_offset=chunks.chunk_offset, null=null[0, 0].cpu(),
+                                       null_mask=null_mask[0, 0].cpu(), special_tokens=special)
+        return type(caps)(*(t.to(device) for t in (caps.cond, caps.cond_mask, caps.null, caps.null_mask)))
+    captions = [request_captions(p) for p in prompts]
+    seeds = [seed] * len(captions)  # each request is what a run of its own would give
 
     # --- denoise, decoding and writing each chunk as soon as it is done
     w, h = r.video_size_w, r.video_size_h
-    writer = Mp4Writer(a.output_path, w, h, r.fps) if par is None or par.is_rank0 else None
+    paths = job.output_paths
+    writers = [Mp4Writer(path, w, h, r.fps) for path in paths] if par is None or par.is_rank0 else None
 
-    def on_chunk(_index: int, latents: torch.Tensor) -> None:
-        writer.write(vae_mod.decode_latents(vae, latents, r.scale_factor))
+    def decode(latents: torch.Tensor, run_tiles=None) -> torch.Tensor:
+        return vae_mod.decode_latents(vae, latents, r.scale_factor, run_tiles)
 
-    if par is not None:  # decode overlapped with denoising, tiles over the cp group; rank 0 writes
-        on_chunk = par.on_chunk(lambda lat, run_tiles: vae_mod.decode_latents(vae, lat, r.scale_factor, run_tiles),
-                                lambda f: writer.write(f))
+    show = not a.no_progress and (par is None or par.is_rank0)
     try:
-        generate_latents(model, cfg, captions, mode=a.mode, prefix_latent=prefix, seed=seed, on_chunk=on_chunk,
-                         progress=not a.no_progress and (par is None or par.is_rank0))
-        if par is not None:
+        if par is not None and par.layout.pp_size > 1 and len(captions) > 1:
+            # Requests interleaved through the pipeline stages; one decoder for all, keyed (request, chunk).
+            from magi_model.parallel.interleave import generate_latents_interleaved
+            if par.is_rank0:
+                _say(f"{len(captions)} requests interleaved through {par.layout.pp_size} pipeline stages")
+            decoder = par.on_chunk(decode, lambda key, frames: writers[key[0]].write(frames))
+            generate_latents_interleaved(model, cfg, captions, seeds=seeds, mode=a.mode, prefix_latent=prefix,
+                                         on_chunk=None if decoder is None else
+                                         lambda req, ch, lat: decoder((req, ch), lat))
             par.finish()
+        else:
+            for i, caps in enumerate(captions):
+                if par is None:
+                    def on_chunk(_index, latents, out=writers[i]):
+                        out.write(decode(latents))
+                else:  # decode overlapped with denoising, tiles over the cp group; rank 0 writes
+                    on_chunk = par.on_chunk(decode, lambda _index, frames, i=i: writers[i].write(frames))
+                generate_latents(model, cfg, caps, mode=a.mode, prefix_latent=prefix, seed=seeds[i],
+                                 on_chunk=on_chunk, progress=show)
+                if par is not None:
+                    par.finish()
     finally:
-        if writer is not None:
+        for writer in writers or []:
             writer.close()
-    if writer is None:
+    if writers is None:
         return {"frames": 0, "path": None, "rank": par.layout.rank, "seconds": time.time() - t_start}
-    info = {"frames": writer.frames, "expected_frames": chunks.output_frames, "path": a.output_path,
+    info = {"frames": writers[0].frames, "expected_frames": chunks.output_frames, "path": paths[0],
             "seconds": time.time() - t_start, "random_weights": job.random_weights}
-    _say(f"wrote {writer.frames} frames ({w}x{h} @ {r.fps} fps) to {a.output_path} in {info['seconds']:.1f} s"
-         + (" [RANDOM weights]" if job.random_weights else ""))
+    if len(paths) > 1:
+        info.update(paths=paths, frames_per_request=[wr.frames for wr in writers])
+    for path, writer in zip(paths, writers):
+        _say(f"wrote {writer.frames} frames ({w}x{h} @ {r.fps} fps) to {path} in {info['seconds']:.1f} s"
+             + (" [RANDOM weights]" if job.random_weights else ""))
     return info
 
 

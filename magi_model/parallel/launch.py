@@ -64,16 +64,18 @@ class DistributedRun:
         """``run_tiles`` for the VAE on the calling thread: tiles over this stage's cp group (None: one rank)."""
         return tile_runner(self.layout.vae_group) if self.layout.cp_size > 1 else None
 
-    def on_chunk(self, decode: Callable[[torch.Tensor, object], torch.Tensor], write: Callable[[torch.Tensor], None]):
+    def on_chunk(self, decode: Callable[[torch.Tensor, object], torch.Tensor],
+                 write: Callable[[object, torch.Tensor], None]):
         """The sampler's ``on_chunk``: first-stage ranks decode (tiles over the cp group) in the background;
-        rank 0 writes. ``decode(latents, run_tiles)`` -> uint8 frames."""
+        rank 0 writes. ``decode(latents, run_tiles)`` -> uint8 frames; ``write(index, frames)`` gets the
+        index the chunk was submitted with (a chunk number, or ``(request, chunk)`` for several requests)."""
         if not self.layout.is_first_stage:
             return None
         runner = self.run_tiles()
 
-        def sink(_index, frames):
+        def sink(index, frames):
             if self.is_rank0:
-                write(frames)
+                write(index, frames)
         self.decoder = OverlappedDecoder(lambda lat: decode(lat, runner), sink, self.device)
         return self.decoder
 
