@@ -10,9 +10,30 @@ builds the range tensors and adapts the call.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 from magi_kernels.ops.flex_attn import flex_attn_func
+from magi_kernels.ops.flex_attn_fp8 import flex_attn_fp8_func
+
+# engine_config.attention_precision: "default" runs flex_attn in the activations' dtype; "fp8" runs the e4m3
+# forward (magi_kernels' flex_attn_fp8_func: inference only). Set per DiT forward by ``attention_precision``.
+ATTENTION_PRECISIONS = ("default", "fp8")
+_PRECISION = contextvars.ContextVar("magi_attention_precision", default="default")
+
+
+@contextlib.contextmanager
+def attention_precision(precision: str):
+    """Run the ``range_attention`` calls inside the block at ``precision`` (one of ATTENTION_PRECISIONS)."""
+    if precision not in ATTENTION_PRECISIONS:
+        raise ValueError(f"attention_precision: must be one of {ATTENTION_PRECISIONS}, got {precision!r}")
+    token = _PRECISION.set(precision)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
 
 
 def ranges_tensor(pairs, device) -> torch.Tensor:
@@ -30,8 +51,9 @@ def range_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges:
     result is then projected in fp32).
     """
     # flex_attn needs only stride(-1) == 1, so K and V may be views of the packed [K | V] cache (no copy).
-    out, _lse = flex_attn_func(q, k, v, q_ranges, k_ranges, softmax_scale=softmax_scale)
+    attn = flex_attn_fp8_func if _PRECISION.get() == "fp8" else flex_attn_func
+    out, _lse = attn(q, k, v, q_ranges, k_ranges, softmax_scale=softmax_scale)
     return out.to(q.dtype)
 
 
-__all__ = ["ranges_tensor", "range_attention"]
+__all__ = ["ranges_tensor", "range_attention", "attention_precision", "ATTENTION_PRECISIONS"]

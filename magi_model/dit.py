@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from magi_kernels import gated_post_norm_residual, magi_rope_bands_init, magi_rope_table, qk_norm_rope
 from magi_kernels.ranges import Magi1WindowMask
-from magi_model.attention import range_attention
+from magi_model.attention import attention_precision, range_attention
 from magi_model.config import MagiConfig, load_config
 from magi_model.device import resolve_device
 from magi_model.fp8 import FP8, FP8_MAX, PER_CHANNEL, PER_TENSOR, make_fp8_linear
@@ -410,6 +410,9 @@ class VideoDiT(nn.Module):
         self.rope = LearnableRope(m.rope_bands)
         self.videodit_blocks = TransformerBlock(config)
         self.final_linear = FinalLinear(m.hidden_size, m.patch_size * m.patch_size * m.t_patch_size * m.out_channels)
+        # "default" (flex_attn in the activations' dtype) or "fp8" (e4m3 forward, inference): not a MAGI-1 config
+        # field (configs parse strictly); set it on the model, or with generate's --attention_precision.
+        self.attention_precision = "default"
 
     @property
     def device(self) -> torch.device:
@@ -430,8 +433,9 @@ class VideoDiT(nn.Module):
                 **kwargs) -> torch.Tensor:
         """One DiT forward (see :meth:`prepare` for the arguments): embed, every layer, unpatchify."""
         h, ctx, geom = self.prepare(x, t, caption, caption_mask, **kwargs)
-        for layer in self.videodit_blocks.layers:
-            h = layer(h, ctx)
+        with attention_precision(self.attention_precision):
+            for layer in self.videodit_blocks.layers:
+                h = layer(h, ctx)
         return self.finish(h, geom)
 
     @torch.no_grad()

@@ -148,7 +148,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cp_strategy", choices=("cp_ulysses", "cp_shuffle_overlap"), default=None,
                    help="context-parallel attention layout (default: engine_config.cp_strategy)")
     p.add_argument("--attention_precision", choices=("default", "fp8"), default=None,
-                   help="DiT attention: fp8 = e4m3 Q/K/P/V forward (default: engine_config.attention_precision)")
+                   help="DiT attention: fp8 = e4m3 Q/K/P/V forward, inference only (default: default)")
     return p.parse_args(argv)
 
 
