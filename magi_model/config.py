@@ -473,6 +473,29 @@ _MODEL_TINY = dict(_MODEL_4_5B, num_layers=4, hidden_size=256, ffn_hidden_size=1
 _RUNTIME_TINY = dict(_RUNTIME, num_frames=48, video_size_h=128, video_size_w=128, num_steps=8, t5_device="cpu",
                      load=None, t5_pretrained=None, vae_pretrained=None)
 
+# The trained tiny demo model (docs/tiny_model.md; weights in magi_model/assets/tiny, made by
+# ``python -m magi_model.train_tiny``): 4.5B's structure in fp32 at 32 x 32 px, patch 1 (4 x 4 latent
+# tokens per frame), a 64-wide grammar text encoder in place of T5.
+TINY_TRAINED_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
+_MODEL_TINY_TRAINED = dict(_MODEL_4_5B, num_layers=4, hidden_size=128, ffn_hidden_size=512, num_attention_heads=4,
+                           num_query_groups=2, kv_channels=32, params_dtype="torch.float32", patch_size=1,
+                           caption_channels=64, caption_max_length=64)
+# VAE ddconfig: MAGI-1-VAE's structure, one block, 32 px x 12 frame reference tiles.
+TINY_TRAINED_VAE = {"video_size": 32, "video_length": 12, "patch_size": 8, "patch_length": 4, "in_chans": 3,
+                    "z_chans": 16, "double_z": True, "embed_dim": 256, "depth": 1, "num_heads": 4, "mlp_ratio": 2,
+                    "qkv_bias": True, "with_cls_token": True, "ln_in_attn": True, "conv_last_layer": True,
+                    "use_rope": False}
+
+
+def tiny_trained_dict() -> dict:
+    """Config dict of the trained tiny model, its asset paths filled in."""
+    runtime = dict(_RUNTIME, num_frames=48, video_size_h=32, video_size_w=32, num_steps=16, t5_device="cpu",
+                   text_scales=[4.0, 4.0, 4.0, 0.0, 0.0], load=TINY_TRAINED_ASSETS,
+                   t5_pretrained=os.path.join(TINY_TRAINED_ASSETS, "text"),
+                   vae_pretrained=os.path.join(TINY_TRAINED_ASSETS, "vae"))
+    return copy.deepcopy({"model_config": dict(_MODEL_TINY_TRAINED), "runtime_config": runtime,
+                          "engine_config": dict(_ENGINE, kv_offload=False, cp_strategy="none")})
+
 
 def _official(size: str, variant: str) -> dict:
     model = _MODEL_24B if size == "24B" else _MODEL_4_5B

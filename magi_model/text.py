@@ -198,6 +198,58 @@ class RandomTextEncoder:
         return emb, mask
 
 
+class GrammarTextEncoder(torch.nn.Module):
+    """The trained tiny model's text encoder: a closed vocabulary (the procedural captions' words, see
+    ``magi_model.procedural``), word + position embeddings and one transformer encoder layer, trained
+    together with the tiny DiT. Same interface as :class:`T5TextEncoder`: ``enc(prompt)`` gives
+    ``(emb (L, dim), mask (L,))``, the words then an end token, zero-padded to ``max_length``.
+
+    A word outside the vocabulary is an error naming it (the model has never seen it)."""
+
+    END, PAD = "</s>", "<pad>"
+
+    def __init__(self, vocab: Sequence[str], dim: int, max_length: int, max_words: int = 24, heads: int = 4):
+        super().__init__()
+        self.vocab = [self.PAD, self.END] + [w for w in vocab if w not in (self.PAD, self.END)]
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.dim, self.max_length, self.max_words = dim, max_length, max_words
+        self.word = torch.nn.Embedding(len(self.vocab), dim)
+        self.position = torch.nn.Parameter(torch.zeros(max_words + 1, dim))
+        self.layer = torch.nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True,
+                                                      norm_first=True)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        words = clean_caption(prompt).replace(",", " ").replace(".", " ").split()
+        unknown = sorted({w for w in words if w not in self.index})
+        if unknown:
+            raise TextError(f"prompt: the tiny model's text encoder knows only its training grammar's words; "
+                            f"unknown {unknown} in {prompt!r}. Known: {' '.join(self.vocab[2:])}")
+        if len(words) > self.max_words:
+            raise TextError(f"prompt: at most {self.max_words} words for the tiny model, got {len(words)}")
+        return [self.index[w] for w in words] + [self.index[self.END]]
+
+    def encode(self, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched, differentiable: ``(B, max_length, dim)`` features and ``(B, max_length)`` 0/1 mask."""
+        B, n = len(token_ids), max(len(t) for t in token_ids)
+        dev = self.position.device
+        ids = torch.zeros(B, n, dtype=torch.long, device=dev)
+        valid = torch.zeros(B, n, dtype=torch.bool, device=dev)
+        for b, t in enumerate(token_ids):
+            ids[b, :len(t)] = torch.tensor(t, dtype=torch.long)
+            valid[b, :len(t)] = True
+        h = self.layer(self.word(ids) + self.position[:n], src_key_padding_mask=~valid)
+        h = h * valid[..., None]
+        emb = torch.zeros(B, self.max_length, self.dim, device=dev, dtype=h.dtype)
+        emb = torch.cat([h, emb[:, n:]], dim=1)
+        mask = torch.cat([valid.float(), torch.zeros(B, self.max_length - n, device=dev)], dim=1)
+        return emb, mask
+
+    @torch.no_grad()
+    def __call__(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        emb, mask = self.encode([self.tokenize(prompt)])
+        return emb[0].float().cpu(), mask[0].float().cpu()
+
+
 def _read_tensor_file(path: str) -> Mapping:
     """The tensors of a ``.safetensors`` / ``.npz`` / torch file, never unpickling arbitrary objects:
     safetensors and npz (``allow_pickle=False``) hold only arrays, torch files are read with
@@ -310,5 +362,5 @@ def build_captions(prompts: Sequence[tuple[torch.Tensor, torch.Tensor]], *, num_
                     nm[None].expand(num_chunks, -1).clone())
 
 
-__all__ = ["T5TextEncoder", "t5_folder", "RandomTextEncoder", "load_text_embeddings", "load_special_tokens",
+__all__ = ["T5TextEncoder", "t5_folder", "RandomTextEncoder", "GrammarTextEncoder", "load_text_embeddings", "load_special_tokens",
            "random_special_tokens", "special_token_flags", "build_captions", "clean_caption", "TextError"]

@@ -168,8 +168,12 @@ _op = define_op(OP, GatedPostNormCall, returns=torch.Tensor, impl=_run, fake=_ou
 
 def _backward(c: GatedPostNormCall, _outs, grad) -> dict:
     def ref(x, gate, residual, weight, bias):
-        return gated_post_norm_residual_ref(x, gate, residual, weight, bias, c.gate_index, norm=c.norm,
-                                            weight_offset=c.weight_offset, eps=c.eps, out_dtype=torch.float32)
+        # The reference works on token rows (T, H); a batched (N, S, H) call is its rows, reshaped back.
+        rows = x.shape[-1]
+        out = gated_post_norm_residual_ref(x.reshape(-1, rows), gate, residual.reshape(-1, rows), weight, bias,
+                                           c.gate_index, norm=c.norm, weight_offset=c.weight_offset, eps=c.eps,
+                                           out_dtype=torch.float32)
+        return out.reshape(x.shape)
 
     names = ("x", "gate", "residual", "weight", "bias")
     return dict(zip(names, reference_vjp(ref, [getattr(c, n) for n in names], (grad,))))

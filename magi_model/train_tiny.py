@@ -1,0 +1,465 @@
+"""Train the tiny MAGI-1 demo model (``--preset tiny``) on procedural videos, on the CPU.
+
+    python -m magi_model.train_tiny                       # writes magi_model/assets/tiny/
+    python -m magi_model.train_tiny --out /tmp/tiny --dit_minutes 5
+
+Three models, all through the code paths that generate videos (docs/tiny_model.md):
+
+1. the ViT-VAE (:class:`magi_model.vae.ViTVAE`, a 1-block config at 32 px), trained as a VAE
+   (reconstruction + a small KL term) on 12-frame clips; its latents' spread sets ``scale_factor``;
+2. the MAGI-1 DiT (:class:`magi_model.dit.VideoDiT`: chunked block-causal attention, per-chunk times,
+   the same key windows and caption layout the sampler uses) and
+3. the grammar text encoder (:class:`magi_model.text.GrammarTextEncoder`), trained together with the DiT.
+
+The DiT learns MAGI-1's flow-matching convention: ``x_t = t x_1 + (1 - t) x_0`` with ``x_0`` noise,
+``x_1`` the clean latent, ``t = 1`` clean, and the velocity target ``x_1 - x_0`` (the sampler's Euler
+step is ``x += v (t_next - t)``). Each training window mirrors a sampler forward: leading clean chunks
+at ``clean_t`` that see only themselves (what the KV cache holds), then noisy chunks at staggered
+times (older = cleaner), with the key windows :func:`magi_model.schedule.key_window` gives. Some
+samples drop the text (the null caption, for classifier-free guidance), some overwrite the first
+latent frame with a still image's latent (I2V) or the first noisy chunk's leading frames with clean
+ones (V2V prefix), as the sampler does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from magi_model import procedural, schedule
+from magi_model import text as text_mod
+from magi_model import vae as vae_mod
+from magi_model.config import MagiConfig, tiny_trained_dict
+from magi_model.dit import LayerNorm1p, VideoDiT, build_dit
+from magi_model.loading import save_checkpoint
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
+TEXT_FILE = "grammar_encoder.safetensors"
+TOKENS_FILE = "special_tokens.npz"
+CLIP_CHUNKS = 4  # training clips: 4 chunks of 24 frames (a V2V run of the demo reaches 4 chunks)
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention for training
+
+
+def dense_range_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: torch.Tensor,
+                          k_ranges: torch.Tensor, *, softmax_scale: float | None = None) -> torch.Tensor:
+    """:func:`magi_model.attention.range_attention`'s math (union of full (q_range, k_range) blocks, GQA,
+    uncovered rows zero) as one dense masked ``scaled_dot_product_attention``. Training only: at these
+    sizes (a few thousand tokens) the dense mask is cheap on a CPU and its backward is torch's, where
+    the CPU path of flex_attn walks the ranges in Python. tests/model/test_tiny_trained.py checks
+    that both agree."""
+    Tq, hq, d = q.shape
+    Tk, hk = k.shape[:2]
+    qr, kr = q_ranges.long().cpu(), k_ranges.long().cpu()
+    # Union mask as a product of range indicators: (pairs, Tq)^T @ (pairs, Tk).
+    in_q = ((torch.arange(Tq)[None] >= qr[:, :1]) & (torch.arange(Tq)[None] < qr[:, 1:])).float()
+    in_k = ((torch.arange(Tk)[None] >= kr[:, :1]) & (torch.arange(Tk)[None] < kr[:, 1:])).float()
+    mask = (in_q.t() @ in_k) > 0
+    # Batch elements never see each other: split into the most equal diagonal blocks that hold the mask.
+    nb = 1
+    for cand in range(min(len(qr), Tq), 1, -1):
+        if Tq % cand == 0 and Tk % cand == 0:
+            m4 = mask.view(cand, Tq // cand, cand, Tk // cand)
+            if not m4.any(dim=(1, 3)).logical_and(~torch.eye(cand, dtype=torch.bool)).any():
+                nb = cand
+                break
+    S, Sk = Tq // nb, Tk // nb
+    blocks = mask.view(nb, S, nb, Sk).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (nb, S, Sk)
+    g = hq // hk
+    qq = q.view(nb, S, hq, d).transpose(1, 2)
+    kk = k.view(nb, Sk, hk, d).repeat_interleave(g, dim=2).transpose(1, 2)
+    vv = v.view(nb, Sk, hk, d).repeat_interleave(g, dim=2).transpose(1, 2)
+    covered = blocks.any(dim=2)  # (nb, S)
+    safe = blocks | ~covered[..., None]  # rows without keys attend to everything, then are zeroed
+    o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=safe[:, None].to(q.device), scale=softmax_scale)
+    o = o.transpose(1, 2) * covered[..., None, None].to(o.dtype).to(o.device)
+    return o.reshape(Tq, hq, d).to(q.dtype).contiguous()
+
+
+class _TrainingAttention:
+    """Within ``with _TrainingAttention():`` the DiT and the VAE use :func:`dense_range_attention`."""
+
+    def __enter__(self):
+        from magi_model import dit as dit_mod
+
+        self._saved = (dit_mod.range_attention, vae_mod.range_attention)
+        dit_mod.range_attention = vae_mod.range_attention = dense_range_attention
+        return self
+
+    def __exit__(self, *exc):
+        from magi_model import dit as dit_mod
+
+        dit_mod.range_attention, vae_mod.range_attention = self._saved
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def make_clips(n: int, seed: int, size_px: int, frames_per_chunk: int) -> tuple[np.ndarray, list, list]:
+    """``n`` clips: uint8 (n, T, H, W, 3), per-clip chunk captions, per-clip specs."""
+    rng = np.random.default_rng(seed)
+    frames, caps, specs = [], [], []
+    for _ in range(n):
+        c = procedural.make_clip(rng, num_chunks=CLIP_CHUNKS, frames_per_chunk=frames_per_chunk, size_px=size_px)
+        frames.append(c.frames)
+        caps.append(c.captions)
+        specs.append(c.spec)
+    return np.stack(frames), caps, specs
+
+
+def to_input(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (B, T, H, W, 3) -> VAE input (B, 3, T, H, W) in [-1, 1], fp32 (as vae.pixels_to_input)."""
+    return torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# VAE
+
+
+def train_vae(cfg: MagiConfig, clips: np.ndarray, steps: int, seed: int, batch: int = 8) -> vae_mod.ViTVAE:
+    torch.manual_seed(seed)
+    dd = cfg_vae_ddconfig(cfg)
+    vae = vae_mod.build_vae(dd, dtype=torch.float32, seed=seed, tile_sample_min_length=cfg.runtime.fps // 2,
+                            tile_sample_min_size=dd["video_size"])
+    for name, p in vae.named_parameters():  # identity norms to start from
+        if name.endswith(("norm.weight", "norm2.weight")):
+            p.data.fill_(1.0)
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    L = dd["video_length"]
+    n, T = clips.shape[:2]
+    rng = np.random.default_rng(seed + 1)
+    t0 = time.time()
+    for step in range(steps):
+        lr = 1e-3 * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = rng.integers(0, n, batch)
+        start = rng.integers(0, T // L, batch) * L
+        x = to_input(np.stack([clips[i, s:s + L] for i, s in zip(idx, start)]))
+        moments = vae.encoder(x)
+        mu, logvar = moments[:, :dd["z_chans"]], moments[:, dd["z_chans"]:].clamp(-10, 4)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        rec = vae.decoder(z)
+        kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).mean()
+        loss = F.mse_loss(rec, x) + 1e-3 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            _log(f"vae step {step}/{steps} loss {loss.item():.5f} kl {kl.item():.3f} ({time.time() - t0:.0f} s)")
+    return vae.eval()
+
+
+@torch.no_grad()
+def normalize_latents(vae: vae_mod.ViTVAE, scale_factor: float, clips: np.ndarray) -> float:
+    """Rescale the latent space so that ``scale_factor * latent`` has unit std on the training clips
+    (the encoder's mean rows times s, the decoder's input projection divided by s: same decoded video).
+    Returns s."""
+    z, _ = encode_clips(vae, clips[:64])
+    s = (1.0 / scale_factor) / float(z.std())
+    zc = vae.z_chans
+    vae.encoder.last_layer.weight[:zc] *= s
+    vae.encoder.last_layer.bias[:zc] *= s
+    vae.encoder.last_layer.bias[zc:] += 2 * math.log(s)  # log-variance rows follow the mean's scale
+    vae.decoder.proj_in.weight /= s
+    _log(f"vae latents rescaled by {s:.3f} (scaled latent std 1 for scale_factor {scale_factor})")
+    return s
+
+
+def cfg_vae_ddconfig(cfg: MagiConfig) -> dict:
+    from magi_model.config import TINY_TRAINED_VAE
+
+    return dict(TINY_TRAINED_VAE)
+
+
+@torch.no_grad()
+def encode_clips(vae: vae_mod.ViTVAE, clips: np.ndarray, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscaled latent means (n, z, T/4, h, w) of whole clips (12-frame tiles, as the sampler's VAE
+    tiling at 32 px) and of each clip's first frame repeated 4 times (the I2V image latent)."""
+    L = vae.tile_frames
+    outs, stills = [], []
+    for b in range(0, len(clips), batch):
+        part = clips[b:b + batch]
+        B, T = part.shape[:2]
+        x = to_input(part)  # (B, 3, T, H, W)
+        tiles = x.reshape(B, 3, T // L, L, *x.shape[3:]).permute(0, 2, 1, 3, 4, 5).reshape(-1, 3, L, *x.shape[3:])
+        z = vae.encode_tile(tiles)  # (B*T/L, z, L/4, h, w)
+        z = z.reshape(B, T // L, *z.shape[1:]).permute(0, 2, 1, 3, 4, 5).reshape(B, z.shape[1], -1, *z.shape[3:])
+        outs.append(z)
+        still = x[:, :, :1].expand(-1, -1, vae.temporal_factor, -1, -1)
+        stills.append(vae.encode_tile(still)[:, :, :1])
+    return torch.cat(outs), torch.cat(stills)
+
+
+# --------------------------------------------------------------------------------------------------
+# DiT + text encoder
+
+
+def init_for_training(model: VideoDiT, seed: int) -> VideoDiT:
+    """Seeded random weights, then identity norms and a zero output layer (a plain DiT start)."""
+    from magi_model.dit import init_random_weights
+
+    init_random_weights(model, seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, LayerNorm1p):
+                mod.weight.fill_(0.0 if mod.one_p else 1.0)
+                mod.bias.zero_()
+            elif isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.fill_(1.0)
+                mod.bias.zero_()
+        model.final_linear.linear.weight.mul_(0.1)
+    return model
+
+
+def dit_forward(model: VideoDiT, x, t, caption, mask, **kw) -> torch.Tensor:
+    """VideoDiT.forward with autograd (the inference entry points run under no_grad)."""
+    h, ctx, geom = VideoDiT.prepare.__wrapped__(model, x, t, caption, mask, **kw)
+    for layer in model.videodit_blocks.layers:
+        h = layer(h, ctx)
+    return VideoDiT.finish.__wrapped__(model, h, geom)
+
+
+class Windows:
+    """Draws training windows that look like the sampler's forwards."""
+
+    def __init__(self, cfg: MagiConfig, rng: np.random.Generator):
+        self.cfg, self.rng = cfg, rng
+        r = cfg.runtime
+        self.n_steps, self.window = r.num_steps, r.window_size
+
+    def times(self, n_noisy: int) -> tuple[list[float], list[int]]:
+        """Staggered times (oldest first) and their grid indices: the newest chunk at u in [0, 1/window),
+        each older one 1/window later in u, as the sampler's window; t = shift(u^2) (the time grid)."""
+        rng = self.rng
+        if rng.random() < 0.25:  # sometimes independent times, sorted (older = cleaner)
+            u = np.sort(rng.random(n_noisy))[::-1]
+        else:
+            d = rng.random() / self.window
+            u = np.array([d + k / self.window for k in range(n_noisy)])[::-1]
+        u = np.clip(u, 0.0, 0.999)
+        s = torch.tensor(u.copy(), dtype=torch.float32) ** 2
+        inv = 1.0 / schedule.SHIFT
+        t = inv * s / (1 + (inv - 1) * s)
+        idx = [min(int(v * self.n_steps), self.n_steps - 1) for v in u]
+        return t.tolist(), idx
+
+
+def train_dit(cfg: MagiConfig, latents: torch.Tensor, stills: torch.Tensor, captions: list, *, seed: int,
+              minutes: float, max_steps: int, batch: int, out: str, save_every_s: float = 240.0,
+              lr: float = 5e-4) -> tuple[VideoDiT, text_mod.GrammarTextEncoder]:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 2)
+    m, r = cfg.model, cfg.runtime
+    model = init_for_training(build_dit(cfg, seed=seed), seed)
+    enc = text_mod.GrammarTextEncoder(procedural.vocabulary(), m.caption_channels, m.caption_max_length)
+    special = text_mod.random_special_tokens(m.caption_channels, 0)
+    flags = dict(text_mod.DEFAULT_FLAGS)
+    model.train()
+    params = list(model.parameters()) + list(enc.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema = [p.detach().clone() for p in params]
+    cw = r.chunk_width
+    n_clips, C, T = latents.shape[:3]
+    n_chunks_max = T // cw
+    tokenized = [[enc.tokenize(c) for c in caps] for caps in captions]
+    win = Windows(cfg, rng)
+    t_start, last_save, step = time.time(), time.time(), 0
+    losses: list[float] = []
+    budget = minutes * 60
+    while step < max_steps and time.time() - t_start < budget:
+        frac = min(1.0, (time.time() - t_start) / budget)
+        cur_lr = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        # --- window structure (shared by the batch): K chunks, the first n_clean of them clean context.
+        K = int(rng.choice([1, 2, 3, 4], p=[0.15, 0.4, 0.25, 0.2]))
+        K = min(K, n_chunks_max)
+        n_clean = int(rng.integers(0, K)) if K > 1 and rng.random() < 0.6 else 0
+        n_noisy = K - n_clean
+        clean_kw = schedule.key_window(r.num_steps, r.num_steps, r.noise2clean_kvrange, r.clean_chunk_kvrange)
+        t_rows, kw = [], None
+        for _ in range(batch):
+            tn, idx = win.times(n_noisy)
+            t_rows.append([r.clean_t] * n_clean + tn)
+            if kw is None:
+                kw = [clean_kw] * n_clean + [schedule.key_window(i, r.num_steps, r.noise2clean_kvrange,
+                                                                 r.clean_chunk_kvrange) for i in idx]
+        t = torch.tensor(t_rows, dtype=torch.float32)  # (B, K)
+        idx = rng.integers(0, n_clips, batch)
+        x1 = latents[idx, :, :K * cw] * r.scale_factor  # (B, C, K*cw, h, w)
+        x0 = torch.randn_like(x1)
+        t_frames = t.repeat_interleave(cw, dim=1)[:, None, :, None, None]
+        xt = t_frames * x1 + (1 - t_frames) * x0
+        target = x1 - x0
+        weight = torch.ones(batch, 1, K * cw, 1, 1)
+        weight[:, :, :n_clean * cw] = 0.0  # clean context chunks: no loss
+        # Prefixes: I2V (first frame = the still image's latent) or V2V (leading frames of the first
+        # noisy chunk clean). Overwritten frames carry no loss, as the sampler overwrites them.
+        for b in range(batch):
+            u = rng.random()
+            if n_clean == 0 and u < 0.15:
+                xt[b, :, :1] = stills[idx[b]] * r.scale_factor
+                weight[b, :, :1] = 0.0
+            elif n_clean >= 1 and u < 0.25:
+                a = n_clean * cw
+                np_ = int(rng.integers(1, cw))
+                xt[b, :, a:a + np_] = x1[b, :, a:a + np_]
+                weight[b, :, a:a + np_] = 0.0
+        # --- captions: per chunk; clean chunks get the null caption (as the cache-writing pass);
+        # dropped samples get the null caption everywhere (classifier-free guidance).
+        null = model.y_embedder.null_caption_embedding.float()
+        null_mask = torch.zeros(m.caption_max_length)
+        null_mask[:50] = 1
+        dropped = torch.from_numpy(rng.random(batch) < 0.15)
+        ids = [tokenized[i][c] for i in idx for c in range(K)]
+        emb, emask = enc.encode(ids)
+        emb, emask = emb.view(batch, K, *emb.shape[1:]), emask.view(batch, K, -1)
+        caps, masks = [], []
+        for b in range(batch):
+            prompts = [(emb[b, c], emask[b, c]) for c in range(n_clean, K)]
+            cp = text_mod.build_captions(prompts, num_chunks=n_noisy, chunk_offset=0, null=null, null_mask=null_mask,
+                                         special_tokens=special, flags=flags)
+            cond, cmask = cp.cond, cp.cond_mask
+            if n_clean:
+                cond = torch.cat([null[None].expand(n_clean, -1, -1), cond])
+                cmask = torch.cat([null_mask[None].expand(n_clean, -1), cmask])
+            if dropped[b]:
+                cond, cmask = null[None].expand(K, -1, -1), null_mask[None].expand(K, -1)
+            caps.append(cond)
+            masks.append(cmask)
+        cap, cmask = torch.stack(caps), torch.stack(masks)
+        v = dit_forward(model, xt, t, cap, cmask, caption_dropout=dropped, key_windows=kw)
+        loss = ((v - target) ** 2 * weight).sum() / (weight.sum() * C * x1.shape[3] * x1.shape[4])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.998, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        losses.append(loss.item())
+        step += 1
+        if step % 25 == 0:
+            _log(f"dit step {step} loss {np.mean(losses[-25:]):.4f} lr {cur_lr:.2e} ({time.time() - t_start:.0f} s)")
+        if time.time() - last_save > save_every_s:
+            save_dit_and_text(cfg, model, enc, ema, params, out)
+            last_save = time.time()
+            _log(f"checkpoint written to {out} (step {step})")
+    _log(f"dit: {step} steps in {time.time() - t_start:.0f} s, final loss {np.mean(losses[-50:]):.4f}")
+    save_dit_and_text(cfg, model, enc, ema, params, out)
+    return model, enc
+
+
+@torch.no_grad()
+def save_dit_and_text(cfg: MagiConfig, model, enc, ema, params, out: str) -> None:
+    """Write the EMA weights: the DiT in MAGI-1's layout, the text encoder with its vocabulary."""
+    from safetensors.torch import save_file
+
+    live = [p.detach().clone() for p in params]
+    for p, e in zip(params, ema):
+        p.copy_(e)
+    try:
+        save_checkpoint(model, os.path.join(out, cfg.weight_subdir))
+        sd = {k: v.detach().contiguous() for k, v in enc.state_dict().items()}
+        os.makedirs(os.path.join(out, "text"), exist_ok=True)
+        save_file(sd, os.path.join(out, "text", TEXT_FILE), metadata={
+            "vocab": json.dumps(enc.vocab[2:]), "dim": str(enc.dim), "max_length": str(enc.max_length),
+            "max_words": str(enc.max_words)})
+    finally:
+        for p, v in zip(params, live):
+            p.copy_(v)
+
+
+def save_vae(vae: vae_mod.ViTVAE, out: str) -> None:
+    from safetensors.torch import save_file
+
+    d = os.path.join(out, "vae")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump({"_class_name": "ViTVAE", "ddconfig": vae.ddconfig}, f, indent=1)
+    save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()},
+              os.path.join(d, vae_mod.WEIGHTS_FILE))
+
+
+def save_special_tokens(dim: int, out: str) -> None:
+    """The special-token rows (random stand-ins, seed 0) in MAGI-1's special_tokens.npz layout."""
+    tok = text_mod.random_special_tokens(dim, 0)
+    g = torch.Generator().manual_seed(7919)
+    rows = torch.randn(102, dim, generator=g, dtype=torch.float64)
+    rows = (rows / rows.norm(dim=1, keepdim=True) * 8).to(torch.float16)
+    np.savez(os.path.join(out, TOKENS_FILE), caption_token=rows[0:1].numpy(), logo_token=rows[1:2].numpy(),
+             other_tokens=rows[2:].numpy())
+    check = text_mod.load_special_tokens(os.path.join(out, TOKENS_FILE))
+    assert all(torch.equal(check[k], tok[k]) for k in tok), "special tokens file differs from the stand-ins"
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m magi_model.train_tiny", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=ASSETS, help="output folder (default: the package's assets/tiny)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clips", type=int, default=600, help="procedural training clips (4 chunks of 24 frames)")
+    p.add_argument("--vae_steps", type=int, default=400)
+    p.add_argument("--vae", default=None, help="reuse a trained VAE folder instead of training one")
+    p.add_argument("--dit_minutes", type=float, default=22.0, help="wall-clock budget of the DiT phase")
+    p.add_argument("--dit_steps", type=int, default=100000, help="step cap of the DiT phase")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    with _TrainingAttention():
+        return _train(a)
+
+
+def _train(a: argparse.Namespace) -> int:
+    t0 = time.time()
+    cfg = MagiConfig.from_dict(tiny_trained_dict(), strict=True, source="tiny (training)")
+    r = cfg.runtime
+    os.makedirs(a.out, exist_ok=True)
+    _log(f"making {a.clips} procedural clips ({CLIP_CHUNKS} x 24 frames at {r.video_size_w} px)")
+    clips, caps, _specs = make_clips(a.clips, a.seed, r.video_size_w, 4 * r.chunk_width)
+    _log(f"clips done ({time.time() - t0:.0f} s)")
+    if a.vae:
+        vae = vae_mod.load_vae(a.vae, dtype=torch.float32, tile_sample_min_length=r.fps // 2,
+                               tile_sample_min_size=r.video_size_w)
+    else:
+        vae = train_vae(cfg, clips, a.vae_steps, a.seed)
+        normalize_latents(vae, cfg.runtime.scale_factor, clips)
+    save_vae(vae, a.out)
+    save_special_tokens(cfg.model.caption_channels, a.out)
+    latents, stills = encode_clips(vae, clips)
+    std = float(latents.std())
+    _log(f"latents {list(latents.shape)}: std {std:.3f} (1/std = {1 / std:.3f}; config scale_factor "
+         f"{r.scale_factor})")
+    del clips
+    train_dit(cfg, latents, stills, caps, seed=a.seed, minutes=a.dit_minutes, max_steps=a.dit_steps, batch=a.batch,
+              out=a.out)
+    _log(f"total {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
