@@ -70,6 +70,12 @@ class DispatchMeta:
         mean = sum(self.areas) / len(self.areas)
         return float("inf") if mean == 0 else max(self.areas) / mean
 
+    @property
+    def shard_sizes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(q_sizes, k_sizes)``: the dispatched tensors' lengths per rank, the attention functions'
+        ``shard_sizes`` (no length exchange per call)."""
+        return self.q_sizes, self.k_sizes
+
     def sizes(self, side: str) -> tuple[int, ...]:
         return self.q_sizes if side == "q" else self.k_sizes
 

@@ -100,15 +100,17 @@ class _RingAttention(torch.autograd.Function):
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: torch.Tensor, k_ranges: torch.Tensor,
                    attn_type_map: torch.Tensor | None = None, *, group=None, softmax_scale: float | None = None,
-                   softcap: float = 0.0, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   softcap: float = 0.0, backend: str | None = None,
+                   shard_sizes=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Context-parallel ``flex_attn_func`` by passing K/V shards around a ring.
 
-    Args: as :func:`magi_kernels.distributed.ulysses_attention` (local contiguous shards, GLOBAL ranges),
-        without any head-count condition.
+    Args: as :func:`magi_kernels.distributed.ulysses_attention` (local contiguous shards, GLOBAL ranges,
+        optional ``shard_sizes``), without any head-count condition.
     Returns:
         (out [S_local_q, Hq, D], lse fp32 [S_local_q, Hq]) for this rank's query tokens; differentiable.
     """
-    call = check_call(OP, q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, group)
+    call = check_call(OP, q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, group,
+                      shard_sizes=shard_sizes)
     if call.world == 1:
         return flex_attn_func(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale=softmax_scale,
                               softcap=softcap, backend=backend)

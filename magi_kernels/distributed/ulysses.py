@@ -55,7 +55,7 @@ def ulysses_exchange(op: str, q, k, v, call, inner: Callable) -> tuple[torch.Ten
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: torch.Tensor,
                       k_ranges: torch.Tensor, attn_type_map: torch.Tensor | None = None, *, group=None,
                       softmax_scale: float | None = None, softcap: float = 0.0,
-                      backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      backend: str | None = None, shard_sizes=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Context-parallel ``flex_attn_func`` by head/sequence all-to-all.
 
     Args:
@@ -65,10 +65,15 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_range
             identical on every rank, as for ``flex_attn_func``.
         group: ProcessGroup, 1-D DeviceMesh, or None (default group). Hq must be divisible by its size;
             Hk must divide or be divisible by it.
+        shard_sizes: optional ``(q_sizes, k_sizes)``, every rank's local q / k length in group-rank
+            order (from the caller's token layout, or ``DispatchMeta.shard_sizes``). Without it each
+            call all-gathers the lengths (one small collective, e.g. per layer); with it the call
+            communicates only its data, and the caller vouches that heads and head_dim agree on all ranks.
     Returns:
         (out [S_local_q, Hq, D], lse fp32 [S_local_q, Hq]) for this rank's query tokens; differentiable.
     """
-    call = check_call(OP, q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, group)
+    call = check_call(OP, q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, group,
+                      shard_sizes=shard_sizes)
     if call.world == 1:
         return flex_attn_func(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale=softmax_scale,
                               softcap=softcap, backend=backend)

@@ -119,6 +119,8 @@ def ring_attention_fn(layout: TokenLayout, rank: int, world: int, group, geom: d
     q_segs = [(j * n + offs[r], n_r[r]) for r in range(world) for j in range(R)]
     k_segs = [(c * n + offs[r], n_r[r]) for r in range(world) for c in range(key_chunks)]
     qr, kr, ty = ranges_tensors(permute_slices(base, q_segs, k_segs))
+    # every rank's shard lengths are known here: no length exchange inside ring_attention, per layer
+    shard_sizes = ([R * n_r[r] for r in range(world)], [key_chunks * n_r[r] for r in range(world)])
     cache = ctx.kv_cache
     read_l = ctx.read_tokens // n * n_r[rank]
     write_l = ctx.write_tokens // n * n_r[rank]
@@ -137,7 +139,8 @@ def ring_attention_fn(layout: TokenLayout, rank: int, world: int, group, geom: d
             cache.filled = max(filled, ctx.read_tokens + ctx.write_tokens)  # bookkeeping in global tokens
         outs = []
         for b in range(N):
-            o, _ = ring_attention(q[b], kv[b, :, :, :d], kv[b, :, :, d:], qr, kr, ty, group=group)
+            o, _ = ring_attention(q[b], kv[b, :, :, :d], kv[b, :, :, d:], qr, kr, ty, group=group,
+                                  shard_sizes=shard_sizes)
             outs.append(o)
         return torch.cat(outs, dim=0)
 

@@ -31,6 +31,7 @@ from magi_kernels.distributed import (
     usp_attention,
 )
 from magi_kernels.utils.checks import MagiArgumentError
+from tests.distributed._count import count_collectives
 
 ATOL, RTOL = 3e-5, 1e-4  # fp32 shard computation vs float64 reference
 
@@ -112,6 +113,31 @@ def check_sharded(fn, layout_name, rank, world, seed, *, hq=8, hk=4, q_sizes=Non
     _close("dv", vl.grad, ref[4][ka:kb])
 
 
+def check_known_shard_sizes(fn, rank, world, seed):
+    """With ``shard_sizes`` the call exchanges no lengths: the forward's only collectives move data
+    (ring: the K/V hops; Ulysses: the all-to-alls), and the result is still the reference's."""
+    name, q_sizes, k_sizes = "magi1_window_prefix", _skewed(20, world), even_shard_sizes(30, world)
+    _, _, _, q, k, _, _, _ = _problem(0, layouts(0)[name], 8, 4)
+    assert (q.shape[0], k.shape[0]) == (20, 30), (q.shape, k.shape)  # the skewed sizes above fit this layout
+    sizes = {"q_sizes": q_sizes, "k_sizes": k_sizes}
+    with count_collectives() as without:
+        check_sharded(fn, name, rank, world, seed, **sizes)
+    with count_collectives() as known:
+        check_sharded(fn, name, rank, world, seed, shard_sizes=(q_sizes, k_sizes), **sizes)
+    assert without["all_gather"] >= 1, dict(without)  # the length exchange this case removes
+    data = {"batch_isend_irecv"} if fn is ring_attention else {"all_to_all_single"}
+    assert set(known) <= data, f"collectives besides the data exchange: {dict(known)}"
+    assert sum(known.values()) == sum(without[n] for n in data), (dict(known), dict(without))
+    ql, kl = torch.zeros(q_sizes[rank], 8, 16), torch.zeros(k_sizes[rank], 4, 16)
+    qr = torch.tensor([[0, 20]], dtype=torch.int32)
+    kr = torch.tensor([[0, 30]], dtype=torch.int32)
+    bad_local = (q_sizes, k_sizes[:rank] + [k_sizes[rank] + 1] + k_sizes[rank + 1:])
+    expect_error(lambda: fn(ql, kl, kl, qr, kr, shard_sizes=bad_local),
+                 f"argument 'shard_sizes' k_sizes[{rank}] must equal this rank's k length {k_sizes[rank]}")
+    expect_error(lambda: fn(ql, kl, kl, qr, kr, shard_sizes=(q_sizes[:-1], k_sizes)),
+                 f"q_sizes must hold {world} non-negative lengths")
+
+
 def check_dispatched(rank, world, seed, mask, chunk_size, hq=4, hk=2):
     """dispatch -> ring_attention -> undispatch equals flex_attn_func on the global tensors (fwd + bwd)."""
     qr, kr, ty = mask.to_ranges()
@@ -122,7 +148,10 @@ def check_dispatched(rank, world, seed, mask, chunk_size, hq=4, hk=2):
     side = "q" if meta.keys_follow_queries else "k"
     kl, _ = dispatch(kg, meta, side=side)
     vl, _ = dispatch(vg, meta, side=side)
-    out, lse = ring_attention(ql, kl, vl, meta.q_ranges, meta.k_ranges, meta.attn_type_map)
+    with count_collectives() as counts:
+        out, lse = ring_attention(ql, kl, vl, meta.q_ranges, meta.k_ranges, meta.attn_type_map,
+                                  shard_sizes=meta.shard_sizes)
+    assert set(counts) == {"batch_isend_irecv"}, dict(counts)  # the dispatch metadata has the lengths
     y, ly = undispatch(out, meta), undispatch(lse, meta)
     # The gathered tensors are one logical (replicated) value: each rank's identical loss counts once.
     _loss(y, ly, gout, glse).backward()
@@ -170,6 +199,9 @@ def cases(world: int) -> dict:
         softcap=5.0)
     c["ulysses/skewed_shards_scale"] = lambda r, w, s: check_sharded(
         ulysses_attention, "magi1_window_prefix", r, w, s, q_sizes=_skewed(20, w), softmax_scale=0.3)
+    c["ring/known_shard_sizes_no_length_exchange"] = functools.partial(check_known_shard_sizes, ring_attention)
+    c["ulysses/known_shard_sizes_no_length_exchange"] = functools.partial(check_known_shard_sizes,
+                                                                          ulysses_attention)
     c["ulysses/error_q_heads"] = lambda r, w, s: _bad_heads(r, w, s, world + 1, 1, "argument 'q'")
     if world > 2:
         c["ulysses/error_kv_heads"] = lambda r, w, s: _bad_heads(r, w, s, 2 * world, 3, "argument 'k'")

@@ -19,6 +19,7 @@ from magi_model.parallel import (
     stage_layers,
 )
 from magi_model.pipeline import Captions, generate_latents
+from tests.distributed._count import count_collectives
 
 REL_TOL = 1e-5  # fp32 model: relative L2 error of the latents
 
@@ -64,17 +65,23 @@ def check_generation(rank, world, seed, *, cp, pp, strategy, name="tiny"):
     top = sum(p.numel() for n, p in full.named_parameters() if not n.startswith("videodit_blocks.layers."))
     assert materialized_parameters(model) == top + len(own) * per_layer
     pdit = ParallelDiT(model, layout)
-    caches = []
+    caches, forwards = [], []
     inner = pdit.forward_many
 
     def spy(calls):
         caches.extend(kw["kv_cache"] for _, kw in calls if kw.get("kv_cache") is not None)
+        forwards.extend(calls)
         return inner(calls)
     pdit.forward_many = spy
     caps = captions(model, 2, seed)
     check_same_on_all_ranks("config and captions", (cfg.to_dict(), caps))
-    got = generate_latents(pdit, cfg, caps, seed=seed, progress=False)
+    with count_collectives() as counts:
+        got = generate_latents(pdit, cfg, caps, seed=seed, progress=False)
     _check_cache_is_local(caches[-1], cfg, cp, strategy, own)
+    if pp == 1:
+        # one all_gather per forward (the tokens before the final layer); none per layer: the ring
+        # attention gets every rank's shard lengths from the token layout
+        assert counts["all_gather"] == len(forwards), (dict(counts), len(forwards))
     err, frames_off = 0.0, 0.0
     if rank == 0:
         want = _reference(cfg, seed)[0]
