@@ -18,6 +18,7 @@ The single entry point for one denoising forward is :meth:`VideoDiT.forward`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Callable, Mapping, Sequence
@@ -621,7 +622,20 @@ def _window_slices(n: int, windows: list, slice_point: int) -> list[tuple[int, i
 
 
 def _ranges(pairs, device) -> torch.Tensor:
-    return torch.tensor(pairs, dtype=torch.int32).reshape(-1, 2).to(device)
+    """int32 [n, 2] ranges for flex_attn, kept on the host and built once per distinct window layout.
+
+    flex_attn plans on the host, so host ranges cost no device-to-host copy; returning the same tensor for the
+    same layout lets it reuse the checked ranges and the plan of the previous call (every layer, step and the
+    backward). ``device`` is where the attention runs (the ranges stay on the CPU regardless). Read-only.
+    """
+    del device  # flex_attn accepts host ranges for device tensors
+    return _host_ranges(tuple(tuple(int(x) for x in p) for p in pairs))
+
+
+@functools.lru_cache(maxsize=64)
+def _host_ranges(pairs: tuple) -> torch.Tensor:
+    with torch.inference_mode(False):  # an inference tensor has no version counter for flex_attn's cache
+        return torch.tensor(pairs, dtype=torch.int32).reshape(-1, 2)
 
 
 # ---------------------------------------------------------------------------------------------------
