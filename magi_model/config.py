@@ -510,18 +510,22 @@ def _official(size: str, variant: str) -> dict:
     return {"model_config": dict(model), "runtime_config": runtime, "engine_config": engine}
 
 
+# Presets with trained weights shipped in the package (the others named tiny* are random-weight demos).
+TRAINED_PRESETS = ("tiny_trained",)
 PRESETS = ("4.5B_base", "4.5B_distill", "4.5B_distill_quant", "24B_base", "24B_distill", "24B_distill_quant",
-           "tiny", "tiny_distill", "tiny_distill_quant")
+           *dict.fromkeys(TRAINED_PRESETS + ("tiny", "tiny_random", "tiny_distill", "tiny_distill_quant")))
 
 
 def preset_dict(name: str) -> dict:
     """The config dict (official JSON layout) of a preset; a fresh copy each call."""
     if name not in PRESETS:
         raise ConfigError(f"preset: unknown name {name!r}; known: {list(PRESETS)}")
+    if name in TRAINED_PRESETS:
+        return tiny_trained_dict()
     size, _, variant = name.partition("_")
     if size in ("4.5B", "24B"):
         return _official(size, variant)
-    variant = variant or "base"
+    variant = variant.removeprefix("random").lstrip("_") or "base"
     distill = variant in ("distill", "distill_quant")
     return copy.deepcopy({
         "model_config": dict(_MODEL_TINY),
@@ -544,4 +548,4 @@ def tokens_per_chunk(cfg: MagiConfig) -> int:
 
 
 __all__ = ["ConfigError", "ModelConfig", "RuntimeConfig", "EngineConfig", "MagiConfig", "load_config", "preset",
-           "preset_dict", "PRESETS", "tokens_per_chunk"]
+           "preset_dict", "PRESETS", "TRAINED_PRESETS", "tiny_trained_dict", "tokens_per_chunk"]

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import torch
 
 from magi_model import schedule
-from magi_model.config import PRESETS, SEED_END, SEED_MIN, ConfigError, MagiConfig, load_config, preset
+from magi_model.config import PRESETS, SEED_END, SEED_MIN, TRAINED_PRESETS, ConfigError, MagiConfig, load_config, preset
 from magi_model.device import DeviceError, resolve_device
 
 PREFIX_VIDEO_FRAMES = 32  # V2V uses the first 32 frames of the prefix video (docs/magi1.md#i2v-and-v2v)
@@ -118,6 +118,26 @@ def read_video(path: str, width: int, height: int, fps: int, max_frames: int) ->
     return torch.stack([frames[i] for i in picks])
 
 
+def write_frame_strip(path: str, frames: torch.Tensor, *, every: int = 6, scale: int = 4) -> None:
+    """A PNG of every ``every``-th frame of uint8 (T, H, W, 3) side by side, each upscaled ``scale`` x
+    (nearest), with a 2 px gap -- the README's picture of a demo video."""
+    av = _av()
+    picked = frames[::every]
+    big = picked.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)  # (n, sH, sW, 3)
+    n, H, W, _ = big.shape
+    gap = 2
+    canvas = torch.full((H, n * W + (n - 1) * gap, 3), 255, dtype=torch.uint8)
+    for i in range(n):
+        canvas[:, i * (W + gap):i * (W + gap) + W] = big[i]
+    with av.open(path, mode="w", format="image2") as c:
+        stream = c.add_stream("png", rate=1)
+        stream.width, stream.height, stream.pix_fmt = canvas.shape[1], canvas.shape[0], "rgb24"
+        for packet in stream.encode(av.VideoFrame.from_ndarray(canvas.numpy(), format="rgb24")):
+            c.mux(packet)
+        for packet in stream.encode():
+            c.mux(packet)
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -127,7 +147,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config_file", help="MAGI-1 config.json (used unchanged)")
     src.add_argument("--preset", choices=[n for n in PRESETS if n.startswith("tiny")],
-                     help="random-weight demo configuration (no downloads)")
+                     help="demo configuration, no downloads: 'tiny' is the trained tiny model shipped in the "
+                     "package (docs/tiny_model.md), the others use random weights")
     p.add_argument("--mode", choices=("t2v", "i2v", "v2v"), default="t2v")
     p.add_argument("--prompt", action="append", help="text prompt; repeat for chunk-wise prompts (one per 24 frames)")
     p.add_argument("--prompts_file", help="several requests, one per line: a prompt, or a JSON list of chunk-wise "
@@ -143,6 +164,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--check_weights", action="store_true",
                    help="scan every DiT and VAE weight for NaN/inf before generating (names the tensor and file)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--frames_png", default=None, help="also write a PNG strip of every 6th frame (upscaled 4x)")
     p.add_argument("--cp_size", type=int, default=None, help="context-parallel ranks (default: engine_config.cp_size)")
     p.add_argument("--pp_size", type=int, default=None, help="pipeline stages (default: engine_config.pp_size)")
     p.add_argument("--cp_strategy", choices=("cp_ulysses", "cp_shuffle_overlap"), default=None,
@@ -285,7 +307,8 @@ def validate(a: argparse.Namespace) -> Job:
     cfg = preset(a.preset) if a.preset else load_config(a.config_file)
     _check_config_for_generation(cfg)
     r, m = cfg.runtime, cfg.model
-    random_weights = a.preset is not None
+    trained_tiny = a.preset in TRAINED_PRESETS
+    random_weights = a.preset is not None and not trained_tiny
     device = resolve_device(a.device, argument="device")
     seed = r.seed if a.seed is None else a.seed
     _check_seed(seed)
@@ -312,15 +335,23 @@ def validate(a: argparse.Namespace) -> Job:
     for path in request_output_paths(a.output_path, len(requests))[1:]:
         _check_writable_output(path)
 
-    tok_path = os.environ.get("SPECIAL_TOKEN_PATH", text_mod.DEFAULT_SPECIAL_TOKEN_PATH)
+    default_tokens = (text_mod.grammar_special_tokens_path(r.t5_pretrained or "") if trained_tiny
+                      else text_mod.DEFAULT_SPECIAL_TOKEN_PATH)
+    tok_path = os.environ.get("SPECIAL_TOKEN_PATH", default_tokens)
     special_tokens_path: Optional[str] = tok_path
     if random_weights and "SPECIAL_TOKEN_PATH" not in os.environ and not os.path.isfile(tok_path):
         special_tokens_path = None  # presets fall back to random tokens unless a file was asked for
     else:
         text_mod.load_special_tokens(tok_path)  # small; fails here rather than after the models load
+    if a.frames_png is not None and not a.frames_png.lower().endswith(".png"):
+        raise CLIError(f"frames_png: must end in .png, got {a.frames_png!r}")
     if not random_weights:
         _check_weight_files(cfg)
-        if a.prompt:
+        if requests and trained_tiny:
+            enc = text_mod.load_grammar_encoder(r.t5_pretrained or "")
+            for prompt in (p for req in requests for p in req):
+                enc.tokenize(prompt)  # an unknown word fails here, naming it
+        elif a.prompt:
             text_mod.t5_folder(r.t5_pretrained or "")
 
     # Inputs that can be wrong are read now, before any large model is loaded.
@@ -398,6 +429,8 @@ def run_job(job: Job) -> dict:
     else:
         if job.random_weights:
             enc = text_mod.RandomTextEncoder(Cc, L, seed=seed)
+        elif a.preset in TRAINED_PRESETS:
+            enc = text_mod.load_grammar_encoder(r.t5_pretrained or "")
         else:
             enc = text_mod.T5TextEncoder(r.t5_pretrained or "", device=r.t5_device if torch.cuda.is_available()
                                          else "cpu", max_length=L)
@@ -415,8 +448,11 @@ def run_job(job: Job) -> dict:
             assert_finite(model.state_dict().items(), source=f"preset '{a.preset}' DiT")
             assert_finite(vae.state_dict().items(), source=f"preset '{a.preset}' VAE")
     else:
+        # The trained tiny VAE runs in fp32 on its own 32 px reference tiles; MAGI-1-VAE in bf16.
+        small = a.preset in TRAINED_PRESETS
         vae = vae_mod.load_vae(r.vae_pretrained, device=device, tile_sample_min_length=tile_frames,
-                               check_finite=a.check_weights)
+                               check_finite=a.check_weights, dtype=torch.float32 if small else torch.bfloat16,
+                               tile_sample_min_size=min(r.video_size_h, r.video_size_w) if small else vae_mod.TILE_PX)
         if par is None:
             model = load_dit(cfg, device=device, progress=not a.no_progress, check_finite=a.check_weights)
         else:
@@ -454,6 +490,7 @@ def run_job(job: Job) -> dict:
         return vae_mod.decode_latents(vae, latents, r.scale_factor, run_tiles)
 
     show = not a.no_progress and (par is None or par.is_rank0)
+    strip: list[torch.Tensor] = []  # --frames_png: the first request's frames
     try:
         if par is not None and par.layout.pp_size > 1 and len(captions) > 1:
             # Requests interleaved through the pipeline stages; one decoder for all, keyed (request, chunk).
@@ -468,8 +505,11 @@ def run_job(job: Job) -> dict:
         else:
             for i, caps in enumerate(captions):
                 if par is None:
-                    def on_chunk(_index, latents, out=writers[i]):
-                        out.write(decode(latents))
+                    def on_chunk(_index, latents, out=writers[i], keep=i == 0 and a.frames_png):
+                        frames = decode(latents)
+                        out.write(frames)
+                        if keep:
+                            strip.append(frames)
                 else:  # decode overlapped with denoising, tiles over the cp group; rank 0 writes
                     on_chunk = par.on_chunk(decode, lambda _index, frames, i=i: writers[i].write(frames))
                 generate_latents(model, cfg, caps, mode=a.mode, prefix_latent=prefix, seed=seeds[i],
@@ -481,6 +521,8 @@ def run_job(job: Job) -> dict:
             writer.close()
     if writers is None:
         return {"frames": 0, "path": None, "rank": par.layout.rank, "seconds": time.time() - t_start}
+    if strip:
+        write_frame_strip(a.frames_png, torch.cat(strip))
     info = {"frames": writers[0].frames, "expected_frames": chunks.output_frames, "path": paths[0],
             "seconds": time.time() - t_start, "random_weights": job.random_weights}
     if len(paths) > 1:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 import os
 import re
 import urllib.parse
@@ -250,6 +251,36 @@ class GrammarTextEncoder(torch.nn.Module):
         return emb[0].float().cpu(), mask[0].float().cpu()
 
 
+GRAMMAR_ENCODER_FILE = "grammar_encoder.safetensors"
+GRAMMAR_TOKENS_FILE = "special_tokens.npz"
+
+
+def grammar_special_tokens_path(folder: str) -> str:
+    """The special tokens the grammar encoder was trained with (``special_tokens.npz`` next to it)."""
+    return os.path.join(folder, GRAMMAR_TOKENS_FILE)
+
+
+def load_grammar_encoder(folder: str) -> GrammarTextEncoder:
+    """The trained :class:`GrammarTextEncoder` of ``folder/grammar_encoder.safetensors`` (its vocabulary
+    and sizes are in the file's metadata)."""
+    path = os.path.join(folder, GRAMMAR_ENCODER_FILE)
+    if not os.path.isfile(path):
+        raise TextError(f"t5_pretrained: {folder!r} has no {GRAMMAR_ENCODER_FILE} (the tiny model's text encoder)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        enc = GrammarTextEncoder(json.loads(meta["vocab"]), int(meta["dim"]), int(meta["max_length"]),
+                                 int(meta["max_words"]))
+        enc.load_state_dict(state, strict=True)
+    except Exception as e:  # safetensors / json / key errors: name the file
+        raise TextError(f"t5_pretrained: cannot load the grammar text encoder {path} ({type(e).__name__}: {e})") \
+            from None
+    return enc.eval()
+
+
 def _read_tensor_file(path: str) -> Mapping:
     """The tensors of a ``.safetensors`` / ``.npz`` / torch file, never unpickling arbitrary objects:
     safetensors and npz (``allow_pickle=False``) hold only arrays, torch files are read with
@@ -362,5 +393,6 @@ def build_captions(prompts: Sequence[tuple[torch.Tensor, torch.Tensor]], *, num_
                     nm[None].expand(num_chunks, -1).clone())
 
 
-__all__ = ["T5TextEncoder", "t5_folder", "RandomTextEncoder", "GrammarTextEncoder", "load_text_embeddings", "load_special_tokens",
+__all__ = ["T5TextEncoder", "t5_folder", "RandomTextEncoder", "GrammarTextEncoder",
+           "load_grammar_encoder", "grammar_special_tokens_path", "load_text_embeddings", "load_special_tokens",
            "random_special_tokens", "special_token_flags", "build_captions", "clean_caption", "TextError"]

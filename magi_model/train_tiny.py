@@ -42,8 +42,6 @@ from magi_model.dit import LayerNorm1p, VideoDiT, build_dit
 from magi_model.loading import save_checkpoint
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
-TEXT_FILE = "grammar_encoder.safetensors"
-TOKENS_FILE = "special_tokens.npz"
 CLIP_CHUNKS = 4  # training clips: 4 chunks of 24 frames (a V2V run of the demo reaches 4 chunks)
 
 
@@ -382,7 +380,7 @@ def save_dit_and_text(cfg: MagiConfig, model, enc, ema, params, out: str) -> Non
         save_checkpoint(model, os.path.join(out, cfg.weight_subdir))
         sd = {k: v.detach().contiguous() for k, v in enc.state_dict().items()}
         os.makedirs(os.path.join(out, "text"), exist_ok=True)
-        save_file(sd, os.path.join(out, "text", TEXT_FILE), metadata={
+        save_file(sd, os.path.join(out, "text", text_mod.GRAMMAR_ENCODER_FILE), metadata={
             "vocab": json.dumps(enc.vocab[2:]), "dim": str(enc.dim), "max_length": str(enc.max_length),
             "max_words": str(enc.max_words)})
     finally:
@@ -407,9 +405,11 @@ def save_special_tokens(dim: int, out: str) -> None:
     g = torch.Generator().manual_seed(7919)
     rows = torch.randn(102, dim, generator=g, dtype=torch.float64)
     rows = (rows / rows.norm(dim=1, keepdim=True) * 8).to(torch.float16)
-    np.savez(os.path.join(out, TOKENS_FILE), caption_token=rows[0:1].numpy(), logo_token=rows[1:2].numpy(),
+    os.makedirs(os.path.join(out, "text"), exist_ok=True)
+    path = text_mod.grammar_special_tokens_path(os.path.join(out, "text"))
+    np.savez(path, caption_token=rows[0:1].numpy(), logo_token=rows[1:2].numpy(),
              other_tokens=rows[2:].numpy())
-    check = text_mod.load_special_tokens(os.path.join(out, TOKENS_FILE))
+    check = text_mod.load_special_tokens(path)
     assert all(torch.equal(check[k], tok[k]) for k in tok), "special tokens file differs from the stand-ins"
 
 
