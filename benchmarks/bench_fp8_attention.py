@@ -182,7 +182,7 @@ def _tiny_models(device: str):
     from magi_model.config import MagiConfig, preset_dict
 
     def cfg(dtype):
-        d = preset_dict("tiny")
+        d = preset_dict("tiny_random")
         d["model_config"].update(params_dtype=dtype, caption_max_length=64, caption_channels=96)
         return MagiConfig.from_dict(d)
 

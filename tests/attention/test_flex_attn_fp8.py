@@ -156,7 +156,7 @@ def test_tiny_dit_attention_precision_fp8():
     from magi_model import build_dit
     from magi_model.config import MagiConfig, preset_dict
 
-    d = preset_dict("tiny")
+    d = preset_dict("tiny_random")
     d["model_config"].update(num_layers=2, caption_max_length=64, caption_channels=96)
     model = build_dit(MagiConfig.from_dict(d), seed=1)
     x, t = torch.randn(1, 16, 12, 8, 8), torch.rand(1, 2)

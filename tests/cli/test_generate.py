@@ -32,7 +32,7 @@ def t2v_video(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cli") / "t2v.mp4")
     # A real subprocess once: the documented command line, with nothing but the repo on the path.
     env = dict(os.environ, PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, "-m", "magi_model.generate", "--preset", "tiny", "--mode", "t2v",
+    r = subprocess.run([sys.executable, "-m", "magi_model.generate", "--preset", "tiny_random", "--mode", "t2v",
                         "--prompt", "a red ball", "--output_path", out, "--no_progress"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -42,7 +42,7 @@ def t2v_video(tmp_path_factory):
 
 def test_t2v(t2v_video):
     frames, rate = read_back(t2v_video)
-    r = preset_dict("tiny")["runtime_config"]
+    r = preset_dict("tiny_random")["runtime_config"]
     assert len(frames) == chunk_plan(r["num_frames"]).output_frames == 48
     assert frames[0].shape == (r["video_size_h"], r["video_size_w"], 3) and rate == r["fps"]
 
@@ -101,13 +101,13 @@ def test_output_folder_is_created(tmp_path):
 
 
 def test_bad_config_file(tmp_path, capsys):
-    d = preset_dict("tiny")
+    d = preset_dict("tiny_random")
     d["runtime_config"]["video_size_h"] = 100  # not a multiple of 16
     p = tmp_path / "cfg.json"
     p.write_text(json.dumps(d))
     assert generate.main(["--config_file", str(p), "--prompt", "x", "--output_path", str(tmp_path / "o.mp4")]) == 2
     assert "video_size_h must be a positive multiple of 16" in capsys.readouterr().err
-    d = preset_dict("tiny")
+    d = preset_dict("tiny_random")
     d["runtime_config"]["load"] = str(tmp_path / "nowhere")
     d["runtime_config"]["vae_pretrained"] = str(tmp_path / "vae")
     p.write_text(json.dumps(d))

@@ -24,7 +24,7 @@ from tests.distributed._count import count_collectives
 REL_TOL = 1e-5  # fp32 model: relative L2 error of the latents
 
 
-def tiny_cfg(name="tiny", **runtime) -> MagiConfig:
+def tiny_cfg(name="tiny_random", **runtime) -> MagiConfig:
     d = preset_dict(name)
     d["model_config"]["params_dtype"] = "torch.float32"
     # 64x64 video, 48 frames -> 2 latent chunks of 6 frames x 16 tokens; 4 steps (window 4): 5 DiT steps
@@ -52,7 +52,7 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def check_generation(rank, world, seed, *, cp, pp, strategy, name="tiny"):
+def check_generation(rank, world, seed, *, cp, pp, strategy, name="tiny_random"):
     cfg = tiny_cfg(name)
     layout = make_layout(cp, pp, strategy, "cpu")
     model = build_stage_dit(cfg, layout, seed=seed)

@@ -10,7 +10,7 @@ import pytest
 from tests.distributed._launch import REPO, free_port, worker_env
 
 PROMPT = "a red fox running through snow"
-ARGS = ["--preset", "tiny", "--mode", "t2v", "--no_progress"]
+ARGS = ["--preset", "tiny_random", "--mode", "t2v", "--no_progress"]
 SEED = 1234
 
 

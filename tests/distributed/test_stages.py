@@ -28,7 +28,7 @@ def test_stage_layers_are_contiguous_and_cover_the_model():
 
 @pytest.mark.parametrize("num_shards", [1, 3])
 def test_stage_loads_only_its_keys_from_the_checkpoint(tmp_path, num_shards):
-    cfg = preset("tiny")
+    cfg = preset("tiny_random")
     full = build_dit(cfg, seed=3)
     save_checkpoint(full, str(tmp_path), num_shards=num_shards)
     ref = load_dit(cfg, checkpoint_dir=str(tmp_path), progress=False).state_dict()
@@ -47,7 +47,7 @@ def test_stage_loads_only_its_keys_from_the_checkpoint(tmp_path, num_shards):
 
 
 def test_random_stage_weights_equal_the_full_models():
-    cfg = preset("tiny")
+    cfg = preset("tiny_random")
     full = build_dit(cfg, seed=7).state_dict()
     layout = ParallelLayout(cp_size=1, pp_size=2, cp_strategy="none", rank=1, device=torch.device("cpu"))
     m = build_stage_dit(cfg, layout, seed=7)
@@ -57,7 +57,7 @@ def test_random_stage_weights_equal_the_full_models():
 
 
 def test_layout_rules():
-    cfg = preset("tiny")  # 4 heads, 2 kv groups, 4 layers
+    cfg = preset("tiny_random")  # 4 heads, 2 kv groups, 4 layers
     assert check_layout(cfg, 4, cp_size=4, pp_size=1) == (4, 1, "cp_ulysses")
     assert check_layout(cfg, 6, cp_size=3, pp_size=2, cp_strategy="cp_shuffle_overlap")[2] == "cp_shuffle_overlap"
     with pytest.raises(ParallelConfigError, match="cp_size must divide them; got 3"):

@@ -12,7 +12,7 @@ from ._reference import reference_forward
 
 
 def _tiny(layers=1):
-    d = preset_dict("tiny")
+    d = preset_dict("tiny_random")
     d["model_config"].update(params_dtype="torch.float32", num_layers=layers, caption_max_length=16,
                              caption_channels=32, ffn_hidden_size=128)
     return MagiConfig.from_dict(d)

@@ -63,7 +63,7 @@ CONFIG_ROWS = [
 @pytest.mark.parametrize("section, field, value, message", CONFIG_ROWS,
                          ids=[f"{r[1]}={r[2]!r}" for r in CONFIG_ROWS])
 def test_bad_config_field(section, field, value, message, tmp_path):
-    d = preset_dict("tiny")
+    d = preset_dict("tiny_random")
     d[section][field] = value
     with pytest.raises(ConfigError) as e:
         MagiConfig.from_dict(d)
@@ -76,7 +76,7 @@ def test_bad_config_field(section, field, value, message, tmp_path):
 
 
 def test_integral_floats_are_accepted_as_integers():
-    d = preset_dict("tiny")
+    d = preset_dict("tiny_random")
     d["runtime_config"]["fps"] = 24.0  # JSON writers may emit 24.0
     assert MagiConfig.from_dict(d).runtime.fps == 24
 
@@ -104,7 +104,7 @@ def test_bad_device(device, message):
 @pytest.mark.skipif(HAS_CUDA, reason="checks the message for a machine without CUDA")
 def test_build_dit_on_cuda_without_cuda():
     with pytest.raises(DeviceError, match="device: 'cuda' requested but"):
-        build_dit("preset:tiny", device="cuda")
+        build_dit("preset:tiny_random", device="cuda")
     with pytest.raises(DeviceError, match="device: 'cuda' requested but"):
         V.build_vae(V.TINY_DDCONFIG, device="cuda")
 
@@ -147,7 +147,7 @@ CORRUPTIONS = [_truncate, _random_bytes, _huge_header, _empty]
 
 @pytest.fixture(scope="module")
 def tiny_cfg():
-    d = preset_dict("tiny")  # smaller still: only the file handling is under test
+    d = preset_dict("tiny_random")  # smaller still: only the file handling is under test
     d["model_config"].update(num_layers=3, caption_channels=32, caption_max_length=16, ffn_hidden_size=256)
     return MagiConfig.from_dict(d)
 

@@ -11,7 +11,7 @@ from ._reference import reference_forward
 
 
 def tiny(dtype="torch.float32", *, glu=False, distill=False, fp8=False, layers=3):
-    d = preset_dict("tiny_distill_quant" if fp8 else ("tiny_distill" if distill else "tiny"))
+    d = preset_dict("tiny_distill_quant" if fp8 else ("tiny_distill" if distill else "tiny_random"))
     m = d["model_config"]
     m.update(params_dtype=dtype, num_layers=layers, caption_max_length=64, caption_channels=96, ffn_hidden_size=256)
     if glu:  # 24B structure: SwiGLU, duplicated latent channels, x_rescale_factor

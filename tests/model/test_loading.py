@@ -11,7 +11,7 @@ from magi_model.config import MagiConfig, preset_dict
 from magi_model.loading import CheckpointError, checkpoint_files, weight_dir
 
 
-def small(name="tiny", **model):
+def small(name="tiny_random", **model):
     d = preset_dict(name)
     d["model_config"].update(num_layers=3, caption_max_length=32, caption_channels=64, ffn_hidden_size=256, **model)
     return d
@@ -27,7 +27,7 @@ def mapped_ranges(path):
     return out
 
 
-@pytest.mark.parametrize("name,subdir", [("tiny", "inference_weight"), ("tiny_distill", "inference_weight.distill"),
+@pytest.mark.parametrize("name,subdir", [("tiny_random", "inference_weight"), ("tiny_distill", "inference_weight.distill"),
                                          ("tiny_distill_quant", "inference_weight.fp8.distill")])
 @pytest.mark.parametrize("shards", [1, 3])
 def test_round_trip_official_layout(tmp_path, name, subdir, shards):

@@ -12,7 +12,7 @@ from magi_model.pipeline import Captions, ChunkSampler, generate_latents, initia
 L, CC = 16, 8  # small caption tensors for the fake model
 
 
-def small_cfg(name="tiny", num_frames=48, num_steps=8, **model):
+def small_cfg(name="tiny_random", num_frames=48, num_steps=8, **model):
     d = preset_dict(name)
     d["runtime_config"].update(video_size_h=32, video_size_w=32, num_frames=num_frames, num_steps=num_steps)
     d["model_config"].update(model)
@@ -52,7 +52,7 @@ class FakeDiT:
 
 
 def test_cfg3_passes_cache_writer_stagger_and_mixing():
-    cfg = small_cfg("tiny")  # 48 frames -> 2 chunks; 8 steps, window 4 -> 2 steps per stage, 5 stages
+    cfg = small_cfg("tiny_random")  # 48 frames -> 2 chunks; 8 steps, window 4 -> 2 steps per stage, 5 stages
     c1, c2, c3 = 3.0, 2.0, 0.5  # velocities of: text+context, context (null text), unconditional
 
     def value(call, j):
@@ -159,7 +159,7 @@ def test_sampler_argument_errors():
 
 def test_real_tiny_dit_chunkwise_prompts_are_causal_and_deterministic():
     """Chunk 1's prompt must not change chunk 0 (block-causal attention, per-chunk cross-attention)."""
-    cfg = small_cfg("tiny", num_steps=4, num_layers=2, caption_max_length=L, caption_channels=CC)
+    cfg = small_cfg("tiny_random", num_steps=4, num_layers=2, caption_max_length=L, caption_channels=CC)
     model = build_dit(cfg, seed=3)
     a = captions(2, seed=1)
     null, nmask = model.null_caption(2)
@@ -173,7 +173,7 @@ def test_real_tiny_dit_chunkwise_prompts_are_causal_and_deterministic():
     assert (va[:, :, 6:] - vb[:, :, 6:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_distill"])
+@pytest.mark.parametrize("name", ["tiny_random", "tiny_distill"])
 def test_cached_kv_of_a_finished_chunk_is_its_clean_self_only_forward(name):
     """Chunk 0's cache entry = a standalone forward of its final latents at clean_t, null caption, seeing
     only itself -- with the null-text adaLN row for base models (the 2nd CFG pass writes), the
@@ -190,7 +190,7 @@ def test_cached_kv_of_a_finished_chunk_is_its_clean_self_only_forward(name):
     out = sampler.run(initial_noise(cfg, 12, 0), progress=False)
     ref = KVCache.for_model(model, sampler.n_tok)
     model(out[:, :, :6], torch.full((1, 1), cfg.runtime.clean_t), null[:, :1], nmask[:, :1],
-          caption_dropout=name == "tiny", distill_dt=cfg.distill_dt, kv_cache=ref, key_windows=[1],
+          caption_dropout=name == "tiny_random", distill_dt=cfg.distill_dt, kv_cache=ref, key_windows=[1],
           update_kv_cache=True)
     n = sampler.n_tok
     for got, want in zip(sampler.kv_cache.buffers, ref.buffers):
@@ -198,6 +198,6 @@ def test_cached_kv_of_a_finished_chunk_is_its_clean_self_only_forward(name):
     # The other adaLN row gives a different cache: the check above does tell the passes apart.
     other = KVCache.for_model(model, sampler.n_tok)
     model(out[:, :, :6], torch.full((1, 1), cfg.runtime.clean_t), null[:, :1], nmask[:, :1],
-          caption_dropout=name != "tiny", distill_dt=cfg.distill_dt, kv_cache=other, key_windows=[1],
+          caption_dropout=name != "tiny_random", distill_dt=cfg.distill_dt, kv_cache=other, key_windows=[1],
           update_kv_cache=True)
     assert (other.buffers[1][:, :n] - ref.buffers[1][:, :n]).abs().max() > 1e-3
