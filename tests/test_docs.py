@@ -153,7 +153,8 @@ def markdown_files() -> list[Path]:
 
 
 def test_docs_pages_exist():
-    pages = ("architecture.md", "attention.md", "distributed.md", "fp8.md", "magi1.md", "planner.md", "testing.md")
+    pages = ("architecture.md", "attention.md", "distributed.md", "fp8.md", "magi1.md", "planner.md", "testing.md",
+             "tiny_model.md")
     for name in ("README.md",) + pages:
         assert (REPO / "docs" / name).is_file(), f"docs/{name} is missing"
     index = (REPO / "docs" / "README.md").read_text(encoding="utf-8")
