@@ -5,9 +5,10 @@ meta device (their stored dtypes: fp8 / bf16 / fp32), split into pipeline stages
 cache is the buffer ``magi_model.dit.KVCache`` allocates. The activation peak is a live-tensor model
 of one forward (what is alive at each point of ``TransformerLayer.forward``), for two implementations:
 
-- ``"magi_model"``: this package's DiT as written (``TransformerLayer.forward`` keeps its intermediate
-  tensors alive until it returns, and SwiGLU is formed with fp32 temporaries). Checked against a
-  measurement on CPU (``tests/model/test_plan.py``).
+- ``"magi_model"``: this package's DiT as written (``TransformerLayer.forward`` drops each
+  intermediate after its last use; SwiGLU in fp32 row blocks of bounded size; the non-fp8 output
+  projection in fp32 as MAGI-1's autocast region). Checked against a measurement on CPU
+  (``tests/model/test_plan.py``).
 - ``"magi1"``: MAGI-1's reference code path: fused ``silu_and_mul``, attention-block temporaries
   freed before the MLP. This is what MAGI-1's published hardware recommendations were made with.
 """
@@ -21,7 +22,7 @@ import math
 import torch
 
 from magi_model.config import MagiConfig
-from magi_model.dit import build_dit, fp8_layer_ids
+from magi_model.dit import SWIGLU_BLOCK_BYTES, build_dit, fp8_layer_ids
 from magi_model.parallel.layout import stage_layers  # the split the multi-GPU DiT uses
 from magi_model.plan.workload import Forward, T5_XXL, t5_params
 from magi_model.vae import MAGI1_DDCONFIG, ViTVAE
@@ -142,24 +143,28 @@ def activation_phases(cfg: MagiConfig, fwd: Forward, *, cp: int = 1, implementat
     # rows and four fp32 (tokens, H) intermediates; the GPU kernels keep them in registers.
     ref_temps = {"post-norm reference temporaries": tl * H * (a + 4 * 4)} if reference_ops else {}
     if implementation == "magi_model":
-        # TransformerLayer.forward keeps its locals (pre-norm, q, k, v, attention outputs, projection)
-        # until it returns; the K/V concatenation lives only inside the self-attention call.
-        if glu:
-            mlp_peak = tl * (f1 * a + 3 * Fh * 4)  # fc1 out + silu(a) fp32 + b fp32 + product fp32
-        else:
-            mlp_peak = tl * max(H * a + f1 * a, 2 * f1 * a)
-        if fp8_layer:
-            mlp_peak = max(mlp_peak, tl * (H * a + H + f1 * a))  # norm out + fp8 copy + fc1 out
-        held = {**forward_wide, **layer_base, **attn_out, **proj_out, **post}
+        # TransformerLayer.forward drops every intermediate after its last use: q / k / v after the
+        # self-attention, the pre-norm after the cross q, both attention outputs once stacked, the
+        # projection after the post-norm. The K/V concatenation lives only inside the self-attention call.
+        fp8_copy = 1 if fp8_layer else 0  # fp8 linears quantize their input (1 byte per element)
+        if glu:  # silu_and_mul: fp32 row blocks (block in, silu out, product) next to fc1 out and the result
+            block_rows = min(tl, max(1, SWIGLU_BLOCK_BYTES // (4 * Fh)))
+            act = tl * (f1 * a + Fh * a) + 3 * block_rows * Fh * 4
+        else:  # GELU: fc1 out and its activation
+            act = tl * 2 * f1 * a
+        mlp_peak = max(tl * (H * (a + fp8_copy) + f1 * a),  # pre-norm (+ fp8 copy) and fc1 out
+                       act,
+                       tl * (Fh * (a + fp8_copy) + H * a))  # activation (+ fp8 copy) and fc2 out
         phases = [
             Phase("embedding", embedding),
             Phase("attention", {**forward_wide, **layer_base, **kv, "attention lse fp32": tot * (nh // cp) * 4,
                                 "self-attention out": attn_out["self-attention out"]}),
-            Phase("output projection", {**forward_wide, **layer_base, **attn_out,
-                                        "proj input stacked": tl * proj_in * a, **proj}),
-            Phase("attention post-norm", {**held, **ref_temps}),
-            Phase("mlp", {**held, "mlp transient peak": mlp_peak}),
-            Phase("mlp post-norm", {**held, "mlp out": tl * H * a, "layer out": tl * H * a, **ref_temps}),
+            Phase("cross-attention", {**forward_wide, "pre-norm": layer_base["pre-norm"], **attn_out}),
+            Phase("output projection", {**forward_wide, "proj input stacked": tl * proj_in * a, **proj}),
+            Phase("attention post-norm", {**forward_wide, **proj_out, **post, **ref_temps}),
+            Phase("mlp", {**forward_wide, **post, "mlp transient peak": mlp_peak}),
+            Phase("mlp post-norm", {**forward_wide, **post, "mlp out": tl * H * a, "layer out": tl * H * a,
+                                    **ref_temps}),
         ]
     else:
         mlp = {"pre-norm": tl * H * a, "fc1 out": tl * f1 * a, "activation out": tl * Fh * a, "fc2 out": tl * H * a}
@@ -171,8 +176,11 @@ def activation_phases(cfg: MagiConfig, fwd: Forward, *, cp: int = 1, implementat
         ]
     if cp > 1:  # Ulysses all-to-all: the sequence-sharded copy of q / kv / out is alive next to the head-sharded one
         a2a = tot * (nh // cp) * d * a
-        for ph in phases[1:3]:
-            ph.parts["all-to-all buffer"] = a2a
+        # this package's layer drops the head-sharded copies inside the attention call
+        around = ("attention",) if implementation == "magi_model" else ("attention", "output projection")
+        for ph in phases:
+            if ph.name in around:
+                ph.parts["all-to-all buffer"] = a2a
     return phases
 
 
