@@ -11,8 +11,9 @@ a video of structured noise -- it demonstrates the machinery, not the model.
 Repeat ``--prompt`` for chunk-wise prompting (prompt i conditions chunk i of 24 frames; the last
 one continues). ``--text_embeddings FILE`` replaces T5 with precomputed features.
 ``--prompts_file FILE`` generates several videos (requests), one per line, each as a separate run
-with the same seed would, written to ``<output>_<i>.mp4``. Under torchrun with ``pp_size > 1`` the requests go through the
-pipeline stages interleaved so that no stage idles (docs/distributed.md#several-requests).
+with the same seed would, written to ``<output>_<i>.mp4``. Under torchrun with ``pp_size > 1`` the
+requests go through the pipeline stages interleaved so that no stage idles
+(docs/distributed.md#several-requests).
 Environment variables as MAGI-1: SPECIAL_TOKEN_PATH, PAD_* / NEG_PROMPT (special tokens; PAD_HQ and
 PAD_DURATION default to on as in MAGI-1's run.sh), prev_chunks_scale (distill blend, 0.7).
 Chunks are decoded and appended to the mp4 (H.264, yuv420p, fps from the config) as they finish.
