@@ -1,0 +1,116 @@
+"""Static performance budgets of the hot loops, read from SASS compiled on this machine (no GPU).
+
+One representative config per kernel family (flex_attn forward, the two backward kernels, fp8_gemm) is
+compiled for sm_90 and sm_89 in a subprocess without TRITON_INTERPRET; its hot loop's issued instructions
+per MMA FLOP must stay within today's measurement plus a small slack (a regression fails), and, when
+Triton's tutorials are available (``MAGI_ANCHORS_DIR``), so must its ratio against the matching tutorial
+kernel compiled in the same run. The structure targets of docs/kernel_structure.md are printed by the tool,
+not enforced here. The parser itself is tested on hand-written SASS first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from magi_kernels.tools.sass import hot_loop, hot_loop_stats, mma_flops_per_warp, parse_sass
+
+REPO = Path(__file__).resolve().parents[2]
+ANCHORS = os.environ.get("MAGI_ANCHORS_DIR")
+
+# config key -> (instr/kFLOP budget, ratio budget or None without an anchor). Measured with Triton 3.9
+# (docs/kernel_structure.md) plus ~5% slack.
+BUDGETS = {
+    "flex_attn_fwd[sm90 bf16 D=128 BM=128 BN=64 w8 s3]": (0.89, 1.87),
+    "flex_attn_fwd[sm89 bf16 D=128 BM=128 BN=64 w8 s2]": (1.18, 1.16),
+    "flex_attn_bwd_dq[sm90 bf16 D=128 BM=64 BN=32 w4 s2]": (0.75, None),
+    "flex_attn_bwd_dq[sm89 bf16 D=128 BM=64 BN=32 w4 s2]": (1.37, None),
+    "flex_attn_bwd_dkdv[sm90 bf16 D=128 BM=32 BN=64 w8 s2]": (1.10, None),
+    "flex_attn_bwd_dkdv[sm89 bf16 D=128 BM=64 BN=64 w8 s2]": (1.00, None),
+    "fp8_gemm[sm90 large 128x128x128 w8 s4 tma tensor div16 out=bf16]": (0.29, 1.85),
+    "fp8_gemm[sm89 large 128x128x64 w8 s4 tensor div16 out=bf16]": (1.73, 1.25),
+}
+
+_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64] ;
+        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+.L_x_1:
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0040*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0050*/                   BAR.SYNC 0x1, 0x100 ;
+        /*0060*/                   NOP ;
+        /*0070*/              @P0 BRA `(.L_x_1) ;
+        /*0080*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0090*/              @P1 BRA `(.L_x_0) ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_parser_picks_the_innermost_mma_loop_and_counts_it():
+    instrs = parse_sass(_SASS)
+    assert [i.op for i in instrs][:3] == ["MOV", "LDGSTS", "BAR"] and instrs[1].label == ".L_x_0"
+    assert hot_loop(instrs) == (3, 7)  # .L_x_1 .. its BRA, not the outer loop that also holds an MMA
+    st = hot_loop_stats(_SASS, "ttg.local_alloc : () -> !ttg.memdesc<3x64x128xbf16, #shared>\n")
+    assert (st.mma_per_iter, st.issued) == (1, 4)  # NOP excluded
+    assert st.mma_flops == 2 * 64 * 128 * 16 // 4  # one warp's quarter of a warpgroup MMA
+    assert st.cta_barriers == 0  # a named barrier with a thread count is not CTA-wide
+    assert st.wgmma_wait == 1 and st.pipeline_buffers == 3 and st.loads == () and not st.warp_specialized
+    outer = parse_sass(_SASS)
+    assert mma_flops_per_warp(outer[8]) == 2 * 16 * 8 * 16
+    # The outer loop alone: a CTA barrier and cp.async.
+    no_inner = _SASS.replace("@P0 BRA `(.L_x_1)", "NOP")
+    st = hot_loop_stats(no_inner, "ttg.warp_specialize")
+    assert st.cta_barriers == 1 and st.loads == ("cp.async",) and st.warp_specialized and st.mma_per_iter == 2
+    assert hot_loop_stats("        /*0000*/   EXIT ;\n", "") is None
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("sass") / "rows.json"
+    script = ("import json, sys\nfrom magi_kernels.tools.aot_check import structure_report\n"
+              "rows = structure_report(json.loads(sys.argv[1]), sys.argv[2] or None)\n"
+              "open(sys.argv[3], 'w').write(json.dumps(rows))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    anchors = ANCHORS if ANCHORS and os.path.isdir(ANCHORS) else ""
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(list(BUDGETS)), anchors, str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]
+    return {r["kernel"]: r for r in json.loads(out.read_text())}
+
+
+def test_hot_loop_instructions_per_mma_flop_within_budget(report):
+    over = []
+    for key, (budget, _) in BUDGETS.items():
+        row = report[key]
+        assert row["mma/iter"], f"{key}: no hot loop with tensor-core instructions found"
+        if row["instr/kFLOP"] > budget:
+            over.append(f"{key}: {row['instr/kFLOP']} issued instructions per kFLOP > budget {budget}")
+    assert not over, "\n".join(over)
+
+
+@pytest.mark.skipif(not (ANCHORS and os.path.isdir(ANCHORS)),
+                    reason="MAGI_ANCHORS_DIR is not set to a directory holding Triton's tutorials "
+                           "03-matrix-multiplication.py, 06-fused-attention.py and 09-persistent-matmul.py")
+def test_ratio_against_tutorial_kernels_within_budget(report):
+    anchors = {r["kernel"]: r for r in report.values() if r["kernel"][:3] in ("03 ", "06 ", "09 ")}
+    assert all("Error" not in k for k in anchors), f"an anchor failed to compile: {list(anchors)}"
+    ws_attn = [r for k, r in anchors.items() if k.startswith("06 ") and r["arch"] == "sm_90"]
+    assert ws_attn and ws_attn[0]["ws"] and ws_attn[0]["CTA bars"] == 0, "06's Hopper kernel is warp-specialized"
+    over = []
+    for key, (_, budget) in BUDGETS.items():
+        if budget is None:
+            continue
+        ratio = report[key]["ratio"]
+        assert ratio is not None, f"{key}: no ratio (anchor {report[key]['anchor']} has no hot loop?)"
+        if ratio > budget:
+            over.append(f"{key}: ratio {ratio} vs {report[key]['anchor']} > budget {budget}")
+    assert not over, "\n".join(over)
