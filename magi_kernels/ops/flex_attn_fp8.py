@@ -51,6 +51,9 @@ def check(c: FlexAttnFp8Call) -> None:
     """Metadata rules (no device sync). Range values are checked in ``build_args``."""
     check_qkv(c.q, c.k, c.v, OP)
     check_scalars(c.softmax_scale, c.softcap, OP)
+    if c.softmax_scale is not None and c.softmax_scale <= 0:
+        # the kernels take row maxima of the unscaled dot products, which needs a positive scale
+        fail(OP, "softmax_scale", f"must be > 0 for fp8 attention, got {c.softmax_scale!r}")
     check_ranges_meta(OP, c.q_ranges, c.k_ranges, c.attn_type_map, c.q.device)
     if torch.is_grad_enabled():
         for name, t in (("q", c.q), ("k", c.k), ("v", c.v)):

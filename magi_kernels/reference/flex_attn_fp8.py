@@ -10,19 +10,21 @@ changes is where values are rounded to e4m3fn (round-to-nearest-even, |x| <= 448
     kc           = k[tile n, kh] - mean_k[kh];  sk = max(amax|kc|, floor) / 448;  k8 = e4m3(kc / sk)
     v8           = e4m3(v / sv)
     sq           = max(amax|q[tile m, h]|, floor) / 448;  q8 = e4m3(q / sq)
-    t            = (q8 . k8) * (sq * mul * sk) + (q . mean_k) * mul            mul = scale*log2(e), or scale/c
-    s2           = t, or tanh(t) * c * log2(e) with softcap c                  (log2-domain score)
+    u            = (q8 . k8) * (sq * mul * sk);  qm = (q . mean_k) * mul       mul = scale*log2(e), or scale/c
+    s2           = u, or tanh(u + qm) * c * log2(e) with softcap c             (log2-domain score)
+                   (without softcap the row max of u is taken as max(q8 . k8) * (sq * mul * sk): scale > 0)
 
 then, over the visited k tiles of the q tile in the kernel's order (the plan's: FULL tiles, then PARTIAL
 ones), an online softmax whose P is quantized against its per-row bound 1 (scale 1/448):
 
     m' = max(m, rowmax s2);  p = exp2(s2 - m' + log2 448);  l = l * 2^(m - m') + sum p
     acc = acc * 2^(m - m') + e4m3(p) . v8
-    out = acc / l * sv;  lse = (m + log2(l) - log2 448) * ln 2
+    out = acc / l * sv;  lse = (m + qm + log2(l) - log2 448) * ln 2              (no softcap; with it, no qm)
 
-Subtracting mean_k from every key shifts each row's scores by the same q . mean_k, which the add-back term
-restores exactly (fp32), so this approximates flex attention of the unquantized inputs; the test suite
-bounds how closely (tests/attention/test_flex_attn_fp8.py) and benchmarks/bench_fp8_attention.py reports it.
+Subtracting mean_k from every key shifts each row's scores by the same q . mean_k: softmax ignores it, and the
+add-back term qm (fp32, unquantized q) restores it in the lse (and inside tanh under softcap), so this
+approximates flex attention of the unquantized inputs; the test suite bounds how closely
+(tests/attention/test_flex_attn_fp8.py) and benchmarks/bench_fp8_attention.py reports it.
 The order of tiles matters only through P's rounding (each tile's P is rounded against the running max).
 """
 
@@ -116,16 +118,22 @@ def flex_attn_fp8_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_range
         for e in plan.q_tile_entries(m):
             n = e.k_tile
             kt, vt = k8[n][kv_head], v8[n][kv_head]  # [Hq, bn, D]
-            t = (q8 @ kt.transpose(1, 2)) * (score_mul * sk[n][kv_head][:, None, None]) + qm[..., None]
-            s2 = torch.tanh(t) * cap_out if softcap > 0 else t
-            s2 = s2.masked_fill(~vis[:, n * block_n:(n + 1) * block_n], float("-inf"))
-            m_new = torch.maximum(m_i, s2.amax(-1))
+            s = q8 @ kt.transpose(1, 2)
+            tile_mul = score_mul * sk[n][kv_head][:, None, None]  # > 0
+            if softcap > 0:
+                s = torch.tanh(s * tile_mul + qm[..., None]) * cap_out
+            s = s.masked_fill(~vis[:, n * block_n:(n + 1) * block_n], float("-inf"))
+            tile_max = s.amax(-1) if softcap > 0 else s.amax(-1) * tile_mul[..., 0]  # max(s * c) = max(s) * c, c > 0
+            m_new = torch.maximum(m_i, tile_max)
             m_use = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
+            s2 = s if softcap > 0 else s * tile_mul
             p = torch.exp2(s2 - (m_use - LOG2_QMAX)[..., None])
             alpha = torch.exp2(m_i - m_use)
             l_i = l_i * alpha + p.sum(-1)
             acc = acc * alpha[..., None] + e4m3_round(p) @ vt
             m_i = m_new
+        if softcap <= 0:
+            m_i = m_i + qm  # the per-row smoothing shift, which the softmax itself ignores
         seen = l_i > 0
         l_safe = torch.where(seen, l_i, torch.ones_like(l_i))
         out[rows] = (acc / l_safe[..., None] * sv[kv_head][:, None, :]).transpose(0, 1)

@@ -132,6 +132,8 @@ def test_op_backends_agree_and_reject_bad_input():
     torch.testing.assert_close(li, lt, atol=0.02, rtol=0.0)
     with pytest.raises(ValueError, match="softcap"):
         flex_attn_fp8_func(q, k, v, *rng, softcap=-1.0)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        flex_attn_fp8_func(q, k, v, *rng, softmax_scale=-0.1)
     with pytest.raises(ValueError, match="forward only"):
         flex_attn_fp8_func(q.float().requires_grad_(), k.float(), v.float(), *rng)
     with pytest.raises(registry.BackendUnavailable, match="head_dim"):

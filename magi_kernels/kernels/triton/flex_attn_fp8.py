@@ -12,9 +12,10 @@ Design (docs/fp8_attention.md explains the accuracy side):
   The attention kernel quantizes its Q tile in the prologue (one scale per [BLOCK_M, D] tile and q head),
   so Q is read once and never stored in fp8.
 * Smoothing subtracts the same vector from every key, so ``q . k_j`` changes by ``q . mean_k``, the same
-  for all keys of a row: softmax is unchanged. The kernel adds ``q . mean_k`` (fp32, from the unquantized
-  q) back to every score, so the scores, the softcap input and the returned lse are those of the
-  unsmoothed K: lse keeps flex_attn's convention and ``merge_attn_states`` combines fp8 and bf16 pieces.
+  for all keys of a row: softmax is unchanged, so the loop runs on the smoothed scores. The kernel adds
+  ``q . mean_k`` (fp32, from the unquantized q) back once per row into the lse (and, under softcap, into
+  every score before tanh), so the returned lse keeps flex_attn's convention and ``merge_attn_states``
+  combines fp8 and bf16 pieces.
 * P is quantized per row against its exact bound: after subtracting the running row max, P <= 1, so the
   per-row scale is the constant 1/448, folded into the exponent (``p = exp2(s2 - m + log2 448)``). The row
   sum l is taken in fp32 on the same 448-scaled P, so the factor cancels in ``out = acc / l`` and costs
@@ -113,22 +114,31 @@ def _fp8_fwd_tile(acc, m_i, l_i, q8, qm, score_mul, k8_ptr, v8t_ptr, k_scale_ptr
     k8 = tl.load(k8_ptr + (kh * padded + cols)[:, None] * HEAD_DIM + offs_d[None, :])
     v8t = tl.load(v8t_ptr + (kh * HEAD_DIM + offs_d)[:, None] * padded + cols[None, :])
     sk = tl.load(k_scale_ptr + kh * k_tiles + n)
-    # score_mul = sq * (scale * log2 e) without softcap, sq * (scale / c) with it; qm is q . mean_k times
-    # the same factor: the unsmoothed score in one FFMA per element.
-    t = tl.dot(q8, tl.trans(k8)) * (score_mul * sk) + qm[:, None]
+    # mul = score_mul * sk > 0: sq * sk * (scale * log2 e) without softcap, sq * sk * (scale / c) with it; qm is
+    # q . mean_k times the same factor. Without softcap qm is constant along the row, so the softmax runs on the
+    # smoothed scores (m, P and l do not change under a per-row shift) and qm enters only the lse. There the
+    # row max is taken on the raw dot products and scaled once per row (mul > 0), so each score costs one FFMA
+    # (s * mul - m) before exp2. The softcap needs the unsmoothed, scaled score inside tanh.
+    s = tl.dot(q8, tl.trans(k8))
+    mul = score_mul * sk
     if SOFTCAP:
-        s2 = _tanh(t) * cap_out
-    else:
-        s2 = t
+        s = _tanh(s * mul + qm[:, None]) * cap_out
     if MASKED:
         vis = _slice_mask(slices_ptr, mask_slices_ptr, j0, j1, offs_m[:, None], cols[None, :])
-        s2 = tl.where(vis, s2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s2, 1))
+        s = tl.where(vis, s, float("-inf"))
+    if SOFTCAP:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * mul)
     if MASKED:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet: exp2 gives 0
     else:
         m_use = m_new
-    p = tl.exp2(s2 - (m_use - _LOG2_QMAX)[:, None])  # 448 * exp2(s2 - m): P's fp8 scale, folded
+    # 448 * exp2(s2 - m): P's fp8 scale, folded into the exponent
+    if SOFTCAP:
+        p = tl.exp2(s - (m_use - _LOG2_QMAX)[:, None])
+    else:
+        p = tl.exp2(s * mul - (m_use - _LOG2_QMAX)[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, EXACT_E4M3), tl.trans(v8t))
@@ -182,6 +192,8 @@ def _flex_attn_fp8_fwd_kernel(q_ptr, k8_ptr, v8t_ptr, k_scale_ptr, v_scale_ptr, 
     l_safe = tl.where(seen, l_i, 1.0)
     sv = tl.load(v_scale_ptr + kh * HEAD_DIM + offs_d)
     out = acc / l_safe[:, None] * sv[None, :]
+    if not SOFTCAP:
+        m_i = m_i + qm  # the smoothing shift, back into the lse
     lse = tl.where(seen, (m_i + tl.log2(l_safe) - _LOG2_QMAX) * 0.6931471805599453, float("-inf"))
     tl.store(out_ptr + rows64[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])
