@@ -12,7 +12,7 @@ in the interpreter; timings are taken only on a CUDA device (otherwise none are 
 
 ``--sass`` compiles the fp8 forward kernel and the bf16 flex_attn forward at the same tile for sm_89 and
 sm_90, finds the FULL-tile loop (the first loop holding tensor-core instructions) in the SASS and prints its
-issued instructions per MMA FLOP, and their ratio (fp8 / bf16; the issue's budget is 0.6).
+issued instructions per MMA FLOP, and their ratio (fp8 / bf16; the target is <= 0.6, docs/fp8_attention.md).
 """
 
 from __future__ import annotations
