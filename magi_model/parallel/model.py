@@ -6,8 +6,11 @@ rank runs the same sampler (same seeds, same schedule), and each DiT forward is 
 - stage 0 embeds, keeps its cp rank's tokens and runs its layers; stage s > 0 receives the hidden
   states from stage s - 1 (same cp rank), runs its layers, and sends them on;
 - the last stage gathers the tokens across its cp group, applies the final norm / linear /
-  unpatchify, and broadcasts the velocity to the other stages (the first stage integrates; every
-  rank keeps the latents in step so any of them can write the video);
+  unpatchify, and sends the velocity point to point to the first stage (same cp rank), which
+  integrates it and decodes / writes the video. Stages in between get a zero velocity: they never
+  read the latents (their input is the received hidden states), so their copy of ``x`` just stays
+  put; only first-stage ranks (and the last stage, which has the real velocity) hold the video's
+  latents;
 - :meth:`ParallelDiT.forward_many` pipelines several requests: a stage sends request i's hidden
   states asynchronously and starts request i + 1 while the next stage works on i (MAGI-1's idea of
   keeping stages busy with a queue of prompts; see :mod:`magi_model.parallel.interleave`).
@@ -168,11 +171,17 @@ class ParallelDiT:
         return results
 
     def _from_last_stage(self, v, geom, args) -> torch.Tensor:
+        """The velocity where it is used: sent last stage -> first stage (same cp rank), point to point."""
         L = self.layout
         x = args[0]
-        if v is None:
-            v = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        dist.broadcast(v, src=L.global_rank(L.pp_size - 1, L.cp_rank), group=L.pp_group)
+        if L.is_last_stage:
+            dist.send(v.contiguous(), dst=L.global_rank(0, L.cp_rank))
+            return v
+        v = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        if L.is_first_stage:
+            dist.recv(v, src=L.global_rank(L.pp_size - 1, L.cp_rank))
+        else:
+            v.zero_()  # a middle stage never reads the latents
         return v
 
 
