@@ -172,3 +172,13 @@ def test_tiny_dit_attention_precision_fp8():
             model(x, t, cap, mask, key_windows=[0, 1])
     rel = float((got - ref).norm() / ref.norm())
     assert 0 < rel < 0.05, rel
+
+
+def test_generate_cli_attention_precision_flag():
+    from magi_model.generate import parse_args
+
+    base = ["--preset", "tiny", "--prompt", "a cat", "--output_path", "out.mp4"]
+    assert parse_args(base).attention_precision is None  # the model's default ("default") stays
+    assert parse_args(base + ["--attention_precision", "fp8"]).attention_precision == "fp8"
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--attention_precision", "int8"])
