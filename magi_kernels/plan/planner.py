@@ -32,6 +32,11 @@ Flat int32 tensors (CSR), E entries of which P are PARTIAL:
       PARTIAL, each ascending in q tile; k_qidx[f] = q tile; the i-th PARTIAL of k tile n has partial id
       k_pent[k_pptr[n] + i] (for its mask slices).
   slices [n, 5]           (qs, qe, ks, ke, type) of the input slices (ids index this table).
+  FULL runs (forward)     q_rptr [Mt+1], r_lo [R], r_hi [R]
+      the FULL entries of q tile m as maximal runs of consecutive k tiles: runs r in [q_rptr[m], q_rptr[m+1]),
+      run r covers k tiles [r_lo[r], r_hi[r]), in entry order. Derived from q_ptr/q_nfull/q_kidx (one copy for
+      both planners): with them the kernel's FULL loop walks k tiles by an affine index, which Triton's
+      software pipeliner can prefetch one stage deeper than an index it must first load from the plan.
 
 Only PARTIAL entries carry mask pointers, so a plan is about 2E int32 (the 24B 720p 4-chunk window at
 128x128 has E = 285k entries, about 1,000 of them PARTIAL).
@@ -51,7 +56,8 @@ import torch
 
 PLAN_KEYS_Q = ("q_ptr", "q_nfull", "q_kidx", "q_pptr", "p_mptr", "mask_slices")
 PLAN_KEYS_K = ("k_ptr", "k_nfull", "k_qidx", "k_pptr", "k_pent")
-PLAN_KEYS = ("slices",) + PLAN_KEYS_Q + PLAN_KEYS_K
+PLAN_KEYS_RUNS = ("q_rptr", "r_lo", "r_hi")
+PLAN_KEYS = ("slices",) + PLAN_KEYS_Q + PLAN_KEYS_K + PLAN_KEYS_RUNS
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -313,6 +319,22 @@ def native_planner():
     return getattr(getattr(mod, "host", None), "plan_attention", None) if mod is not None else None
 
 
+def full_runs(q_ptr, q_nfull, q_kidx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q_rptr, r_lo, r_hi): each q tile's FULL entries as maximal runs of consecutive k tiles (module docstring)."""
+    q_ptr, q_nfull, q_kidx = (np.asarray(a, dtype=np.int64) for a in (q_ptr, q_nfull, q_kidx))
+    nt = q_nfull.shape[0]
+    tile = np.repeat(np.arange(nt), q_nfull)  # q tile of each FULL entry, in entry order
+    first = np.repeat(q_ptr[:-1] - np.concatenate([[0], np.cumsum(q_nfull)[:-1]]), q_nfull)
+    k = q_kidx[first + np.arange(tile.shape[0])]  # FULL entries are the first q_nfull[m] of tile m
+    starts = np.ones(k.shape[0], dtype=bool)
+    starts[1:] = (tile[1:] != tile[:-1]) | (k[1:] != k[:-1] + 1)
+    at = np.nonzero(starts)[0]
+    ends = np.append(at[1:], k.shape[0])[:at.shape[0]] - 1  # last entry of each run (none without FULL tiles)
+    counts = np.bincount(tile[at], minlength=nt)
+    q_rptr = np.concatenate([[0], np.cumsum(counts)])
+    return tuple(np.ascontiguousarray(a, dtype=np.int32) for a in (q_rptr, k[at], k[ends] + 1))
+
+
 def build_plan(qr: np.ndarray, kr: np.ndarray, ty: np.ndarray, total_q: int, total_k: int, block_m: int = 128,
                block_n: int = 128, planner: str = "auto") -> AttnPlan:
     """Plan from validated host arrays, uncached. ``planner``: "auto" (native if built), "native", "python"."""
@@ -331,6 +353,9 @@ def build_plan(qr: np.ndarray, kr: np.ndarray, ty: np.ndarray, total_q: int, tot
     tensors = {"slices": torch.from_numpy(np.concatenate([qr, kr, ty[:, None]], axis=1).astype(np.int32))}
     for k in PLAN_KEYS_Q + PLAN_KEYS_K:
         tensors[k] = torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.int32))
+    runs = full_runs(arrays["q_ptr"], arrays["q_nfull"], arrays["q_kidx"])
+    for k, a in zip(PLAN_KEYS_RUNS, runs):
+        tensors[k] = torch.from_numpy(a)
     return AttnPlan(int(block_m), int(block_n), int(total_q), int(total_k), tensors, used)
 
 
@@ -378,5 +403,5 @@ def clear_cache() -> None:
         _STATS.update(hits=0, misses=0)
 
 
-__all__ = ["AttnPlan", "PlanEntry", "build_plan", "get_plan", "plan_attention", "cache_info", "clear_cache",
+__all__ = ["AttnPlan", "PlanEntry", "build_plan", "full_runs", "get_plan", "plan_attention", "cache_info", "clear_cache",
            "native_planner"]

@@ -255,7 +255,7 @@ def _attention_anchor(arch: int, head_dim: int, num_warps: int, num_stages: int)
     warp-specialized at 128x128 (device-side TMA descriptors, 4 warps, 3 stages); elsewhere 128x64 at our
     config's warps and stages."""
     ws = arch == 90
-    bm, bn = (128, 128) if ws else (128, 64)
+    bm, bn = (128, min(128, head_dim)) if ws else (128, 64)  # 06 asserts BLOCK_N <= HEAD_DIM
     warps, stages = (4, 3) if ws else (num_warps, num_stages)
     sig = (("sm_scale", "fp32"), ("M", "*fp32"), ("Z", "i32"), ("H", "i32"), ("desc_q", "*fp16"),
            ("desc_k", "*fp16"), ("desc_v", "*fp16"), ("desc_o", "*fp16"), ("N_CTX", "i32"))

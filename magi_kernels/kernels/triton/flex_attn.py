@@ -135,7 +135,7 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stri
 
 @triton.jit(do_not_specialize=["total_q", "total_k", "groups", "q_heads"])
 def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_start_ptr, q_nfull_ptr, q_kidx_ptr, q_pstart_ptr,
-                          p_mstart_ptr, mask_slices_ptr, slices_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                          q_rstart_ptr, run_lo_ptr, run_hi_ptr, p_mstart_ptr, mask_slices_ptr, slices_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                           stride_vt, stride_vh, stride_ot, stride_oh, q_heads, total_q, total_k, groups,
                           qk_scale: tl.float32, cap_in: tl.float32, cap_out: tl.float32, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr):
@@ -156,11 +156,13 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_start_ptr, q_
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for e in range(e0, e_mid):
-        n = tl.load(q_kidx_ptr + e)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt,
-                                  stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, 0, 0, qk_scale, cap_in, cap_out,
-                                  BLOCK_N, False, SOFTCAP)
+    # FULL tiles by runs of consecutive k tiles: an affine tile index lets the pipeliner prefetch one stage deeper
+    # than an index loaded from the plan (docs/kernel_structure.md). Same tiles, same order as the entry list.
+    for r in range(tl.load(q_rstart_ptr + m), tl.load(q_rstart_ptr + m + 1)):
+        for n in range(tl.load(run_lo_ptr + r), tl.load(run_hi_ptr + r)):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh,
+                                      stride_vt, stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, 0, 0, qk_scale,
+                                      cap_in, cap_out, BLOCK_N, False, SOFTCAP)
     for e in range(e_mid, e1):
         n = tl.load(q_kidx_ptr + e)
         j0 = tl.load(p_mstart_ptr + p0 + e)
@@ -452,6 +454,7 @@ PLAN_ARGS = {
     "q_start_ptr": "q_ptr", "q_nfull_ptr": "q_nfull", "q_kidx_ptr": "q_kidx", "q_pstart_ptr": "q_pptr",
     "k_start_ptr": "k_ptr", "k_nfull_ptr": "k_nfull", "k_qidx_ptr": "k_qidx", "k_pstart_ptr": "k_pptr",
     "k_pent_ptr": "k_pent", "p_mstart_ptr": "p_mptr", "mask_slices_ptr": "mask_slices", "slices_ptr": "slices",
+    "q_rstart_ptr": "q_rptr", "run_lo_ptr": "r_lo", "run_hi_ptr": "r_hi",
 }
 _FP32_ARGS = ("lse_ptr", "dlse_ptr", "lse2_ptr", "delta_ptr")
 # Every pointer and every token/head stride is compiled as a multiple of 16; the launcher guarantees it.

@@ -1,0 +1,39 @@
+"""The plan's FULL runs (q_rptr, r_lo, r_hi): each q tile's FULL entries as maximal runs of consecutive k tiles,
+which the Triton forward walks by an affine tile index instead of reading q_kidx per tile."""
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from magi_kernels.plan import build_plan, native_planner
+from magi_kernels.plan.planner import full_runs
+
+from ._helpers import slice_layouts
+
+PLANNERS = ["python"] + (["native"] if native_planner() is not None else [])
+
+
+@settings(max_examples=150, deadline=None)
+@given(layout=slice_layouts(max_tokens=300, max_slices=12), bm=st.sampled_from([1, 4, 16, 64]),
+       bn=st.sampled_from([1, 5, 16, 64]), planner=st.sampled_from(PLANNERS))
+def test_runs_expand_to_exactly_the_full_entries_and_are_maximal(layout, bm, bn, planner):
+    qr, kr, ty, tq, tk = layout
+    t = {k: v.numpy() for k, v in build_plan(qr, kr, ty, tq, tk, bm, bn, planner=planner).tensors.items()}
+    assert t["q_rptr"].shape == t["q_ptr"].shape and t["q_rptr"][0] == 0
+    for m in range(t["q_nfull"].shape[0]):
+        e0 = t["q_ptr"][m]
+        want = t["q_kidx"][e0:e0 + t["q_nfull"][m]].tolist()
+        runs = list(range(t["q_rptr"][m], t["q_rptr"][m + 1]))
+        got = [n for r in runs for n in range(t["r_lo"][r], t["r_hi"][r])]
+        assert got == want, (m, got, want)
+        assert all(t["r_lo"][r] < t["r_hi"][r] for r in runs)  # no empty run
+        assert all(t["r_hi"][a] != t["r_lo"][b] for a, b in zip(runs, runs[1:]))  # maximal: no two could merge
+
+
+def test_runs_of_hand_made_entry_lists():
+    # tile 0: FULL 3,4,5,7 then a PARTIAL 9; tile 1: none; tile 2: FULL 0 and 2.
+    q_ptr, q_nfull, q_kidx = [0, 5, 5, 7], [4, 0, 2], [3, 4, 5, 7, 9, 0, 2]
+    q_rptr, lo, hi = full_runs(q_ptr, q_nfull, q_kidx)
+    assert q_rptr.tolist() == [0, 2, 2, 4] and lo.tolist() == [3, 7, 0, 2] and hi.tolist() == [6, 8, 1, 3]
+    q_rptr, lo, hi = full_runs([0, 0], [0], [])
+    assert q_rptr.tolist() == [0, 0] and lo.size == 0 and hi.size == 0
+    assert all(a.dtype == np.int32 for a in (q_rptr, lo, hi))
