@@ -37,6 +37,9 @@ Flat int32 tensors (CSR), E entries of which P are PARTIAL:
       run r covers k tiles [r_lo[r], r_hi[r]), in entry order. Derived from q_ptr/q_nfull/q_kidx (one copy for
       both planners): with them the kernel's FULL loop walks k tiles by an affine index, which Triton's
       software pipeliner can prefetch one stage deeper than an index it must first load from the plan.
+  launch order (forward, dQ) q_order [Mt]
+      q tiles heaviest first (FULL entries + 2 x PARTIAL entries, ties by tile index): program i of a q-major
+      kernel works on q tile q_order[i], so the long tiles start first and the launch ends on short ones.
 
 Only PARTIAL entries carry mask pointers, so a plan is about 2E int32 (the 24B 720p 4-chunk window at
 128x128 has E = 285k entries, about 1,000 of them PARTIAL).
@@ -56,7 +59,7 @@ import torch
 
 PLAN_KEYS_Q = ("q_ptr", "q_nfull", "q_kidx", "q_pptr", "p_mptr", "mask_slices")
 PLAN_KEYS_K = ("k_ptr", "k_nfull", "k_qidx", "k_pptr", "k_pent")
-PLAN_KEYS_RUNS = ("q_rptr", "r_lo", "r_hi")
+PLAN_KEYS_RUNS = ("q_rptr", "r_lo", "r_hi", "q_order")
 PLAN_KEYS = ("slices",) + PLAN_KEYS_Q + PLAN_KEYS_K + PLAN_KEYS_RUNS
 
 
@@ -335,6 +338,14 @@ def full_runs(q_ptr, q_nfull, q_kidx) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return tuple(np.ascontiguousarray(a, dtype=np.int32) for a in (q_rptr, k[at], k[ends] + 1))
 
 
+def heaviest_first(q_ptr, q_nfull) -> np.ndarray:
+    """q tiles ordered by descending work, FULL entries + 2 x PARTIAL entries (a PARTIAL tile also builds its
+    mask); ties keep tile order. int32 [Mt]."""
+    q_ptr, q_nfull = np.asarray(q_ptr, dtype=np.int64), np.asarray(q_nfull, dtype=np.int64)
+    work = 2 * (q_ptr[1:] - q_ptr[:-1]) - q_nfull
+    return np.argsort(-work, kind="stable").astype(np.int32)
+
+
 def build_plan(qr: np.ndarray, kr: np.ndarray, ty: np.ndarray, total_q: int, total_k: int, block_m: int = 128,
                block_n: int = 128, planner: str = "auto") -> AttnPlan:
     """Plan from validated host arrays, uncached. ``planner``: "auto" (native if built), "native", "python"."""
@@ -353,7 +364,8 @@ def build_plan(qr: np.ndarray, kr: np.ndarray, ty: np.ndarray, total_q: int, tot
     tensors = {"slices": torch.from_numpy(np.concatenate([qr, kr, ty[:, None]], axis=1).astype(np.int32))}
     for k in PLAN_KEYS_Q + PLAN_KEYS_K:
         tensors[k] = torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.int32))
-    runs = full_runs(arrays["q_ptr"], arrays["q_nfull"], arrays["q_kidx"])
+    runs = full_runs(arrays["q_ptr"], arrays["q_nfull"], arrays["q_kidx"]) + (
+        heaviest_first(arrays["q_ptr"], arrays["q_nfull"]),)
     for k, a in zip(PLAN_KEYS_RUNS, runs):
         tensors[k] = torch.from_numpy(a)
     return AttnPlan(int(block_m), int(block_n), int(total_q), int(total_k), tensors, used)
@@ -403,5 +415,5 @@ def clear_cache() -> None:
         _STATS.update(hits=0, misses=0)
 
 
-__all__ = ["AttnPlan", "PlanEntry", "build_plan", "full_runs", "get_plan", "plan_attention", "cache_info", "clear_cache",
+__all__ = ["AttnPlan", "PlanEntry", "build_plan", "full_runs", "heaviest_first", "get_plan", "plan_attention", "cache_info", "clear_cache",
            "native_planner"]

@@ -5,7 +5,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from magi_kernels.plan import build_plan, native_planner
-from magi_kernels.plan.planner import full_runs
+from magi_kernels.plan.planner import full_runs, heaviest_first
 
 from ._helpers import slice_layouts
 
@@ -37,3 +37,20 @@ def test_runs_of_hand_made_entry_lists():
     q_rptr, lo, hi = full_runs([0, 0], [0], [])
     assert q_rptr.tolist() == [0, 0] and lo.size == 0 and hi.size == 0
     assert all(a.dtype == np.int32 for a in (q_rptr, lo, hi))
+
+
+@settings(max_examples=100, deadline=None)
+@given(layout=slice_layouts(max_tokens=300, max_slices=12), bm=st.sampled_from([1, 4, 16, 64]),
+       bn=st.sampled_from([1, 5, 16, 64]), planner=st.sampled_from(PLANNERS))
+def test_launch_order_is_a_permutation_heaviest_first(layout, bm, bn, planner):
+    qr, kr, ty, tq, tk = layout
+    t = {k: v.numpy() for k, v in build_plan(qr, kr, ty, tq, tk, bm, bn, planner=planner).tensors.items()}
+    order = t["q_order"].tolist()
+    assert sorted(order) == list(range(t["q_nfull"].shape[0]))
+    n_entries = np.diff(t["q_ptr"])
+    work = [2 * int(n_entries[m]) - int(t["q_nfull"][m]) for m in order]  # FULL + 2 x PARTIAL
+    assert all(a > b or (a == b and i < j) for (a, i), (b, j) in zip(zip(work, order), zip(work[1:], order[1:])))
+
+
+def test_launch_order_puts_partial_heavy_tiles_first():
+    assert heaviest_first([0, 1, 4, 6, 6], [1, 3, 0, 0]).tolist() == [2, 1, 0, 3]  # work 1, 3, 4, 0

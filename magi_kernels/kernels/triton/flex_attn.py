@@ -16,6 +16,9 @@ Design:
   whose mask is rebuilt in registers as the OR over the tile's few slices of
   ``qs <= r < qe and lo(r) <= c < hi(r)``. So the hot loop is the unmasked one (tutorial 06's
   two-loop idea, generalised to arbitrary slice unions), and no fully-masked tile is ever touched.
+  The forward walks FULL tiles as the plan's runs of consecutive k tiles, an affine index the pipeliner
+  prefetches one stage deeper than one loaded per tile; q-major kernels take their q tile from the plan's
+  heaviest-first launch order (docs/kernel_structure.md).
 * Scores live in the log2 domain: scale * log2(e) is folded into one multiply so the softmax uses
   exp2 (one MUFU.EX2 per score); lse is converted back to natural log at the end.
 * GQA maps q head h to kv head h // G in the address computation: K/V are never repeated.
@@ -134,12 +137,13 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stri
 
 
 @triton.jit(do_not_specialize=["total_q", "total_k", "groups", "q_heads"])
-def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_start_ptr, q_nfull_ptr, q_kidx_ptr, q_pstart_ptr,
-                          q_rstart_ptr, run_lo_ptr, run_hi_ptr, p_mstart_ptr, mask_slices_ptr, slices_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_start_ptr, q_nfull_ptr, q_kidx_ptr,
+                          q_pstart_ptr, q_rstart_ptr, run_lo_ptr, run_hi_ptr, p_mstart_ptr, mask_slices_ptr, slices_ptr,
+                          stride_qt, stride_qh, stride_kt, stride_kh,
                           stride_vt, stride_vh, stride_ot, stride_oh, q_heads, total_q, total_k, groups,
                           qk_scale: tl.float32, cap_in: tl.float32, cap_out: tl.float32, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr):
-    m = tl.program_id(0)
+    m = tl.load(q_order_ptr + tl.program_id(0))  # heaviest q tiles first (the plan's launch order)
     h = tl.program_id(1)
     kh = h // groups
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -292,14 +296,14 @@ def _bwd_dq_walk(q, do, lse2, delta, k_ptr, v_ptr, q_kidx_ptr, p_mstart_ptr, e0,
 
 
 @triton.jit(do_not_specialize=["total_q", "total_k", "groups", "q_heads", "has_dlse"])
-def _flex_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dlse_ptr, lse2_ptr, delta_ptr, dq_ptr, q_start_ptr,
-                             q_nfull_ptr, q_kidx_ptr, q_pstart_ptr, p_mstart_ptr, mask_slices_ptr, slices_ptr,
+def _flex_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dlse_ptr, lse2_ptr, delta_ptr, dq_ptr, q_order_ptr,
+                             q_start_ptr, q_nfull_ptr, q_kidx_ptr, q_pstart_ptr, p_mstart_ptr, mask_slices_ptr, slices_ptr,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                              stride_dqt, stride_dqh, q_heads, total_q, total_k, groups, has_dlse,
                              softmax_scale: tl.float32, qk_scale: tl.float32, cap_in: tl.float32, cap_out: tl.float32,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                              SOFTCAP: tl.constexpr):
-    m = tl.program_id(0)
+    m = tl.load(q_order_ptr + tl.program_id(0))  # heaviest q tiles first (the plan's launch order)
     h = tl.program_id(1)
     kh = h // groups
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -454,7 +458,7 @@ PLAN_ARGS = {
     "q_start_ptr": "q_ptr", "q_nfull_ptr": "q_nfull", "q_kidx_ptr": "q_kidx", "q_pstart_ptr": "q_pptr",
     "k_start_ptr": "k_ptr", "k_nfull_ptr": "k_nfull", "k_qidx_ptr": "k_qidx", "k_pstart_ptr": "k_pptr",
     "k_pent_ptr": "k_pent", "p_mstart_ptr": "p_mptr", "mask_slices_ptr": "mask_slices", "slices_ptr": "slices",
-    "q_rstart_ptr": "q_rptr", "run_lo_ptr": "r_lo", "run_hi_ptr": "r_hi",
+    "q_rstart_ptr": "q_rptr", "run_lo_ptr": "r_lo", "run_hi_ptr": "r_hi", "q_order_ptr": "q_order",
 }
 _FP32_ARGS = ("lse_ptr", "dlse_ptr", "lse2_ptr", "delta_ptr")
 # Every pointer and every token/head stride is compiled as a multiple of 16; the launcher guarantees it.
