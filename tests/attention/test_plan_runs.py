@@ -1,5 +1,6 @@
 """The plan's FULL runs (q_rptr, r_lo, r_hi): each q tile's FULL entries as maximal runs of consecutive k tiles,
-which the Triton forward walks by an affine tile index instead of reading q_kidx per tile."""
+which the Triton forward walks by an affine tile index instead of reading q_kidx per tile; and its launch order
+(q_order), heaviest q tile first."""
 
 import numpy as np
 from hypothesis import given, settings, strategies as st
@@ -12,12 +13,20 @@ from ._helpers import slice_layouts
 PLANNERS = ["python"] + (["native"] if native_planner() is not None else [])
 
 
-@settings(max_examples=150, deadline=None)
-@given(layout=slice_layouts(max_tokens=300, max_slices=12), bm=st.sampled_from([1, 4, 16, 64]),
-       bn=st.sampled_from([1, 5, 16, 64]), planner=st.sampled_from(PLANNERS))
-def test_runs_expand_to_exactly_the_full_entries_and_are_maximal(layout, bm, bn, planner):
+# Random slice layouts and tile shapes, through both planners.
+PLANS = dict(layout=slice_layouts(max_tokens=300, max_slices=12), bm=st.sampled_from([1, 4, 16, 64]),
+             bn=st.sampled_from([1, 5, 16, 64]), planner=st.sampled_from(PLANNERS))
+
+
+def _plan_arrays(layout, bm, bn, planner) -> dict:
     qr, kr, ty, tq, tk = layout
-    t = {k: v.numpy() for k, v in build_plan(qr, kr, ty, tq, tk, bm, bn, planner=planner).tensors.items()}
+    return {k: v.numpy() for k, v in build_plan(qr, kr, ty, tq, tk, bm, bn, planner=planner).tensors.items()}
+
+
+@settings(max_examples=150, deadline=None)
+@given(**PLANS)
+def test_runs_expand_to_exactly_the_full_entries_and_are_maximal(layout, bm, bn, planner):
+    t = _plan_arrays(layout, bm, bn, planner)
     assert t["q_rptr"].shape == t["q_ptr"].shape and t["q_rptr"][0] == 0
     for m in range(t["q_nfull"].shape[0]):
         e0 = t["q_ptr"][m]
@@ -40,11 +49,9 @@ def test_runs_of_hand_made_entry_lists():
 
 
 @settings(max_examples=100, deadline=None)
-@given(layout=slice_layouts(max_tokens=300, max_slices=12), bm=st.sampled_from([1, 4, 16, 64]),
-       bn=st.sampled_from([1, 5, 16, 64]), planner=st.sampled_from(PLANNERS))
+@given(**PLANS)
 def test_launch_order_is_a_permutation_heaviest_first(layout, bm, bn, planner):
-    qr, kr, ty, tq, tk = layout
-    t = {k: v.numpy() for k, v in build_plan(qr, kr, ty, tq, tk, bm, bn, planner=planner).tensors.items()}
+    t = _plan_arrays(layout, bm, bn, planner)
     order = t["q_order"].tolist()
     assert sorted(order) == list(range(t["q_nfull"].shape[0]))
     n_entries = np.diff(t["q_ptr"])
