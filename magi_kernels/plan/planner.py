@@ -32,7 +32,7 @@ Flat int32 tensors (CSR), E entries of which P are PARTIAL:
       PARTIAL, each ascending in q tile; k_qidx[f] = q tile; the i-th PARTIAL of k tile n has partial id
       k_pent[k_pptr[n] + i] (for its mask slices).
   slices [n, 5]           (qs, qe, ks, ke, type) of the input slices (ids index this table).
-  FULL runs (forward)     q_rptr [Mt+1], r_lo [R], r_hi [R]
+  FULL runs (fwd, dQ)     q_rptr [Mt+1], r_lo [R], r_hi [R]
       the FULL entries of q tile m as maximal runs of consecutive k tiles: runs r in [q_rptr[m], q_rptr[m+1]),
       run r covers k tiles [r_lo[r], r_hi[r]), in entry order. Derived from q_ptr/q_nfull/q_kidx (one copy for
       both planners): with them the kernel's FULL loop walks k tiles by an affine index, which Triton's
@@ -415,5 +415,5 @@ def clear_cache() -> None:
         _STATS.update(hits=0, misses=0)
 
 
-__all__ = ["AttnPlan", "PlanEntry", "build_plan", "full_runs", "heaviest_first", "get_plan", "plan_attention", "cache_info", "clear_cache",
-           "native_planner"]
+__all__ = ["AttnPlan", "PlanEntry", "build_plan", "full_runs", "heaviest_first", "get_plan", "plan_attention",
+           "cache_info", "clear_cache", "native_planner"]

@@ -420,8 +420,8 @@ def structure_rows(results: Sequence[CheckResult], anchors: dict[str, AnchorResu
     out = []
     for r in results:
         cfg = (configs or {}).get(f"{r.kernel}[{r.config}]")
-        out.append(row(f"{r.kernel}[{r.config}]" + (f" ({r.loop_error})" if r.loop_error else ""), r.arch, r.regs, r.loop, r.ratio, r.anchor,
-                       target_ratio(cfg, r.arch) if cfg else None))
+        name = f"{r.kernel}[{r.config}]" + (f" ({r.loop_error})" if r.loop_error else "")
+        out.append(row(name, r.arch, r.regs, r.loop, r.ratio, r.anchor, target_ratio(cfg, r.arch) if cfg else None))
     for a in (anchors or {}).values():
         out.append(row(a.key.rsplit(" sm_", 1)[0] + (f" ({a.error})" if a.error else ""), a.arch, a.regs, a.loop))
     return out

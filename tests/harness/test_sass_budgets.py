@@ -28,8 +28,8 @@ ANCHORS = os.environ.get("MAGI_ANCHORS_DIR")
 BUDGETS = {
     "flex_attn_fwd[sm90 bf16 D=128 BM=128 BN=64 w8 s3]": (0.86, 1.80),
     "flex_attn_fwd[sm89 bf16 D=128 BM=128 BN=64 w8 s2]": (1.09, 1.07),
-    "flex_attn_bwd_dq[sm90 bf16 D=128 BM=64 BN=32 w4 s2]": (0.75, None),
-    "flex_attn_bwd_dq[sm89 bf16 D=128 BM=64 BN=32 w4 s2]": (1.37, None),
+    "flex_attn_bwd_dq[sm90 bf16 D=128 BM=64 BN=32 w4 s2]": (0.72, None),
+    "flex_attn_bwd_dq[sm89 bf16 D=128 BM=64 BN=32 w4 s2]": (1.31, None),
     "flex_attn_bwd_dkdv[sm90 bf16 D=128 BM=32 BN=64 w8 s2]": (1.10, None),
     "flex_attn_bwd_dkdv[sm89 bf16 D=128 BM=64 BN=64 w8 s2]": (1.00, None),
     "fp8_gemm[sm90 large 128x128x128 w8 s4 tma tensor div16 out=bf16]": (0.29, 1.85),

@@ -16,7 +16,7 @@ Design:
   whose mask is rebuilt in registers as the OR over the tile's few slices of
   ``qs <= r < qe and lo(r) <= c < hi(r)``. So the hot loop is the unmasked one (tutorial 06's
   two-loop idea, generalised to arbitrary slice unions), and no fully-masked tile is ever touched.
-  The forward walks FULL tiles as the plan's runs of consecutive k tiles, an affine index the pipeliner
+  The forward and dQ kernels walk FULL tiles as the plan's runs of consecutive k tiles, an affine index the pipeliner
   prefetches one stage deeper than one loaded per tile; q-major kernels take their q tile from the plan's
   heaviest-first launch order (docs/kernel_structure.md).
 * Scores live in the log2 domain: scale * log2(e) is folded into one multiply so the softmax uses
@@ -228,9 +228,10 @@ def _bwd_delta_tile(m_i, l_i, dacc, q, do, k_ptr, v_ptr, n, offs_m, offs_d, stri
 
 
 @triton.jit
-def _bwd_delta_walk(q, do, k_ptr, v_ptr, q_kidx_ptr, p_mstart_ptr, e0, e_mid, e1, p0, offs_m, offs_d, stride_kt,
-                    stride_kh, stride_vt, stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, qk_scale, cap_in,
-                    cap_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr):
+def _bwd_delta_walk(q, do, k_ptr, v_ptr, q_kidx_ptr, p_mstart_ptr, run_lo_ptr, run_hi_ptr, r0, r1, e_mid, e1, p0,
+                    offs_m, offs_d, stride_kt, stride_kh, stride_vt, stride_vh, kh, total_k, slices_ptr,
+                    mask_slices_ptr, qk_scale, cap_in, cap_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    SOFTCAP: tl.constexpr):
     """The delta pre-pass over a q tile's k tiles: per row (lse2, sum_j P_j dP_j), lse2 = +inf where unseen.
 
     Recomputing lse here instead of converting the stored natural-log lse keeps P exact where it should be:
@@ -240,11 +241,11 @@ def _bwd_delta_walk(q, do, k_ptr, v_ptr, q_kidx_ptr, p_mstart_ptr, e0, e_mid, e1
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     dacc = tl.zeros([BLOCK_M], tl.float32)
-    for e in range(e0, e_mid):
-        n = tl.load(q_kidx_ptr + e)
-        m_i, l_i, dacc = _bwd_delta_tile(m_i, l_i, dacc, q, do, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh,
-                                         stride_vt, stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, 0, 0, qk_scale,
-                                         cap_in, cap_out, BLOCK_N, False, SOFTCAP)
+    for r in range(r0, r1):  # FULL tiles by runs (affine index), as in the forward
+        for n in range(tl.load(run_lo_ptr + r), tl.load(run_hi_ptr + r)):
+            m_i, l_i, dacc = _bwd_delta_tile(m_i, l_i, dacc, q, do, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt,
+                                             stride_kh, stride_vt, stride_vh, kh, total_k, slices_ptr, mask_slices_ptr,
+                                             0, 0, qk_scale, cap_in, cap_out, BLOCK_N, False, SOFTCAP)
     for e in range(e_mid, e1):
         n = tl.load(q_kidx_ptr + e)
         j0 = tl.load(p_mstart_ptr + p0 + e)
@@ -275,16 +276,17 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, k_ptr, v_ptr, n, offs_m, offs_d, stride
 
 
 @triton.jit
-def _bwd_dq_walk(q, do, lse2, delta, k_ptr, v_ptr, q_kidx_ptr, p_mstart_ptr, e0, e_mid, e1, p0, offs_m, offs_d,
-                 stride_kt, stride_kh, stride_vt, stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, qk_scale, cap_in,
-                 cap_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr):
+def _bwd_dq_walk(q, do, lse2, delta, k_ptr, v_ptr, q_kidx_ptr, p_mstart_ptr, run_lo_ptr, run_hi_ptr, r0, r1, e_mid,
+                 e1, p0, offs_m, offs_d, stride_kt, stride_kh, stride_vt, stride_vh, kh, total_k, slices_ptr,
+                 mask_slices_ptr, qk_scale, cap_in, cap_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr):
     """dQ / softmax_scale = sum over the q tile's k tiles of dS K."""
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for e in range(e0, e_mid):
-        n = tl.load(q_kidx_ptr + e)
-        dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt,
-                          stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, 0, 0, qk_scale, cap_in, cap_out, BLOCK_N,
-                          False, SOFTCAP)
+    for r in range(r0, r1):  # FULL tiles by runs (affine index)
+        for n in range(tl.load(run_lo_ptr + r), tl.load(run_hi_ptr + r)):
+            dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt,
+                              stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, 0, 0, qk_scale, cap_in, cap_out,
+                              BLOCK_N, False, SOFTCAP)
     for e in range(e_mid, e1):
         n = tl.load(q_kidx_ptr + e)
         j0 = tl.load(p_mstart_ptr + p0 + e)
@@ -297,7 +299,8 @@ def _bwd_dq_walk(q, do, lse2, delta, k_ptr, v_ptr, q_kidx_ptr, p_mstart_ptr, e0,
 
 @triton.jit(do_not_specialize=["total_q", "total_k", "groups", "q_heads", "has_dlse"])
 def _flex_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dlse_ptr, lse2_ptr, delta_ptr, dq_ptr, q_order_ptr,
-                             q_start_ptr, q_nfull_ptr, q_kidx_ptr, q_pstart_ptr, p_mstart_ptr, mask_slices_ptr, slices_ptr,
+                             q_start_ptr, q_nfull_ptr, q_kidx_ptr, q_pstart_ptr, q_rstart_ptr, run_lo_ptr, run_hi_ptr,
+                             p_mstart_ptr, mask_slices_ptr, slices_ptr,
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                              stride_dqt, stride_dqh, q_heads, total_q, total_k, groups, has_dlse,
                              softmax_scale: tl.float32, qk_scale: tl.float32, cap_in: tl.float32, cap_out: tl.float32,
@@ -321,18 +324,20 @@ def _flex_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dlse_ptr, lse2_ptr, de
 
     # Pass 1, the pre-pass: the row's lse (log2 domain, recomputed online like the forward) and
     # delta = sum_j P dP = dO . O with O unrounded.
-    lse2, delta = _bwd_delta_walk(q, do, k_ptr, v_ptr, q_kidx_ptr, p_mstart_ptr, e0, e_mid, e1, p0, offs_m, offs_d,
-                                  stride_kt, stride_kh, stride_vt, stride_vh, kh, total_k, slices_ptr, mask_slices_ptr,
-                                  qk_scale, cap_in, cap_out, BLOCK_M, BLOCK_N, SOFTCAP)
+    r0 = tl.load(q_rstart_ptr + m)
+    r1 = tl.load(q_rstart_ptr + m + 1)
+    lse2, delta = _bwd_delta_walk(q, do, k_ptr, v_ptr, q_kidx_ptr, p_mstart_ptr, run_lo_ptr, run_hi_ptr, r0, r1, e_mid,
+                                  e1, p0, offs_m, offs_d, stride_kt, stride_kh, stride_vt, stride_vh, kh, total_k,
+                                  slices_ptr, mask_slices_ptr, qk_scale, cap_in, cap_out, BLOCK_M, BLOCK_N, SOFTCAP)
     dlse_ok = tl.where(has_dlse != 0, row_ok, False)  # (tl.where: the interpreter mistypes tensor & scalar)
     # A gradient flowing into lse enters delta with a minus sign (d lse / d s_j = P_j).
     delta = delta - tl.load(dlse_ptr + rows64 * q_heads + h, mask=dlse_ok, other=0.0)
     tl.store(lse2_ptr + rows64 * q_heads + h, lse2, mask=row_ok)
     tl.store(delta_ptr + rows64 * q_heads + h, delta, mask=row_ok)
     # Pass 2: dQ = scale * sum_j dS K.
-    dq = _bwd_dq_walk(q, do, lse2, delta, k_ptr, v_ptr, q_kidx_ptr, p_mstart_ptr, e0, e_mid, e1, p0, offs_m, offs_d,
-                      stride_kt, stride_kh, stride_vt, stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, qk_scale,
-                      cap_in, cap_out, BLOCK_M, BLOCK_N, HEAD_DIM, SOFTCAP)
+    dq = _bwd_dq_walk(q, do, lse2, delta, k_ptr, v_ptr, q_kidx_ptr, p_mstart_ptr, run_lo_ptr, run_hi_ptr, r0, r1, e_mid,
+                      e1, p0, offs_m, offs_d, stride_kt, stride_kh, stride_vt, stride_vh, kh, total_k, slices_ptr,
+                      mask_slices_ptr, qk_scale, cap_in, cap_out, BLOCK_M, BLOCK_N, HEAD_DIM, SOFTCAP)
     dq = dq * softmax_scale
     tl.store(dq_ptr + rows64[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
              mask=row_ok[:, None])
