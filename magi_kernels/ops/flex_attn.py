@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import threading
 import typing
 import weakref
 from typing import Optional
@@ -161,6 +162,7 @@ class _CheckedRanges:
 
     def __init__(self) -> None:
         self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
 
     @staticmethod
     def _key(tensors, total_q: int, total_k: int) -> tuple:
@@ -169,24 +171,27 @@ class _CheckedRanges:
     def get(self, q_ranges, k_ranges, attn_type_map, total_q: int, total_k: int):
         tensors = (q_ranges, k_ranges, attn_type_map)
         key = self._key(tensors, total_q, total_k)
-        hit = self._entries.get(key)
-        if hit is not None:
-            refs, versions, arrays = hit
-            if all((r is None and t is None) or (r is not None and r() is t and t._version == v)
-                   for r, t, v in zip(refs, tensors, versions)):
-                self._entries.move_to_end(key)
-                return arrays
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                refs, versions, arrays = hit
+                if all((r is None and t is None) or (r is not None and r() is t and t._version == v)
+                       for r, t, v in zip(refs, tensors, versions)):
+                    self._entries.move_to_end(key)
+                    return arrays
         arrays = check_ranges_values(OP, q_ranges, k_ranges, attn_type_map, total_q, total_k)
         if any(t is not None and t.is_inference() for t in tensors):
             return arrays  # inference tensors have no version counter: an in-place edit could not be seen
         refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
-        self._entries[key] = (refs, tuple(None if t is None else t._version for t in tensors), arrays)
-        if len(self._entries) > self.MAX_ENTRIES:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = (refs, tuple(None if t is None else t._version for t in tensors), arrays)
+            if len(self._entries) > self.MAX_ENTRIES:
+                self._entries.popitem(last=False)
         return arrays
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
 
 
 checked_ranges = _CheckedRanges()
