@@ -6,7 +6,8 @@ Two stages, because the second reads tensor values:
   tensors, so the public op runs it eagerly even while ``torch.compile`` traces.
 - :func:`check_ranges_values` copies the (small) range tensors to the host and checks bounds,
   signs and inversion. It runs inside the op, at run time, and returns the host copies the planner
-  needs anyway (so a CUDA call pays one small device-to-host copy, which planning requires).
+  needs anyway (range tensors on a GPU cost one small device-to-host copy; flex_attn keeps the result
+  per range tensor, so only the first call with a given tensor pays it).
 
 Every error names the argument and the rule (``MagiArgumentError``, a ``ValueError``).
 """
