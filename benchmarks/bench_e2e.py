@@ -149,11 +149,11 @@ def run(cfg, model, vae, device, a) -> dict:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     base = model.model if hasattr(model, "layout") else model
     timed = TimedModel(model, tokens_per_chunk(cfg), device, sync, measure_memory=not a.no_memory_profile)
-    chunks = schedule.chunk_plan(r.num_frames, chunk_width=r.chunk_width,
-                                 temporal_downsample_factor=r.temporal_downsample_factor).infer_chunk_num
+    chunks = schedule.chunk_layout(r.num_frames, chunk_width=r.chunk_width,
+                                   temporal_downsample_factor=r.temporal_downsample_factor).infer_chunk_num
     captions = _captions(cfg, base, chunks, a)
     sampler = ChunkSampler(timed, cfg, captions)
-    x = initial_noise(cfg, sampler.plan.latent_frames, a.seed, device)
+    x = initial_noise(cfg, sampler.chunk_layout.latent_frames, a.seed, device)
     decode_s = []
 
     def on_chunk(_i, lat):

@@ -188,7 +188,7 @@ class Job:
     device: torch.device
     seed: int
     random_weights: bool
-    chunks: schedule.ChunkPlan
+    chunks: schedule.ChunkLayout
     image: Optional[torch.Tensor] = None  # i2v: uint8 (H, W, 3) at the video size
     frames: Optional[torch.Tensor] = None  # v2v: uint8 (T, H, W, 3), T a multiple of the VAE's time factor
     text_embeddings: Optional[list] = None  # --text_embeddings, loaded: [(emb (L, C), mask (L,))] per prompt
@@ -371,8 +371,8 @@ def validate(a: argparse.Namespace) -> Job:
         frames = frames[:keep]
     P = {"t2v": 0, "i2v": 1}.get(a.mode) if frames is None else schedule.prefix_latent_frames(
         frames.shape[0], tile_frames=r.fps // 2, temporal_downsample_factor=r.temporal_downsample_factor)
-    chunks = schedule.chunk_plan(r.num_frames, mode=a.mode, prefix_latent_frames=P, chunk_width=r.chunk_width,
-                                 temporal_downsample_factor=r.temporal_downsample_factor)
+    chunks = schedule.chunk_layout(r.num_frames, mode=a.mode, prefix_latent_frames=P, chunk_width=r.chunk_width,
+                                   temporal_downsample_factor=r.temporal_downsample_factor)
 
     embeddings = None
     if a.text_embeddings:

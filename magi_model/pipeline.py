@@ -121,10 +121,10 @@ class ChunkSampler:
             _bad("prefix_latent", "must be None for t2v")
         self.mode, self.P = mode, P
         self.prefix = prefix_latent
-        self.plan = schedule.chunk_plan(r.num_frames, mode=mode, prefix_latent_frames=P, chunk_width=self.cw,
+        self.chunk_layout = schedule.chunk_layout(r.num_frames, mode=mode, prefix_latent_frames=P, chunk_width=self.cw,
                                         temporal_downsample_factor=r.temporal_downsample_factor)
-        if captions.num_chunks != self.plan.infer_chunk_num:
-            _bad("captions", f"must hold one caption per latent chunk ({self.plan.infer_chunk_num}), "
+        if captions.num_chunks != self.chunk_layout.infer_chunk_num:
+            _bad("captions", f"must hold one caption per latent chunk ({self.chunk_layout.infer_chunk_num}), "
                  f"got {captions.num_chunks}")
         self.captions = captions
         self.grid = schedule.time_grid(r.num_steps, shortcut_mode=e.shortcut_mode)
@@ -235,7 +235,7 @@ class ChunkSampler:
 
         Only the cache-writing pass runs (the null-text pass for base models, the single pass for
         distilled ones): MAGI-1 runs all passes here but discards their velocities."""
-        off = self.plan.chunk_offset
+        off = self.chunk_layout.chunk_offset
         if off == 0:
             return
         r = self.cfg.runtime
@@ -250,17 +250,17 @@ class ChunkSampler:
             progress: bool = True) -> torch.Tensor:
         """Denoise ``x`` (1, C, T, h8, w8) in place; returns the output latents (prefix cut for V2V)."""
         r = self.cfg.runtime
-        plan = self.plan
+        layout = self.chunk_layout
         # kv_offload (MAGI-1's pinned host cache) keeps the whole-video cache in CPU memory.
-        cache = KVCache.for_model(self.model, plan.infer_chunk_num * self.n_tok,
+        cache = KVCache.for_model(self.model, layout.infer_chunk_num * self.n_tok,
                                   device="cpu" if self.cfg.engine.kv_offload else None)
         self.kv_cache = cache  # kept for inspection (tests, debugging)
         self.pad_prefix(x, 0)
         self.fill_prefix_cache(x, cache)
-        total = schedule.total_steps(plan.infer_chunk_num, r.num_steps, r.window_size, plan.chunk_offset)
+        total = schedule.total_steps(layout.infer_chunk_num, r.num_steps, r.window_size, layout.chunk_offset)
         bar = _progress(total, progress)
         outs = []
-        for step in schedule.steps(plan.infer_chunk_num, r.num_steps, r.window_size, plan.chunk_offset):
+        for step in schedule.steps(layout.infer_chunk_num, r.num_steps, r.window_size, layout.chunk_offset):
             w = self.window(step)
             self.pad_prefix(x, w.slice_point)
             v = self.velocity(x, w, cache, step.sub_step)
@@ -317,7 +317,7 @@ def generate_latents(model: SamplerModel, config: MagiConfig, captions: Captions
     sampler = ChunkSampler(model, config, captions, mode=mode, prefix_latent=prefix_latent,
                            prev_chunks_scale=prev_chunks_scale)
     dev = model.device
-    x = initial_noise(config, sampler.plan.latent_frames, config.runtime.seed if seed is None else seed, dev)
+    x = initial_noise(config, sampler.chunk_layout.latent_frames, config.runtime.seed if seed is None else seed, dev)
     if sampler.prefix is not None:
         sampler.prefix = sampler.prefix.to(dev)
     return sampler.run(x, on_chunk=on_chunk, progress=progress)

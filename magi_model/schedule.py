@@ -157,7 +157,7 @@ def combine_cfg(uncond: torch.Tensor, cond_pre: torch.Tensor, cond_pre_and_text:
 
 
 @dataclasses.dataclass(frozen=True)
-class ChunkPlan:
+class ChunkLayout:
     infer_chunk_num: int  # chunks in the latent
     chunk_offset: int  # clean prefix chunks skipped by denoising (V2V)
     latent_frames: int  # infer_chunk_num * chunk_width
@@ -166,8 +166,8 @@ class ChunkPlan:
     output_frames: int
 
 
-def chunk_plan(num_frames: int, *, mode: str = "t2v", prefix_latent_frames: int = 0, chunk_width: int = 6,
-               temporal_downsample_factor: int = 4) -> ChunkPlan:
+def chunk_layout(num_frames: int, *, mode: str = "t2v", prefix_latent_frames: int = 0, chunk_width: int = 6,
+                 temporal_downsample_factor: int = 4) -> ChunkLayout:
     """Chunk counts and output length for T2V / I2V / V2V.
 
     I2V: P = 1 image latent; the output keeps it (num_frames 96 -> 5 chunks -> 120 frames).
@@ -187,7 +187,7 @@ def chunk_plan(num_frames: int, *, mode: str = "t2v", prefix_latent_frames: int 
     offset = p // chunk_width
     latent = chunks * chunk_width
     out_latent = latent - p if mode == "v2v" else latent
-    return ChunkPlan(chunks, offset, latent, p, out_latent, out_latent * temporal_downsample_factor)
+    return ChunkLayout(chunks, offset, latent, p, out_latent, out_latent * temporal_downsample_factor)
 
 
 def prefix_latent_frames(video_frames: int, *, tile_frames: int = 12, temporal_downsample_factor: int = 4) -> int:
@@ -199,5 +199,5 @@ def prefix_latent_frames(video_frames: int, *, tile_frames: int = 12, temporal_d
 
 
 __all__ = ["time_grid", "distill_step_size", "Stage", "window_stages", "Step", "steps", "total_steps",
-           "staggered_t", "key_window", "cfg_scales", "combine_cfg", "ChunkPlan", "chunk_plan",
+           "staggered_t", "key_window", "cfg_scales", "combine_cfg", "ChunkLayout", "chunk_layout",
            "prefix_latent_frames", "SHIFT"]

@@ -87,8 +87,8 @@ def record_forwards(cfg: MagiConfig, *, mode: str = "t2v", text_tokens: int = 64
         prefix = torch.zeros(1, cfg.model.latent_channels, 1, 2, 2)
     elif mode != "t2v":
         raise ValueError(f"plan: argument 'mode' must be 't2v' or 'i2v', got {mode!r}")
-    chunks = schedule.chunk_plan(r.num_frames, mode=mode, prefix_latent_frames=0 if prefix is None else 1,
-                                 chunk_width=r.chunk_width,
+    chunks = schedule.chunk_layout(r.num_frames, mode=mode, prefix_latent_frames=0 if prefix is None else 1,
+                                   chunk_width=r.chunk_width,
                                  temporal_downsample_factor=r.temporal_downsample_factor).infer_chunk_num
     L = cfg.model.caption_max_length
 
@@ -105,7 +105,7 @@ def record_forwards(cfg: MagiConfig, *, mode: str = "t2v", text_tokens: int = 64
     # latent arithmetic costs nothing.
     small = MagiConfig(cfg.model, dataclasses.replace(r, video_size_h=16, video_size_w=16), cfg.engine)
     sampler = ChunkSampler(model, small, caps, mode=mode, prefix_latent=prefix)
-    x = torch.zeros(1, cfg.model.latent_channels, sampler.plan.latent_frames, 2, 2)
+    x = torch.zeros(1, cfg.model.latent_channels, sampler.chunk_layout.latent_frames, 2, 2)
     sampler.run(x, progress=False)
     return model.calls
 
@@ -299,13 +299,13 @@ def build_workload(cfg: MagiConfig, *, mode: str = "t2v", text_tokens: int = 64)
     for fwd, count in Counter(fwds).items():
         total.add(forward_flops(cfg, fwd), count)
     r = cfg.runtime
-    plan = schedule.chunk_plan(r.num_frames, mode=mode, prefix_latent_frames=1 if mode == "i2v" else 0,
-                               chunk_width=r.chunk_width, temporal_downsample_factor=r.temporal_downsample_factor)
+    layout = schedule.chunk_layout(r.num_frames, mode=mode, prefix_latent_frames=1 if mode == "i2v" else 0,
+                                   chunk_width=r.chunk_width, temporal_downsample_factor=r.temporal_downsample_factor)
     h8, w8 = r.video_size_h // 8, r.video_size_w // 8
     # Each finished chunk is decoded on its own (streamed decoding, one chunk of latent frames at a time).
     per_chunk = vae_decode_flops(r.chunk_width, h8, w8)
-    return Workload(cfg, mode, text_tokens, fwds, total, per_chunk * plan.infer_chunk_num,
-                    t5_flops(cfg.model.caption_max_length), plan.infer_chunk_num, plan.latent_frames)
+    return Workload(cfg, mode, text_tokens, fwds, total, per_chunk * layout.infer_chunk_num,
+                    t5_flops(cfg.model.caption_max_length), layout.infer_chunk_num, layout.latent_frames)
 
 
 __all__ = ["Forward", "forward_of_call", "record_forwards", "Flops", "forward_flops", "layer_linear_flops", "attention_cells",

@@ -13,7 +13,7 @@ import av  # a core dependency: the CLI writes mp4 with PyAV
 
 from magi_model import generate  # noqa: E402
 from magi_model.config import preset_dict  # noqa: E402
-from magi_model.schedule import chunk_plan  # noqa: E402
+from magi_model.schedule import chunk_layout  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,7 +43,7 @@ def t2v_video(tmp_path_factory):
 def test_t2v(t2v_video):
     frames, rate = read_back(t2v_video)
     r = preset_dict("tiny_random")["runtime_config"]
-    assert len(frames) == chunk_plan(r["num_frames"]).output_frames == 48
+    assert len(frames) == chunk_layout(r["num_frames"]).output_frames == 48
     assert frames[0].shape == (r["video_size_h"], r["video_size_w"], 3) and rate == r["fps"]
 
 
@@ -59,7 +59,7 @@ def test_i2v(t2v_video, tmp_path):
     assert generate.main(["--preset", "tiny_distill", "--mode", "i2v", "--prompt", "go", "--image_path", img,
                           "--output_path", out, "--no_progress"]) == 0
     got, _ = read_back(out)
-    assert len(got) == chunk_plan(48, mode="i2v").output_frames == 72  # the image latent is output too
+    assert len(got) == chunk_layout(48, mode="i2v").output_frames == 72  # the image latent is output too
 
 
 def test_v2v_chunkwise_prompts(t2v_video, tmp_path):
@@ -68,7 +68,7 @@ def test_v2v_chunkwise_prompts(t2v_video, tmp_path):
                           "--prefix_video_path", t2v_video, "--output_path", out, "--no_progress"]) == 0
     got, _ = read_back(out)
     # 32 prefix frames -> 8 latents; ceil((12 + 8) / 6) = 4 chunks, the 8 prefix latents are not output.
-    assert len(got) == chunk_plan(48, mode="v2v", prefix_latent_frames=8).output_frames == 64
+    assert len(got) == chunk_layout(48, mode="v2v", prefix_latent_frames=8).output_frames == 64
 
 
 @pytest.mark.parametrize("args, message", [

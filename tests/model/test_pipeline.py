@@ -125,14 +125,14 @@ def test_i2v_and_v2v_prefixes():
     fake = FakeDiT(cfg, zero)
     out = generate_latents(fake, cfg, captions(2), mode="i2v", prefix_latent=img, progress=False)
     x0 = initial_noise(cfg, 12, cfg.runtime.seed)
-    assert out.shape[2] == S.chunk_plan(40, mode="i2v").output_latent_frames == 12
+    assert out.shape[2] == S.chunk_layout(40, mode="i2v").output_latent_frames == 12
     assert (out[:, :, :1] == 7).all() and torch.equal(out[:, :, 1:], x0[:, :, 1:])  # frame 0 kept (docs/magi1.md#i2v-and-v2v)
     assert all((c["x"][:, :, 0] == 7).all() for c in fake.calls if c["slice_point"] == 0)
 
     pre = torch.full((1, 16, 8, 4, 4), 5.0)
     fake = FakeDiT(cfg, zero)
     out = generate_latents(fake, cfg, captions(3, offset=1), mode="v2v", prefix_latent=pre, progress=False)
-    plan = S.chunk_plan(40, mode="v2v", prefix_latent_frames=8)
+    plan = S.chunk_layout(40, mode="v2v", prefix_latent_frames=8)
     assert (plan.infer_chunk_num, plan.chunk_offset, out.shape[2]) == (3, 1, plan.output_latent_frames)
     x0 = initial_noise(cfg, 18, cfg.runtime.seed)
     torch.testing.assert_close(out, x0[:, :, 8:])  # the prefix is not output

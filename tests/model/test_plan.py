@@ -115,7 +115,7 @@ def test_recorded_forwards_are_the_real_runs_calls():
     assert [((f.batch, f.chunks), f.slice_point, tuple(0 if w is None else w for w in f.key_windows),
              sum(f.caption_tokens)) for f in rec] == calls
     real = sum(b.nbytes for b in sampler.kv_cache.buffers if b is not None)
-    assert real == kv_cache_bytes(cfg, sampler.plan.infer_chunk_num * rec[0].chunk_tokens) > 0
+    assert real == kv_cache_bytes(cfg, sampler.chunk_layout.infer_chunk_num * rec[0].chunk_tokens) > 0
 
 
 @pytest.mark.parametrize("name", ["tiny_distill", "tiny_distill_quant", "24B_distill_quant", "4.5B_base"])

@@ -117,15 +117,15 @@ def test_cfg_scales_per_stage():
 
 
 def test_frame_counts():
-    p = S.chunk_plan(96)
+    p = S.chunk_layout(96)
     assert (p.infer_chunk_num, p.chunk_offset, p.output_frames) == (4, 0, 96)
-    p = S.chunk_plan(96, mode="i2v")
+    p = S.chunk_layout(96, mode="i2v")
     assert (p.infer_chunk_num, p.latent_frames, p.output_frames) == (5, 30, 120)
     assert S.prefix_latent_frames(32) == 8  # 12 + 12 + 8 frames -> 3 + 3 + 2 latents
-    p = S.chunk_plan(96, mode="v2v", prefix_latent_frames=8)
+    p = S.chunk_layout(96, mode="v2v", prefix_latent_frames=8)
     assert (p.infer_chunk_num, p.chunk_offset, p.output_latent_frames, p.output_frames) == (6, 1, 28, 112)
     with pytest.raises(ValueError, match="argument 'mode'"):
-        S.chunk_plan(96, mode="x2v")
+        S.chunk_layout(96, mode="x2v")
 
 
 def test_schedule_agrees_with_magi_kernels_window_mask():
