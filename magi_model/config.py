@@ -480,9 +480,10 @@ TINY_TRAINED_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "
 _MODEL_TINY_TRAINED = dict(_MODEL_4_5B, num_layers=4, hidden_size=128, ffn_hidden_size=512, num_attention_heads=4,
                            num_query_groups=2, kv_channels=32, params_dtype="torch.float32", patch_size=1,
                            caption_channels=64, caption_max_length=64)
-# VAE ddconfig: MAGI-1-VAE's structure, one block, 32 px x 12 frame reference tiles.
+# VAE ddconfig: MAGI-1-VAE's structure, one block, 32 px x 12 frame reference tiles. Width 768 so the
+# decoder unpatchifies to 768 / (4*8*8) = 3 channels before its last conv (with 1, colour is lost).
 TINY_TRAINED_VAE = {"video_size": 32, "video_length": 12, "patch_size": 8, "patch_length": 4, "in_chans": 3,
-                    "z_chans": 16, "double_z": True, "embed_dim": 256, "depth": 1, "num_heads": 4, "mlp_ratio": 2,
+                    "z_chans": 16, "double_z": True, "embed_dim": 768, "depth": 1, "num_heads": 4, "mlp_ratio": 1,
                     "qkv_bias": True, "with_cls_token": True, "ln_in_attn": True, "conv_last_layer": True,
                     "use_rope": False}
 
