@@ -71,12 +71,17 @@ def load_special_tokens(path: str) -> dict[str, torch.Tensor]:
     return _named_tokens(*arrs)
 
 
-def random_special_tokens(dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """RANDOM stand-ins with the npz's statistics (rows of norm ~8) for the tiny preset."""
+def random_special_token_rows(dim: int, seed: int = 0) -> torch.Tensor:
+    """The 102 fp16 rows (caption, logo, 100 others; norm 8) behind :func:`random_special_tokens`, in
+    the npz's order (what ``magi_model.train_tiny`` saves as the tiny model's special_tokens.npz)."""
     g = torch.Generator().manual_seed(seed + 7919)
     rows = torch.randn(102, dim, generator=g, dtype=torch.float64)
-    rows = rows / rows.norm(dim=1, keepdim=True) * 8
-    rows = rows.to(torch.float16).to(torch.float32)
+    return (rows / rows.norm(dim=1, keepdim=True) * 8).to(torch.float16)
+
+
+def random_special_tokens(dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """RANDOM stand-ins with the npz's statistics (rows of norm ~8) for the tiny preset."""
+    rows = random_special_token_rows(dim, seed).to(torch.float32)
     return _named_tokens(rows[0:1], rows[1:2], rows[2:])
 
 

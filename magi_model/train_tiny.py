@@ -403,9 +403,7 @@ def save_vae(vae: vae_mod.ViTVAE, out: str) -> None:
 def save_special_tokens(dim: int, out: str) -> None:
     """The special-token rows (random stand-ins, seed 0) in MAGI-1's special_tokens.npz layout."""
     tok = text_mod.random_special_tokens(dim, 0)
-    g = torch.Generator().manual_seed(7919)
-    rows = torch.randn(102, dim, generator=g, dtype=torch.float64)
-    rows = (rows / rows.norm(dim=1, keepdim=True) * 8).to(torch.float16)
+    rows = text_mod.random_special_token_rows(dim, 0)
     os.makedirs(os.path.join(out, "text"), exist_ok=True)
     path = text_mod.grammar_special_tokens_path(os.path.join(out, "text"))
     np.savez(path, caption_token=rows[0:1].numpy(), logo_token=rows[1:2].numpy(),
