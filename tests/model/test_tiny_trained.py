@@ -132,11 +132,12 @@ def _generate(prompts, seed, *, mode="t2v", image=None, prefix_frames=None):
         prefix = vae_mod.encode_image(vae, torch.from_numpy(image), r.scale_factor)
     elif mode == "v2v":
         prefix = vae_mod.encode_video(vae, torch.from_numpy(prefix_frames), r.scale_factor)
-    plan = schedule.chunk_plan(r.num_frames, mode=mode, prefix_latent_frames=0 if prefix is None else prefix.shape[2],
-                               chunk_width=r.chunk_width, temporal_downsample_factor=r.temporal_downsample_factor)
-    null, null_mask = dit.null_caption(plan.infer_chunk_num)
-    caps = text_mod.build_captions([enc(p) for p in prompts], num_chunks=plan.infer_chunk_num,
-                                   chunk_offset=plan.chunk_offset, null=null[0, 0], null_mask=null_mask[0, 0],
+    layout = schedule.chunk_layout(r.num_frames, mode=mode,
+                                   prefix_latent_frames=0 if prefix is None else prefix.shape[2],
+                                   chunk_width=r.chunk_width, temporal_downsample_factor=r.temporal_downsample_factor)
+    null, null_mask = dit.null_caption(layout.infer_chunk_num)
+    caps = text_mod.build_captions([enc(p) for p in prompts], num_chunks=layout.infer_chunk_num,
+                                   chunk_offset=layout.chunk_offset, null=null[0, 0], null_mask=null_mask[0, 0],
                                    special_tokens=special, flags=dict(text_mod.DEFAULT_FLAGS))
     lat = generate_latents(dit, cfg, caps, mode=mode, prefix_latent=prefix, seed=seed, progress=False)
     return vae_mod.decode_latents(vae, lat, r.scale_factor).numpy()
