@@ -336,6 +336,9 @@ def validate(a: argparse.Namespace) -> Job:
     for path in request_output_paths(a.output_path, len(requests))[1:]:
         _check_writable_output(path)
 
+    if trained_tiny and not os.path.isdir(r.load or ""):
+        raise CLIError(f"preset: '{a.preset}' needs its trained weights in {r.load}; they are not in this "
+                       f"package: make them with 'python -m magi_model.train_tiny' (docs/tiny_model.md)")
     default_tokens = (text_mod.grammar_special_tokens_path(r.t5_pretrained or "") if trained_tiny
                       else text_mod.DEFAULT_SPECIAL_TOKEN_PATH)
     tok_path = os.environ.get("SPECIAL_TOKEN_PATH", default_tokens)

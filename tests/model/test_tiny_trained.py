@@ -201,3 +201,60 @@ def test_v2v_continues_the_prefix_clip():
     c0 = det.centroids[:4][np.isfinite(det.centroids[:4]).all(axis=1)].mean(axis=0)
     assert np.abs(c0 - clip.centres[32]).max() < 4.0, (c0, clip.centres[32])
     assert P.motion_direction(det.centroids[:16]) == "down"
+
+
+# --------------------------------------------------------------------------------------------------
+# The CLI's wiring of a trained preset (folder layout, fp32 VAE, grammar encoder, --frames_png)
+
+
+def test_cli_trained_preset_without_weights_names_the_folder(tmp_path, monkeypatch, capsys):
+    from magi_model import config, generate
+
+    monkeypatch.setattr(config, "TINY_TRAINED_ASSETS", str(tmp_path / "missing"))
+    argv = ["--preset", PRESET, "--prompt", "a big red circle moves left quickly on a black background",
+            "--output_path", str(tmp_path / "o.mp4"), "--no_progress"]
+    assert generate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "needs its trained weights in" in err and "missing" in err and "train_tiny" in err
+
+
+def test_cli_runs_a_trained_preset_folder(tmp_path, monkeypatch, capsys):
+    """Weights written by train_tiny's savers (untrained values) load and generate through the CLI."""
+    from magi_model import config, generate
+    from magi_model import train_tiny as TT
+    from magi_model.config import MagiConfig
+    from magi_model.dit import build_dit
+
+    out = tmp_path / "assets"
+    monkeypatch.setattr(config, "TINY_TRAINED_ASSETS", str(out))
+    real = config.tiny_trained_dict
+
+    def fewer_steps():
+        d = real()
+        d["runtime_config"]["num_steps"] = 4
+        return d
+
+    monkeypatch.setattr(config, "tiny_trained_dict", fewer_steps)
+    cfg = MagiConfig.from_dict(fewer_steps())
+    m = cfg.model
+    dit = build_dit(cfg, seed=3)
+    enc = text_mod.GrammarTextEncoder(P.vocabulary(), m.caption_channels, m.caption_max_length)
+    params = list(dit.parameters()) + list(enc.parameters())
+    TT.save_dit_and_text(cfg, dit, enc, params, params, str(out))
+    TT.save_vae(vae_mod.build_vae(config.TINY_TRAINED_VAE, dtype=torch.float32, seed=4), str(out))
+    TT.save_special_tokens(m.caption_channels, str(out))
+    png = tmp_path / "strip.png"
+    # An unknown word is refused (exit 2, the word named) before any model is built.
+    assert generate.main(["--preset", PRESET, "--prompt", "a red fox", "--output_path",
+                          str(tmp_path / "x.mp4"), "--no_progress"]) == 2
+    assert "unknown ['fox']" in capsys.readouterr().err
+    assert generate.main(["--preset", PRESET, "--prompt", "a small blue square moves up slowly on a gray background",
+                          "--output_path", str(tmp_path / "o.mp4"), "--frames_png", str(png), "--no_progress"]) == 0
+    import av
+
+    with av.open(str(tmp_path / "o.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 48 and frames[0].shape == (32, 32, 3)
+    with av.open(str(png)) as c:
+        strip = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    assert strip.shape == (128, 8 * 128 + 7 * 2, 3)  # 8 frames (every 6th of 48), 4x, 2 px gaps
