@@ -148,8 +148,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config_file", help="MAGI-1 config.json (used unchanged)")
     src.add_argument("--preset", choices=[n for n in PRESETS if n.startswith("tiny")],
-                     help="demo configuration, no downloads: 'tiny' is the trained tiny model shipped in the "
-                     "package (docs/tiny_model.md), the others use random weights")
+                     help="demo configuration, no downloads: " + ", ".join(TRAINED_PRESETS) + " is the small "
+                     "trained model (docs/tiny_model.md; needs its weights), the others use random weights")
     p.add_argument("--mode", choices=("t2v", "i2v", "v2v"), default="t2v")
     p.add_argument("--prompt", action="append", help="text prompt; repeat for chunk-wise prompts (one per 24 frames)")
     p.add_argument("--prompts_file", help="several requests, one per line: a prompt, or a JSON list of chunk-wise "
