@@ -26,7 +26,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import magi_model.attention as model_attention
-from magi_kernels.ops.flex_attn import flex_attn_func
+import magi_model.dit as dit_module
+from magi_kernels.ops.flex_attn import checked_ranges, flex_attn_func
 from magi_kernels.plan import planner
 from magi_model import KVCache, build_dit
 
@@ -96,6 +97,16 @@ def _scope_attention_calls(monkeypatch, rec) -> list:
 
     monkeypatch.setattr(model_attention, "flex_attn_func", scoped)
     return calls
+
+
+@pytest.fixture(autouse=True)
+def _cold_range_caches():
+    """Start every test with cold caches: the DiT's host ranges and flex_attn's checked ranges are
+    process-wide, so another test in the same worker with the same window layout would otherwise have
+    done this test's "first forward" already."""
+    dit_module._host_ranges.cache_clear()
+    checked_ranges.clear()
+    yield
 
 
 def test_steady_state_chunk_forward_reads_nothing_on_the_host(monkeypatch):
