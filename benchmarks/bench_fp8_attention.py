@@ -158,24 +158,6 @@ def _captured(device: str) -> list[dict]:
     return [_compare(f"(c) tiny DiT call {i}", *c) for i, c in enumerate(captured[:4])]
 
 
-def _capture_tiny_dit(device: str):
-    import magi_model.attention as attn
-
-    calls = []
-    orig = attn.flex_attn_func
-
-    def spy(q, k, v, q_ranges, k_ranges, *a, **kw):
-        calls.append(tuple(x.detach().float().clone() for x in (q, k, v)) + (q_ranges.clone(), k_ranges.clone()))
-        return orig(q, k, v, q_ranges, k_ranges, *a, **kw)
-
-    attn.flex_attn_func = spy
-    try:
-        run_tiny_dit(device, "bf16")
-    finally:
-        attn.flex_attn_func = orig
-    return calls
-
-
 def _tiny_models(device: str):
     """The tiny MAGI-1 DiT (random weights, seed 1) in fp32 and the same weights in bf16, plus one input."""
     from magi_model import build_dit
