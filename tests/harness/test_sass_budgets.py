@@ -21,8 +21,9 @@ import pytest
 from magi_kernels.tools.sass import hot_loop, hot_loop_stats, mma_flops_per_warp, parse_sass
 
 REPO = Path(__file__).resolve().parents[2]
-# Triton's tutorial kernels are not part of this project; CI lays them out next to the checkout, at
-# ../shared/anchors/triton-tutorials, which is the default. MAGI_ANCHORS_DIR points elsewhere.
+# Triton's tutorial kernels are not part of this project. By default they are looked for beside the
+# repository folder, where this project's CI lays them out (docs/kernel_structure.md#budgets);
+# MAGI_ANCHORS_DIR points elsewhere.
 ANCHORS = os.environ.get("MAGI_ANCHORS_DIR") or str(REPO.parent / "shared" / "anchors" / "triton-tutorials")
 
 # config key -> (instr/kFLOP budget, ratio budget or None without an anchor). Measured with Triton 3.9
