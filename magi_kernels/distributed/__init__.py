@@ -8,11 +8,14 @@ autograd, and returns ``(out, lse)`` for the rank's tokens.
 - :func:`ring_attention`: K/V shards around a ring, empty steps skipped, transfer overlapped.
 - :func:`usp_attention`: Ulysses inside one mesh dimension, ring across the other.
 - :func:`dispatch` / :func:`undispatch`: load-balanced chunk placement for ring attention.
+- :func:`seq_to_heads` / :func:`heads_to_seq`: the differentiable all-to-all under Ulysses, for callers that
+  keep heads sharded across several attention calls (e.g. a KV cache that holds only this rank's heads).
+- :func:`scalar_device`: where small bookkeeping tensors live for a group's backend.
 
 See docs/distributed.md.
 """
 
-from magi_kernels.distributed._comm import even_shard_sizes, shard
+from magi_kernels.distributed._comm import even_shard_sizes, heads_to_seq, scalar_device, seq_to_heads, shard
 from magi_kernels.distributed.dispatch import (
            DispatchMeta,
            dispatch,
@@ -27,8 +30,11 @@ __all__ = [
            "DispatchMeta",
            "dispatch",
            "even_shard_sizes",
+           "heads_to_seq",
            "plan_dispatch",
            "ring_attention",
+           "scalar_device",
+           "seq_to_heads",
            "shard",
            "ulysses_attention",
            "undispatch",

@@ -26,9 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from magi_kernels.distributed import even_shard_sizes, ring_attention
+from magi_kernels.distributed import even_shard_sizes, heads_to_seq, ring_attention, seq_to_heads
 from magi_kernels.distributed._args import ranges_tensors
-from magi_kernels.distributed._comm import heads_to_seq, seq_to_heads
 from magi_kernels.distributed._slices import permute_slices
 from magi_kernels.distributed.ulysses import kv_heads_for_group
 from magi_model.dit import local_self_attention

@@ -29,7 +29,7 @@ import pickle
 import torch
 import torch.distributed as dist
 
-from magi_kernels.distributed._comm import scalar_device
+from magi_kernels.distributed import scalar_device
 from magi_model.config import ConfigError, MagiConfig
 
 STRATEGIES = ("none", "cp_ulysses", "cp_shuffle_overlap")

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from magi_kernels.distributed._comm import scalar_device
+from magi_kernels.distributed import scalar_device
 
 
 def tile_runner(group=None) -> Callable:
