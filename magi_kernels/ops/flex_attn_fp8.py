@@ -1,11 +1,12 @@
-"""flex_attn_fp8: flex attention's forward with e4m3 Q, K, P and V (inference only).
+"""flex_attn_fp8: flex attention's forward with 8-bit tensor-core operands (inference only).
 
-    out, lse = flex_attn_fp8_func(q, k, v, q_ranges, k_ranges, attn_type_map)
+    out, lse = flex_attn_fp8_func(q, k, v, q_ranges, k_ranges, attn_type_map, pv_precision="e4m3")
 
 Same arguments, mask semantics and outputs as ``flex_attn_func`` (magi_kernels/ops/flex_attn.py): out in q's
 dtype, lse fp32 natural log in the same convention, so ``merge_attn_states`` combines fp8 and bf16 pieces.
-Quantization (per (tile x head) Q and smoothed-K blocks, P per row, V per channel) is defined, rounding step
-by rounding step, in magi_kernels/reference/flex_attn_fp8.py; docs/fp8_attention.md describes accuracy.
+Quantization (int8 Q per token and smoothed K per key; P per row and V per channel in e4m3, or in fp16 with
+``pv_precision="fp16"``) is defined, rounding step by rounding step, in magi_kernels/reference/flex_attn_fp8.py;
+docs/fp8_attention.md describes accuracy and cost of both settings.
 
 Backends (registry op ``flex_attn_fp8``): ``triton`` (magi_kernels/kernels/triton/flex_attn_fp8.py; fp8
 tensor cores, sm_89+) and ``torch`` (the reference emulation: slow, exact in the kernel's rounding, for CPU
@@ -24,7 +25,7 @@ from magi_kernels.ops._spec import define_op, values
 from magi_kernels.ops.flex_attn import FlexAttnArgs, FlexAttnCall, build_args, check_qkv, check_scalars
 from magi_kernels.ranges.masks import _MaskBase
 from magi_kernels.ranges.validate import check_ranges_meta
-from magi_kernels.reference.flex_attn_fp8 import flex_attn_fp8_ref
+from magi_kernels.reference.flex_attn_fp8 import PV_PRECISIONS, flex_attn_fp8_ref
 from magi_kernels.utils.checks import check_tensor, fail
 
 OP = "flex_attn_fp8"
@@ -44,6 +45,7 @@ class FlexAttnFp8Call:
     attn_type_map: Optional[torch.Tensor]
     softmax_scale: Optional[float]
     softcap: float
+    pv_precision: str = "e4m3"
     backend: Optional[str] = None
 
 
@@ -54,6 +56,8 @@ def check(c: FlexAttnFp8Call) -> None:
     if c.softmax_scale is not None and c.softmax_scale <= 0:
         # the kernels take row maxima of the unscaled dot products, which needs a positive scale
         fail(OP, "softmax_scale", f"must be > 0 for fp8 attention, got {c.softmax_scale!r}")
+    if c.pv_precision not in PV_PRECISIONS:
+        fail(OP, "pv_precision", f"must be one of {PV_PRECISIONS}, got {c.pv_precision!r}")
     check_ranges_meta(OP, c.q_ranges, c.k_ranges, c.attn_type_map, c.q.device)
     if torch.is_grad_enabled():
         for name, t in (("q", c.q), ("k", c.k), ("v", c.v)):
@@ -77,9 +81,9 @@ registry.register_op(OP, preference=("triton", "torch"))
 
 
 @registry.register_impl(OP, "torch")
-def _torch_fwd(a: FlexAttnArgs, out: torch.Tensor, lse: torch.Tensor) -> None:
+def _torch_fwd(a: FlexAttnArgs, out: torch.Tensor, lse: torch.Tensor, pv_precision: str) -> None:
     o, l_ = flex_attn_fp8_ref(a.q, a.k, a.v, a.qr, a.kr, a.types, softmax_scale=a.softmax_scale, softcap=a.softcap,
-                              block_m=TORCH_TILE[0], block_n=TORCH_TILE[1])
+                              block_m=TORCH_TILE[0], block_n=TORCH_TILE[1], pv_precision=pv_precision)
     out.copy_(o)
     lse.copy_(l_)
 
@@ -94,7 +98,7 @@ def _outputs(c: FlexAttnFp8Call) -> tuple[torch.Tensor, torch.Tensor]:
 def _run(c: FlexAttnFp8Call) -> tuple[torch.Tensor, torch.Tensor]:
     a = _args(c)
     out, lse = _outputs(c)
-    registry.select(OP, a, c.backend).fn(a, out, lse)
+    registry.select(OP, a, c.backend).fn(a, out, lse, c.pv_precision)
     return out, lse
 
 
@@ -104,10 +108,13 @@ _flex_attn_fp8_op = define_op(OP, FlexAttnFp8Call, returns=tuple[torch.Tensor, t
 
 def flex_attn_fp8_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges,
                        k_ranges: Optional[torch.Tensor] = None, attn_type_map: Optional[torch.Tensor] = None, *,
-                       softmax_scale: Optional[float] = None, softcap: float = 0.0,
+                       softmax_scale: Optional[float] = None, softcap: float = 0.0, pv_precision: str = "e4m3",
                        backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp8 attention over the union of slices; arguments and outputs as ``flex_attn_func`` (no ``deterministic``:
-    there is no backward). q/k/v: fp16/bf16 (fp32 accepted; it is quantized the same way)."""
+    """8-bit attention over the union of slices; arguments and outputs as ``flex_attn_func`` (no
+    ``deterministic``: there is no backward). q/k/v: fp16/bf16 (fp32 accepted; it is quantized the same way).
+
+    pv_precision: "e4m3" (default) rounds P and V to e4m3 (8-bit PV MMA); "fp16" keeps them 16-bit (fp16 PV
+    MMA, QK still int8): more accurate, more issued instructions (docs/fp8_attention.md)."""
     if isinstance(q_ranges, _MaskBase):
         if k_ranges is not None or attn_type_map is not None:
             fail(OP, "k_ranges", "must be None (attn_type_map too) when q_ranges is a mask object")
@@ -115,7 +122,7 @@ def flex_attn_fp8_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rang
         check_tensor(OP, "k", k, ndim=3)
         q_ranges, k_ranges, attn_type_map = q_ranges.range_tensors(q.device, total_q=q.shape[0],
                                                                    total_k=k.shape[0], op=OP)
-    c = FlexAttnFp8Call(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, backend)
+    c = FlexAttnFp8Call(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, pv_precision, backend)
     check(c)
     c.softmax_scale = None if softmax_scale is None else float(softmax_scale)
     c.softcap = float(softcap)

@@ -1,24 +1,29 @@
-"""fp8 (e4m3) flex attention forward: the torch definition, emulating every rounding step of the kernel.
+"""Quantized (int8 Q/K, e4m3 or fp16 P/V) flex attention forward: the torch definition, emulating every rounding
+step of the kernel.
 
 Same mask and output convention as ``flex_attn_ref`` (magi_kernels/reference/flex_attn.py): out [Tq, Hq, D],
 lse [Tq, Hq] natural log of the *unquantized-convention* scores (-inf where a row sees nothing). What
-changes is where values are rounded to e4m3fn (round-to-nearest-even, |x| <= 448), for q tile m of
-``block_m`` rows, k tile n of ``block_n`` keys, q head h and its kv head kh:
+changes is where values are rounded: Q and K to int8 codes with one scale per token (row), P and V to e4m3fn
+(round-to-nearest-even, |x| <= 448) or, with ``pv_precision="fp16"``, to fp16. For q tile m of ``block_m``
+rows, k tile n of ``block_n`` keys, q head h and its kv head kh:
 
     mean_k[kh]   = mean over all tokens of k[:, kh, :]                         (fp32, per channel)
     sv[kh, d]    = max(amax_tokens |v[:, kh, d]|, floor) / 448                 (fp32, per channel)
-    kc           = k[tile n, kh] - mean_k[kh];  sk = max(amax|kc|, floor) / 448;  k8 = e4m3(kc / sk)
-    v8           = e4m3(v / sv)
-    sq           = max(amax|q[tile m, h]|, floor) / 448;  q8 = e4m3(q / sq)
-    u            = (q8 . k8) * (sq * mul * sk);  qm = (q . mean_k) * mul       mul = scale*log2(e), or scale/c
+    kc_j         = k_j - mean_k[kh];  sk_j = max(amax_d |kc_j|, floor) / 127;  k8_j = i8(kc_j / sk_j)  (per key j)
+    v8           = pv(v / sv)                                                  pv = e4m3 or fp16 rounding
+    sq_i         = max(amax_d |q_i|, floor) / 127;  q8_i = i8(q_i / sq_i)      (per query row i)
+    u_ij         = ((q8_i . k8_j) * sk_j) * (sq_i * mul);  qm_i = (q_i . mean_k) * mul
+                   mul = scale*log2(e), or scale/c with softcap c
     s2           = u, or tanh(u + qm) * c * log2(e) with softcap c             (log2-domain score)
-                   (without softcap the row max of u is taken as max(q8 . k8) * (sq * mul * sk): scale > 0)
+                   (without softcap the row max of u is taken as max_j((q8_i . k8_j) * sk_j) * (sq_i * mul))
 
-then, over the visited k tiles of the q tile in the kernel's order (the plan's: FULL tiles, then PARTIAL
-ones), an online softmax whose P is quantized against its per-row bound 1 (scale 1/448):
+i8(y) = trunc(y + (0.5 if y >= 0 else -0.5)) in fp32 (round half away from zero; |y| <= 127 by the scale).
+The int8 dot product is exact (|q8 . k8| <= 127^2 * 128 < 2^24, so fp32 holds it). Then, over the visited k
+tiles of the q tile in the kernel's order (the plan's: FULL tiles, then PARTIAL ones), an online softmax whose
+P is rounded against its per-row bound 1 (scale 1/448):
 
     m' = max(m, rowmax s2);  p = exp2(s2 - m' + log2 448);  l = l * 2^(m - m') + sum p
-    acc = acc * 2^(m - m') + e4m3(p) . v8
+    acc = acc * 2^(m - m') + pv(p) . v8
     out = acc / l * sv;  lse = (m + qm + log2(l) - log2 448) * ln 2              (no softcap; with it, no qm)
 
 Subtracting mean_k from every key shifts each row's scores by the same q . mean_k: softmax ignores it, and the
@@ -26,6 +31,9 @@ add-back term qm (fp32, unquantized q) restores it in the lse (and inside tanh u
 approximates flex attention of the unquantized inputs; the test suite bounds how closely
 (tests/attention/test_flex_attn_fp8.py) and benchmarks/bench_fp8_attention.py reports it.
 The order of tiles matters only through P's rounding (each tile's P is rounded against the running max).
+
+``exact`` names operands ("q", "k", "p", "v") whose rounding is skipped (their scales stay): the benchmark's
+error budget switches on one quantization at a time with it.
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ from magi_kernels.reference.fp8 import AMAX_FLOOR, E4M3, E4M3_MAX
 
 LOG2E = 1.4426950408889634
 LOG2_QMAX = math.log2(E4M3_MAX)
+INT8_MAX = 127.0
+PV_PRECISIONS = ("e4m3", "fp16")
+OPERANDS = ("q", "k", "p", "v")
 
 
 def e4m3_round(x: torch.Tensor) -> torch.Tensor:
@@ -46,37 +57,57 @@ def e4m3_round(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).to(torch.float32)
 
 
-def block_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 values of x / s in fp32, s) with one scale s = max(amax|x|, floor) / 448 for the whole block."""
-    s = x.abs().amax().clamp_min(AMAX_FLOOR) / E4M3_MAX
-    return e4m3_round(x / s), s
+def int8_round(y: torch.Tensor) -> torch.Tensor:
+    """fp32 -> the int8 code of y clamped to +-127, ties away from zero (fp32 trunc(y +- 0.5)), in fp32."""
+    y = y.clamp(-INT8_MAX, INT8_MAX)
+    return torch.trunc(y + torch.where(y >= 0, 0.5, -0.5))
+
+
+def pv_round(x: torch.Tensor, pv_precision: str) -> torch.Tensor:
+    """P or V (already scaled into +-448) rounded to the PV MMA's operand type, in fp32."""
+    return e4m3_round(x) if pv_precision == "e4m3" else x.to(torch.float16).to(torch.float32)
+
+
+def row_quantize_int8(x: torch.Tensor, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes of x / s in fp32, s [..., 1]) with one scale s = max(amax|row|, floor) / 127 per last-dim row."""
+    s = x.abs().amax(-1, keepdim=True).clamp_min(AMAX_FLOOR) / INT8_MAX
+    y = x / s
+    return (y if exact else int8_round(y)), s
 
 
 def kv_statistics(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean_k [Hk, D], sv [Hk, D]) in fp32: K's per-channel token mean and V's per-channel fp8 scale.
+    """(mean_k [Hk, D], sv [Hk, D]) in fp32: K's per-channel token mean and V's per-channel 448-scale.
 
-    Token-axis reductions with fp32 accumulation (no full-precision copy of K or V); the Triton launcher
-    calls this too, so both paths start from the same statistics.
+    The Triton statistics kernel computes the same two reductions in one pass (its fp32 sum runs in
+    another order, so mean_k agrees to fp32 rounding; the amax is exact in any order).
     """
     mean = torch.sum(k, dim=0, dtype=torch.float32) / max(k.shape[0], 1)
-    if v.shape[0] == 0:
-        amax = torch.zeros_like(mean)
-    else:
-        amax = torch.maximum(v.amax(0).abs(), v.amin(0).abs()).float()
+    amax = v.abs().amax(0).float() if v.shape[0] else torch.zeros_like(mean)
     return mean.contiguous(), (amax.clamp_min(AMAX_FLOOR) / E4M3_MAX).contiguous()
 
 
+def check_quantization_args(op: str, pv_precision: str, exact=()) -> None:
+    if pv_precision not in PV_PRECISIONS:
+        raise ValueError(f"{op}: pv_precision must be one of {PV_PRECISIONS}, got {pv_precision!r}")
+    bad = set(exact) - set(OPERANDS)
+    if bad:
+        raise ValueError(f"{op}: exact may only name operands {OPERANDS}, got {sorted(bad)}")
+
+
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """[H, r, D] -> [H, rows, D], zero rows appended (the last k tile's keys beyond total_k)."""
-    return torch.nn.functional.pad(x, (0, 0, 0, rows - x.shape[1]))
+    """[H, r, ...] -> [H, rows, ...], zeros appended along dim 1 (the last k tile's keys beyond total_k)."""
+    pad = [0, 0] * (x.dim() - 2) + [0, rows - x.shape[1]]
+    return torch.nn.functional.pad(x, pad)
 
 
 def flex_attn_fp8_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges, k_ranges, attn_type_map=None, *,
                       softmax_scale: float | None = None, softcap: float = 0.0, block_m: int = 128,
-                      block_n: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+                      block_n: int = 128, pv_precision: str = "e4m3",
+                      exact: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [Tq, Hq, D] fp32, lse [Tq, Hq] fp32) by the definition above, for the kernel's tile shape."""
     from magi_kernels.plan.planner import plan_attention
 
+    check_quantization_args("flex_attn_fp8_ref", pv_precision, exact)
     tq, hq, d = q.shape
     tk, hk, _ = k.shape
     groups = hq // hk
@@ -87,6 +118,10 @@ def flex_attn_fp8_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_range
     lse = torch.full((tq, hq), float("-inf"), dtype=torch.float32)
     if tq == 0 or tk == 0:
         return out, lse
+
+    def pv(x, name):
+        return x if name in exact else pv_round(x, pv_precision)
+
     q, k, v = (x.detach().cpu() for x in (q, k, v))
     mask = union_mask_ref(q_ranges, k_ranges, attn_type_map, tq, tk)
     plan = plan_attention(torch.as_tensor(q_ranges).cpu(), torch.as_tensor(k_ranges).cpu(),
@@ -94,14 +129,9 @@ def flex_attn_fp8_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_range
                           total_k=tk, block_m=block_m, block_n=block_n)
     mean_k, sv = kv_statistics(k, v)
     nt = -(-tk // block_n)
-    k8, sk, v8 = [], [], []
-    for n in range(nt):
-        keys = slice(n * block_n, min((n + 1) * block_n, tk))
-        kq = [block_quantize(k[keys, j].float() - mean_k[j]) for j in range(hk)]
-        k8.append(_pad_rows(torch.stack([x for x, _ in kq]), block_n))  # [Hk, bn, D]
-        sk.append(torch.stack([s for _, s in kq]))  # [Hk]
-        v8.append(_pad_rows(e4m3_round(v[keys].float() / sv).transpose(0, 1), block_n))  # [Hk, bn, D]
-    k8, sk, v8 = torch.stack(k8), torch.stack(sk), torch.stack(v8)  # [Nt, Hk, bn, D], [Nt, Hk], [Nt, Hk, bn, D]
+    k8, sk = row_quantize_int8((k.float() - mean_k).transpose(0, 1), "k" in exact)  # [Hk, Tk, D], [Hk, Tk, 1]
+    k8, sk = _pad_rows(k8, nt * block_n), _pad_rows(sk, nt * block_n)[..., 0]  # padded keys: code 0
+    v8 = _pad_rows(pv(v.float() / sv, "v").transpose(0, 1), nt * block_n)  # [Hk, Nt*bn, D]
     kv_head = torch.arange(hq) // groups
     mean_q = mean_k[kv_head][:, None, :]  # [Hq, 1, D]
     for m in range(plan.num_q_tiles):
@@ -109,28 +139,26 @@ def flex_attn_fp8_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_range
         qf = q[rows].float().transpose(0, 1)  # [Hq, r, D]
         vis = torch.nn.functional.pad(mask[rows], (0, nt * block_n - tk))  # padded keys are never visible
         qm = (qf * mean_q).sum(-1) * mul  # [Hq, r]
-        sq = qf.abs().amax((1, 2), keepdim=True).clamp_min(AMAX_FLOOR) / E4M3_MAX  # one scale per (tile, head)
-        q8 = e4m3_round(qf / sq)
-        score_mul = sq * mul
+        q8, sq = row_quantize_int8(qf, "q" in exact)  # one scale per query row
+        score_mul = sq * mul  # [Hq, r, 1], > 0
         m_i = torch.full(qm.shape, float("-inf"))
         l_i = torch.zeros(qm.shape)
         acc = torch.zeros(*qm.shape, d)
         for e in plan.q_tile_entries(m):
-            n = e.k_tile
-            kt, vt = k8[n][kv_head], v8[n][kv_head]  # [Hq, bn, D]
-            s = q8 @ kt.transpose(1, 2)
-            tile_mul = score_mul * sk[n][kv_head][:, None, None]  # > 0
+            keys = slice(e.k_tile * block_n, (e.k_tile + 1) * block_n)
+            kt, skt, vt = k8[kv_head, keys], sk[kv_head, keys], v8[kv_head, keys]
+            s = (q8 @ kt.transpose(1, 2)) * skt[:, None, :]  # exact integer dot, then the key's scale
             if softcap > 0:
-                s = torch.tanh(s * tile_mul + qm[..., None]) * cap_out
-            s = s.masked_fill(~vis[:, n * block_n:(n + 1) * block_n], float("-inf"))
-            tile_max = s.amax(-1) if softcap > 0 else s.amax(-1) * tile_mul[..., 0]  # max(s * c) = max(s) * c, c > 0
+                s = torch.tanh(s * score_mul + qm[..., None]) * cap_out
+            s = s.masked_fill(~vis[:, keys], float("-inf"))
+            tile_max = s.amax(-1) if softcap > 0 else s.amax(-1) * score_mul[..., 0]  # score_mul > 0
             m_new = torch.maximum(m_i, tile_max)
             m_use = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
-            s2 = s if softcap > 0 else s * tile_mul
+            s2 = s if softcap > 0 else s * score_mul
             p = torch.exp2(s2 - (m_use - LOG2_QMAX)[..., None])
             alpha = torch.exp2(m_i - m_use)
             l_i = l_i * alpha + p.sum(-1)
-            acc = acc * alpha[..., None] + e4m3_round(p) @ vt
+            acc = acc * alpha[..., None] + pv(p, "p") @ vt
             m_i = m_new
         if softcap <= 0:
             m_i = m_i + qm  # the per-row smoothing shift, which the softmax itself ignores

@@ -1,28 +1,35 @@
-"""Triton fp8 (e4m3) flex attention forward over the planner's tile lists (inference only).
+"""Triton quantized flex attention forward (int8 Q/K, e4m3 or fp16 P/V) over the planner's tile lists.
 
 Semantics: magi_kernels/reference/flex_attn_fp8.py, which emulates every rounding step below in torch.
-Design (docs/fp8_attention.md explains the accuracy side):
+Design (docs/fp8_attention.md explains the accuracy side and the measurements behind each choice):
 
-* Two kernels. ``_fp8_kv_quantize_kernel`` reads K and V once per (k tile, kv head) and writes
-  - K smoothed and quantized: ``k8 = e4m3((k - mean_k) / sk)``, ``sk = amax|k - mean_k| / 448`` over the
-    [BLOCK_N, D] tile of one kv head, stored [Hk, Nt*BLOCK_N, D] (zero-padded: the hot loop never masks loads);
-  - V quantized per channel: ``v8 = e4m3(v / sv[d])``, ``sv = amax_tokens|v[:, kh, d]| / 448``, stored
-    transposed [Hk, D, Nt*BLOCK_N] so both fp8 MMA operands are K-major, which fp8 wgmma requires.
-  ``mean_k`` [Hk, D] and the V channel amax are two torch reductions over K and V (no copies).
-  The attention kernel quantizes its Q tile in the prologue (one scale per [BLOCK_M, D] tile and q head),
-  so Q is read once and never stored in fp8.
+* Three kernels, K and V each read twice, Q once, no full-precision copy of any of them:
+  - ``_kv_statistics_kernel`` (one pass over K and V): per chunk of tokens and kv head, the fp32 channel sums
+    of K and the channel amax of |V|; the launcher finishes both over the chunks (a tensor CHUNK times
+    smaller than K) into ``mean_k`` and V's per-channel scale ``sv = amax / 448``.
+  - ``_kv_quantize_kernel`` (one program per (k tile, kv head)) writes K smoothed and quantized per key,
+    ``k8_j = i8((k_j - mean_k) / sk_j)``, ``sk_j = amax_d|k_j - mean_k| / 127``, stored [Hk, Nt*BLOCK_N, D] as
+    bytes with ``sk`` [Hk, Nt*BLOCK_N] (zero-padded: the hot loop never masks loads), and
+    ``v8 = pv(v / sv)`` transposed [Hk, D, Nt*BLOCK_N] so both PV operands are K-major (fp8 wgmma needs it).
+  Every K tile's codes need the mean over all keys and V's need the amax over all tokens, so the
+  statistics pass must finish before any tile is quantized: that is the second read.
+  - the attention kernel quantizes its Q tile in the prologue, one int8 scale per query row.
+* int8 rather than e4m3 for Q and K: per-row / per-key int8 has 7 bits of resolution against the row's
+  largest element where e4m3 has 3 mantissa bits, and the score error is what peaked (outlier) softmaxes
+  amplify. The int8 dot is exact in the int32 accumulator; ``(dot * sk_j) * (sq_i * mul)`` is its scale
+  (one I2F and one FMUL per score more than a per-block scale would cost; the error budget pays for it).
 * Smoothing subtracts the same vector from every key, so ``q . k_j`` changes by ``q . mean_k``, the same
   for all keys of a row: softmax is unchanged, so the loop runs on the smoothed scores. The kernel adds
   ``q . mean_k`` (fp32, from the unquantized q) back once per row into the lse (and, under softcap, into
   every score before tanh), so the returned lse keeps flex_attn's convention and ``merge_attn_states``
-  combines fp8 and bf16 pieces.
-* P is quantized per row against its exact bound: after subtracting the running row max, P <= 1, so the
+  combines these and bf16 pieces.
+* P is rounded per row against its exact bound: after subtracting the running row max, P <= 1, so the
   per-row scale is the constant 1/448, folded into the exponent (``p = exp2(s2 - m + log2 448)``). The row
   sum l is taken in fp32 on the same 448-scaled P, so the factor cancels in ``out = acc / l`` and costs
-  nothing in the loop; ``lse = m + log2(l / 448)``.
-* Accumulation: both tile MMAs accumulate in fp32 (tensor-core fp32 accumulators; each MMA's reduction is
-  one tile, BLOCK_N or D <= 128 long), and the running acc / l / m are fp32 in registers, so no
-  accumulation chain longer than a tile stays in the tensor core.
+  nothing in the loop; ``lse = m + log2(l / 448)``. ``PV_FP16`` rounds P and V to fp16 instead of e4m3
+  (the opt-in ``pv_precision="fp16"``): same scales, a 16-bit PV MMA.
+* Accumulation: both tile MMAs accumulate in 32 bits (int32 for QK, exact; fp32 for PV; each MMA's
+  reduction is one tile, BLOCK_N or D <= 128 long), and the running acc / l / m are fp32 in registers.
 * e4m3 rounding: on GPUs ``.to(tl.float8e4nv)`` (cvt.rn.satfinite, round-to-nearest-even). The Triton
   interpreter's own fp32 -> e4m3 cast rounds wrongly, so interpreter configs set ``EXACT_E4M3`` and build
   the byte with the integer recipe of ``fp8_quantize._e4m3_code`` (bit-identical RNE); every other line
@@ -43,62 +50,90 @@ from magi_kernels.kernels.triton._io import check_i32
 from magi_kernels.kernels.triton.aot import AotConfig, KernelLaunch, kernel_parameters, register_aot
 from magi_kernels.kernels.triton.flex_attn import HEAD_DIMS, PLAN_ARGS, _plan_args, _scalars, _slice_mask, _tanh
 from magi_kernels.kernels.triton.fp8_quantize import _e4m3_code
-from magi_kernels.reference.flex_attn_fp8 import kv_statistics
+from magi_kernels.reference.flex_attn_fp8 import INT8_MAX, PV_PRECISIONS
 from magi_kernels.reference.fp8 import AMAX_FLOOR, E4M3_MAX
 
 OP = "flex_attn_fp8"
 IN_DTYPES = (torch.float16, torch.bfloat16)
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_PV_TRITON_DTYPE = {"e4m3": "fp8e4nv", "fp16": "fp16"}
+_PV_TORCH_DTYPE = {"e4m3": torch.float8_e4m3fn, "fp16": torch.float16}
 _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
 _QMAX = tl.constexpr(E4M3_MAX)
+_I8MAX = tl.constexpr(INT8_MAX)
 _LOG2_QMAX = tl.constexpr(math.log2(E4M3_MAX))
+STATS_CHUNK = 256  # tokens per statistics program: partials are 1/STATS_CHUNK of K's and V's size
 
 
 @triton.jit
-def _to_e4m3(x, EXACT_E4M3: tl.constexpr):
-    """fp32 (|x| <= 448) -> e4m3fn, round-to-nearest-even (see the module docstring for EXACT_E4M3)."""
-    if EXACT_E4M3:
+def _to_pv(x, PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr):
+    """fp32 (|x| <= 448) -> the PV MMA's operand: fp16, or e4m3fn round-to-nearest-even (EXACT_E4M3: module doc)."""
+    if PV_FP16:
+        return x.to(tl.float16)
+    elif EXACT_E4M3:
         return _e4m3_code(x).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
     else:
         return x.to(tl.float8e4nv)
 
 
 @triton.jit
-def _quantize_block(x, EXACT_E4M3: tl.constexpr):
-    """One scale for the whole 2-D block: (e4m3(x / s), s), s = max(amax|x|, floor) / 448."""
-    s = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), _AMAX_FLOOR) / _QMAX
-    y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -_QMAX), _QMAX)
-    return _to_e4m3(y, EXACT_E4M3), s
+def _quantize_rows_int8(x):
+    """Per row of the 2-D block: (int8 codes of x / s, s [rows]), s = max(amax|row|, floor) / 127, ties away
+    from zero (the conversion truncates, so +-0.5 first)."""
+    s = tl.maximum(tl.max(tl.abs(x), 1), _AMAX_FLOOR) / _I8MAX
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None]), -_I8MAX), _I8MAX)
+    return (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int8), s
 
 
 # --------------------------------------------------------------------------------------------------
-# K / V quantization (one program per (k tile, kv head))
+# K / V statistics (one program per (token chunk, kv head)) and quantization (one per (k tile, kv head))
+
+
+@triton.jit(do_not_specialize=["total_k"])
+def _kv_statistics_kernel(k_ptr, v_ptr, k_sum_ptr, v_amax_ptr, stride_kt, stride_kh, stride_vt, stride_vh, total_k,
+                          k_heads, CHUNK: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr):
+    c = tl.program_id(0)
+    kh = tl.program_id(1)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_sum = tl.zeros([HEAD_DIM], tl.float32)
+    v_amax = tl.zeros([HEAD_DIM], tl.float32)
+    for t0 in range(0, CHUNK, BLOCK_T):
+        rows = c * CHUNK + t0 + tl.arange(0, BLOCK_T)
+        ok = (rows < total_k)[:, None]
+        rows64 = rows.to(tl.int64)
+        k = tl.load(k_ptr + rows64[:, None] * stride_kt + kh * stride_kh + offs_d[None, :], mask=ok, other=0.0)
+        v = tl.load(v_ptr + rows64[:, None] * stride_vt + kh * stride_vh + offs_d[None, :], mask=ok, other=0.0)
+        k_sum += tl.sum(k.to(tl.float32), 0)
+        v_amax = tl.maximum(v_amax, tl.max(tl.abs(v.to(tl.float32)), 0))
+    out = (c * k_heads + kh) * HEAD_DIM + offs_d
+    tl.store(k_sum_ptr + out, k_sum)
+    tl.store(v_amax_ptr + out, v_amax)
 
 
 @triton.jit(do_not_specialize=["total_k", "k_tiles"])
-def _fp8_kv_quantize_kernel(k_ptr, v_ptr, k_mean_ptr, v_scale_ptr, k8_ptr, v8t_ptr, k_scale_ptr, stride_kt, stride_kh,
-                            stride_vt, stride_vh, total_k, k_tiles, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            EXACT_E4M3: tl.constexpr):
+def _kv_quantize_kernel(k_ptr, v_ptr, k_mean_ptr, v_scale_ptr, k8_ptr, v8t_ptr, k_scale_ptr, stride_kt, stride_kh,
+                        stride_vt, stride_vh, total_k, k_tiles, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr):
     n = tl.program_id(0)
     kh = tl.program_id(1)
     cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = (cols < total_k)[:, None]
     cols64 = cols.to(tl.int64)
-    padded = k_tiles * BLOCK_N  # token extent of the padded fp8 buffers
+    padded = k_tiles * BLOCK_N  # token extent of the padded quantized buffers
     k = tl.load(k_ptr + cols64[:, None] * stride_kt + kh * stride_kh + offs_d[None, :], mask=col_ok, other=0.0)
     mean = tl.load(k_mean_ptr + kh * HEAD_DIM + offs_d)
-    kc = tl.where(col_ok, k.to(tl.float32) - mean[None, :], 0.0)  # padding rows stay 0 (and out of the amax)
-    k8, sk = _quantize_block(kc, EXACT_E4M3)
-    tl.store(k8_ptr + (kh * padded + cols64)[:, None] * HEAD_DIM + offs_d[None, :], k8)
-    tl.store(k_scale_ptr + kh * k_tiles + n, sk)
+    kc = tl.where(col_ok, k.to(tl.float32) - mean[None, :], 0.0)  # padding keys: code 0
+    k8, sk = _quantize_rows_int8(kc)
+    tl.store(k8_ptr + (kh * padded + cols64)[:, None] * HEAD_DIM + offs_d[None, :], k8.to(tl.uint8, bitcast=True))
+    tl.store(k_scale_ptr + kh * padded + cols64, sk)
 
     v = tl.load(v_ptr + cols64[:, None] * stride_vt + kh * stride_vh + offs_d[None, :], mask=col_ok, other=0.0)
     sv = tl.load(v_scale_ptr + kh * HEAD_DIM + offs_d)
     y = tl.minimum(tl.maximum(tl.math.div_rn(v.to(tl.float32), sv[None, :]), -_QMAX), _QMAX)
-    v8 = _to_e4m3(y, EXACT_E4M3)
     # Transposed store: [Hk, D, padded], keys contiguous (the PV MMA's reduction axis).
-    tl.store(v8t_ptr + (kh * HEAD_DIM + offs_d.to(tl.int64))[None, :] * padded + cols64[:, None], v8)
+    tl.store(v8t_ptr + (kh * HEAD_DIM + offs_d.to(tl.int64))[None, :] * padded + cols64[:, None],
+             _to_pv(y, PV_FP16, EXACT_E4M3))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,20 +142,20 @@ def _fp8_kv_quantize_kernel(k_ptr, v_ptr, k_mean_ptr, v_scale_ptr, k8_ptr, v8t_p
 
 @triton.jit
 def _fp8_fwd_tile(acc, m_i, l_i, q8, qm, score_mul, k8_ptr, v8t_ptr, k_scale_ptr, n, offs_m, offs_d, kh, padded,
-                  k_tiles, slices_ptr, mask_slices_ptr, j0, j1, cap_out, BLOCK_N: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, EXACT_E4M3: tl.constexpr):
+                  slices_ptr, mask_slices_ptr, j0, j1, cap_out, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr):
     """One online-softmax step over k tile n in the log2 domain, with 448-scaled P (module docstring)."""
     cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k8 = tl.load(k8_ptr + (kh * padded + cols)[:, None] * HEAD_DIM + offs_d[None, :])
+    k8 = tl.load(k8_ptr + (kh * padded + cols)[:, None] * HEAD_DIM + offs_d[None, :]).to(tl.int8, bitcast=True)
     v8t = tl.load(v8t_ptr + (kh * HEAD_DIM + offs_d)[:, None] * padded + cols[None, :])
-    sk = tl.load(k_scale_ptr + kh * k_tiles + n)
-    # mul = score_mul * sk > 0: sq * sk * (scale * log2 e) without softcap, sq * sk * (scale / c) with it; qm is
+    sk = tl.load(k_scale_ptr + kh * padded + cols)
+    # score_mul [BLOCK_M] = sq_i * (scale * log2 e) without softcap, sq_i * (scale / c) with it; > 0. qm is
     # q . mean_k times the same factor. Without softcap qm is constant along the row, so the softmax runs on the
     # smoothed scores (m, P and l do not change under a per-row shift) and qm enters only the lse. There the
-    # row max is taken on the raw dot products and scaled once per row (mul > 0), so each score costs one FFMA
-    # (s * mul - m) before exp2. The softcap needs the unsmoothed, scaled score inside tanh.
-    s = tl.dot(q8, tl.trans(k8))
-    mul = score_mul * sk
+    # row max is taken on the key-scaled dot products and scaled once per row, so each score costs I2F, the
+    # key scale's FMUL and one FFMA (s * mul - m) before exp2. The softcap needs the unsmoothed score in tanh.
+    s = tl.dot(q8, tl.trans(k8)).to(tl.float32) * sk[None, :]
+    mul = score_mul[:, None]
     if SOFTCAP:
         s = _tanh(s * mul + qm[:, None]) * cap_out
     if MASKED:
@@ -129,19 +164,19 @@ def _fp8_fwd_tile(acc, m_i, l_i, q8, qm, score_mul, k8_ptr, v8t_ptr, k_scale_ptr
     if SOFTCAP:
         m_new = tl.maximum(m_i, tl.max(s, 1))
     else:
-        m_new = tl.maximum(m_i, tl.max(s, 1) * mul)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * score_mul)
     if MASKED:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet: exp2 gives 0
     else:
         m_use = m_new
-    # 448 * exp2(s2 - m): P's fp8 scale, folded into the exponent
+    # 448 * exp2(s2 - m): P's 448-scale, folded into the exponent
     if SOFTCAP:
         p = tl.exp2(s - (m_use - _LOG2_QMAX)[:, None])
     else:
         p = tl.exp2(s * mul - (m_use - _LOG2_QMAX)[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p, EXACT_E4M3), tl.trans(v8t))
+    acc = acc * alpha[:, None] + tl.dot(_to_pv(p, PV_FP16, EXACT_E4M3), tl.trans(v8t))
     return acc, m_new, l_i
 
 
@@ -151,7 +186,7 @@ def _flex_attn_fp8_fwd_kernel(q_ptr, k8_ptr, v8t_ptr, k_scale_ptr, v_scale_ptr, 
                               slices_ptr, stride_qt, stride_qh, stride_ot, stride_oh, q_heads, total_q, k_tiles,
                               groups, qk_mul: tl.float32, cap_out: tl.float32, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr,
-                              EXACT_E4M3: tl.constexpr):
+                              PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr):
     m = tl.program_id(0)
     h = tl.program_id(1)
     kh = h // groups
@@ -162,9 +197,9 @@ def _flex_attn_fp8_fwd_kernel(q_ptr, k8_ptr, v8t_ptr, k_scale_ptr, v_scale_ptr, 
     rows64 = offs_m.to(tl.int64)
     q = tl.load(q_ptr + rows64[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0).to(tl.float32)
-    # K smoothing's add-back term (fp32, unquantized q) and the Q tile's fp8 quantization.
+    # K smoothing's add-back term (fp32, unquantized q) and the Q tile's int8 quantization (one scale per row).
     qm = tl.sum(q * tl.load(k_mean_ptr + kh * HEAD_DIM + offs_d)[None, :], 1) * qk_mul
-    q8, sq = _quantize_block(q, EXACT_E4M3)
+    q8, sq = _quantize_rows_int8(q)
     score_mul = sq * qk_mul
 
     e0 = tl.load(q_start_ptr + m)
@@ -178,15 +213,15 @@ def _flex_attn_fp8_fwd_kernel(q_ptr, k8_ptr, v8t_ptr, k_scale_ptr, v_scale_ptr, 
     for e in range(e0, e_mid):
         n = tl.load(q_kidx_ptr + e)
         acc, m_i, l_i = _fp8_fwd_tile(acc, m_i, l_i, q8, qm, score_mul, k8_ptr, v8t_ptr, k_scale_ptr, n, offs_m,
-                                      offs_d, kh, padded, k_tiles, slices_ptr, mask_slices_ptr, 0, 0, cap_out, BLOCK_N,
-                                      HEAD_DIM, False, SOFTCAP, EXACT_E4M3)
+                                      offs_d, kh, padded, slices_ptr, mask_slices_ptr, 0, 0, cap_out, BLOCK_N,
+                                      HEAD_DIM, False, SOFTCAP, PV_FP16, EXACT_E4M3)
     for e in range(e_mid, e1):
         n = tl.load(q_kidx_ptr + e)
         j0 = tl.load(p_mstart_ptr + p0 + e)
         j1 = tl.load(p_mstart_ptr + p0 + e + 1)
         acc, m_i, l_i = _fp8_fwd_tile(acc, m_i, l_i, q8, qm, score_mul, k8_ptr, v8t_ptr, k_scale_ptr, n, offs_m,
-                                      offs_d, kh, padded, k_tiles, slices_ptr, mask_slices_ptr, j0, j1, cap_out,
-                                      BLOCK_N, HEAD_DIM, True, SOFTCAP, EXACT_E4M3)
+                                      offs_d, kh, padded, slices_ptr, mask_slices_ptr, j0, j1, cap_out, BLOCK_N,
+                                      HEAD_DIM, True, SOFTCAP, PV_FP16, EXACT_E4M3)
 
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -205,55 +240,73 @@ def _flex_attn_fp8_fwd_kernel(q_ptr, k8_ptr, v8t_ptr, k_scale_ptr, v_scale_ptr, 
 
 KERNELS = {  # kind -> (AOT name, "module:attr")
     "fwd": ("flex_attn_fp8_fwd", f"{__name__}:_flex_attn_fp8_fwd_kernel"),
-    "quant": ("flex_attn_fp8_kv_quantize", f"{__name__}:_fp8_kv_quantize_kernel"),
+    "quant": ("flex_attn_fp8_kv_quantize", f"{__name__}:_kv_quantize_kernel"),
+    "stats": ("flex_attn_fp8_kv_statistics", f"{__name__}:_kv_statistics_kernel"),
 }
-ARCHS = (89, 90)  # fp8 tensor cores: QMMA (sm_89) and QGMMA (sm_90)
+ARCHS = (89, 90)  # int8 QK: IMMA (sm_89) / IGMMA (sm_90); e4m3 PV: QMMA / QGMMA; fp16 PV: HMMA / HGMMA
 
-# (arch, head_dim) -> (BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention kernel; the quantize
-# kernel uses the same BLOCK_N (K's scales are per attention k tile). The largest tiles that compile with
-# 0 spills (aot_check): BLOCK_N=128 spilled on sm_90 (3-30 STL); sm_89 d128 takes 32-key steps (216 regs).
+# (arch, head_dim, pv_precision) -> (BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention kernel; the
+# quantize kernel uses the same BLOCK_N (its buffers are padded to whole attention k tiles). The largest tiles
+# that compile with 0 spills (aot_check); BLOCK_N=128 spilled on sm_90.
 TILES = {
-    (90, 64): (128, 64, 8, 3), (90, 128): (128, 64, 8, 3),
-    (89, 64): (128, 64, 8, 2), (89, 128): (128, 32, 8, 2),
+    (90, 64, "e4m3"): (128, 64, 8, 3), (90, 128, "e4m3"): (128, 64, 8, 3),
+    (89, 64, "e4m3"): (128, 64, 8, 2), (89, 128, "e4m3"): (128, 32, 8, 2),
+    (90, 64, "fp16"): (128, 64, 8, 3), (90, 128, "fp16"): (128, 64, 8, 3),
+    (89, 64, "fp16"): (128, 64, 8, 2), (89, 128, "fp16"): (128, 32, 8, 2),
 }
-_FP32_ARGS = ("lse_ptr", "k_scale_ptr", "v_scale_ptr", "k_mean_ptr")
-_FP8_ARGS = ("k8_ptr", "v8t_ptr")
+STATS_BLOCK_T = 32  # tokens per load step of the statistics kernel
+_FP32_ARGS = ("lse_ptr", "k_scale_ptr", "v_scale_ptr", "k_mean_ptr", "k_sum_ptr", "v_amax_ptr")
 _DIVISIBLE_BY_16 = ("*_ptr", "stride_*")
+_KERNEL_FNS = {"fwd": _flex_attn_fp8_fwd_kernel, "quant": _kv_quantize_kernel, "stats": _kv_statistics_kernel}
 
 
-def _pointer_dtypes(kind: str, dt: str) -> dict[str, str]:
-    fn = {"fwd": _flex_attn_fp8_fwd_kernel, "quant": _fp8_kv_quantize_kernel}[kind]
-    ptrs = [n for n, t in kernel_parameters(fn) if t == "ptr"]
-    return {n: "i32" if n in PLAN_ARGS else "fp32" if n in _FP32_ARGS else "fp8e4nv" if n in _FP8_ARGS else dt
-            for n in ptrs}
+def _pointer_dtypes(kind: str, dt: str, pv_precision: str) -> dict[str, str]:
+    ptrs = [n for n, t in kernel_parameters(_KERNEL_FNS[kind]) if t == "ptr"]
+    special = {"k8_ptr": "u8", "v8t_ptr": _PV_TRITON_DTYPE[pv_precision]}
+    return {n: "i32" if n in PLAN_ARGS else "fp32" if n in _FP32_ARGS else special.get(n, dt) for n in ptrs}
 
 
 def make_config(kind: str, dtype: torch.dtype, head_dim: int, softcap: bool, block_m: int, block_n: int,
-                num_warps: int = 4, num_stages: int = 2, archs: tuple[int, ...] = ARCHS,
-                exact_e4m3: bool = False) -> AotConfig:
-    """A config for one kernel (shipped ones from TILES; interpreter runs set exact_e4m3 and small tiles)."""
+                num_warps: int = 4, num_stages: int = 2, archs: tuple[int, ...] = ARCHS, exact_e4m3: bool = False,
+                pv_precision: str = "e4m3") -> AotConfig:
+    """A config for one kernel (shipped ones from TILES; interpreter runs set exact_e4m3 and small tiles).
+    For "stats", block_n is the token step (STATS_BLOCK_T) and block_m the chunk (STATS_CHUNK)."""
     name, kernel = KERNELS[kind]
     dt = _TRITON_DTYPE[dtype]
     arch = "/".join(f"sm{a}" for a in archs)
-    consts = {"BLOCK_N": block_n, "HEAD_DIM": head_dim, "EXACT_E4M3": exact_e4m3}
+    pv16 = pv_precision == "fp16"
+    if kind == "stats":
+        consts = {"CHUNK": block_m, "BLOCK_T": block_n, "HEAD_DIM": head_dim}
+        label = f"{arch} {dt} D={head_dim} chunk={block_m} step={block_n} w{num_warps}"
+    else:
+        consts = {"BLOCK_N": block_n, "HEAD_DIM": head_dim, "PV_FP16": pv16, "EXACT_E4M3": exact_e4m3}
+        label = f"{arch} {dt} D={head_dim} BN={block_n} pv={pv_precision} w{num_warps}"
     if kind == "fwd":
         consts.update(BLOCK_M=block_m, SOFTCAP=softcap)
-        label = f"{arch} {dt} D={head_dim} BM={block_m} BN={block_n} w{num_warps} s{num_stages}"
-        label += " softcap" if softcap else ""
-    else:
-        label = f"{arch} {dt} D={head_dim} BN={block_n} w{num_warps}"
-    return AotConfig(kernel=kernel, name=name, config=label, pointer_dtypes=_pointer_dtypes(kind, dt),
-                     constexprs=consts, num_warps=num_warps, num_stages=num_stages, archs=tuple(archs),
-                     mma="fp8" if kind == "fwd" else None, divisible_by_16=_DIVISIBLE_BY_16)
+        label = (f"{arch} {dt} D={head_dim} BM={block_m} BN={block_n} pv={pv_precision} w{num_warps} s{num_stages}"
+                 + (" softcap" if softcap else ""))
+    # The aot check verifies the PV MMA's class; the int8 QK MMA (IMMA / IGMMA) is counted by the benchmark's
+    # --sass report and tests/harness/test_sass_budgets_fp8_attn.py.
+    mma = ("f16" if pv16 else "fp8") if kind == "fwd" else None
+    return AotConfig(kernel=kernel, name=name, config=label, pointer_dtypes=_pointer_dtypes(kind, dt, pv_precision),
+                     constexprs=consts, num_warps=num_warps, num_stages=num_stages, archs=tuple(archs), mma=mma,
+                     divisible_by_16=_DIVISIBLE_BY_16)
 
 
 def _shipped() -> dict:
     cfgs = {}
-    for (arch, d), (bm, bn, w, s) in TILES.items():
+    for (arch, d, pv), (bm, bn, w, s) in TILES.items():
         for dtype in IN_DTYPES:
             for cap in (False, True):
-                cfgs[("fwd", arch, dtype, d, cap)] = make_config("fwd", dtype, d, cap, bm, bn, w, s, (arch,))
-            cfgs[("quant", arch, dtype, d, False)] = make_config("quant", dtype, d, False, bm, bn, 4, 1, (arch,))
+                cfgs[("fwd", arch, dtype, d, cap, pv)] = make_config("fwd", dtype, d, cap, bm, bn, w, s, (arch,),
+                                                                     pv_precision=pv)
+            cfgs[("quant", arch, dtype, d, False, pv)] = make_config("quant", dtype, d, False, bm, bn, 4, 1, (arch,),
+                                                                     pv_precision=pv)
+    for arch in ARCHS:
+        for d in HEAD_DIMS:
+            for dtype in IN_DTYPES:
+                cfgs[("stats", arch, dtype, d)] = make_config("stats", dtype, d, False, STATS_CHUNK, STATS_BLOCK_T, 4,
+                                                              1, (arch,))
     return cfgs
 
 
@@ -273,16 +326,21 @@ def arch_of(device: torch.device) -> int:
     return 89
 
 
-def select_configs(dtype: torch.dtype, head_dim: int, softcap: bool, arch: int) -> tuple[AotConfig, AotConfig]:
-    """(quantize, attention) configs for a call. Under the interpreter: the same tiles with EXACT_E4M3
+def select_configs(dtype: torch.dtype, head_dim: int, softcap: bool, arch: int,
+                   pv_precision: str = "e4m3") -> tuple[AotConfig, AotConfig, AotConfig]:
+    """(statistics, quantize, attention) configs for a call. Under the interpreter: the same tiles with EXACT_E4M3
     (and fp32 inputs allowed), configs that are never compiled for a GPU, so not registered."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"{OP}: the Triton kernels support head_dim in {HEAD_DIMS}, got {head_dim}")
+    if pv_precision not in PV_PRECISIONS:
+        raise ValueError(f"{OP}: pv_precision must be one of {PV_PRECISIONS}, got {pv_precision!r}")
     if triton_interpreting():
-        bm, bn, w, s = TILES[(arch, head_dim)]
-        return (make_config("quant", dtype, head_dim, False, bm, bn, 4, 1, (arch,), True),
-                make_config("fwd", dtype, head_dim, softcap, bm, bn, w, s, (arch,), True))
-    return _CONFIGS[("quant", arch, dtype, head_dim, False)], _CONFIGS[("fwd", arch, dtype, head_dim, bool(softcap))]
+        bm, bn, w, s = TILES[(arch, head_dim, pv_precision)]
+        return (make_config("stats", dtype, head_dim, False, STATS_CHUNK, STATS_BLOCK_T, 4, 1, (arch,)),
+                make_config("quant", dtype, head_dim, False, bm, bn, 4, 1, (arch,), True, pv_precision),
+                make_config("fwd", dtype, head_dim, softcap, bm, bn, w, s, (arch,), True, pv_precision))
+    return (_CONFIGS[("stats", arch, dtype, head_dim)], _CONFIGS[("quant", arch, dtype, head_dim, False, pv_precision)],
+            _CONFIGS[("fwd", arch, dtype, head_dim, bool(softcap), pv_precision)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,21 +362,39 @@ def supports(a) -> str | None:
     return None
 
 
+def kv_statistics(a, cfg: AotConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean_k [Hk, D], v_scale [Hk, D]) fp32 from one pass over K and V (the reference's ``kv_statistics``)."""
+    tk, hk, d = a.k.shape
+    chunk = cfg.constexprs["CHUNK"]
+    chunks = triton.cdiv(tk, chunk)
+    k_sum = torch.empty(chunks, hk, d, dtype=torch.float32, device=a.k.device)
+    v_amax = torch.empty_like(k_sum)
+    k, v = a.k, a.v
+    check_i32(OP, total_k=tk, k_stride=k.stride(0), v_stride=v.stride(0))
+    KernelLaunch(cfg, (chunks, hk), dict(
+        k_ptr=k, v_ptr=v, k_sum_ptr=k_sum, v_amax_ptr=v_amax, stride_kt=k.stride(0), stride_kh=k.stride(1),
+        stride_vt=v.stride(0), stride_vh=v.stride(1), total_k=tk, k_heads=hk)).run()
+    mean = k_sum.sum(0) / max(tk, 1)
+    return mean, v_amax.amax(0).clamp_min(AMAX_FLOOR) / E4M3_MAX
+
+
 def quantize_kv(a, cfg: AotConfig, mean_k: torch.Tensor, v_scale: torch.Tensor):
-    """(k8 [Hk, Nt*BN, D], v8t [Hk, D, Nt*BN], k_scale [Hk, Nt]) for the attention kernel with cfg's BLOCK_N."""
+    """(k8 [Hk, Nt*BN, D] int8 codes as bytes, v8t [Hk, D, Nt*BN] (e4m3 or fp16), k_scale [Hk, Nt*BN]) for the
+    attention kernel with cfg's BLOCK_N."""
     tk, hk, d = a.k.shape
     bn = cfg.constexprs["BLOCK_N"]
-    nt = triton.cdiv(tk, bn)
+    padded = triton.cdiv(tk, bn) * bn
     dev = a.k.device
-    k8 = torch.empty(hk, nt * bn, d, dtype=torch.float8_e4m3fn, device=dev)
-    v8t = torch.empty(hk, d, nt * bn, dtype=torch.float8_e4m3fn, device=dev)
-    k_scale = torch.empty(hk, nt, dtype=torch.float32, device=dev)
+    pv_dtype = torch.float16 if cfg.constexprs["PV_FP16"] else torch.float8_e4m3fn
+    k8 = torch.empty(hk, padded, d, dtype=torch.uint8, device=dev)
+    v8t = torch.empty(hk, d, padded, dtype=pv_dtype, device=dev)
+    k_scale = torch.empty(hk, padded, dtype=torch.float32, device=dev)
     k, v = a.k, a.v
-    check_i32(OP, total_k=tk, padded_k=hk * nt * bn * d, k_stride=k.stride(0), v_stride=v.stride(0))
-    KernelLaunch(cfg, (nt, hk), dict(
+    check_i32(OP, total_k=tk, padded_k=hk * padded * d, k_stride=k.stride(0), v_stride=v.stride(0))
+    KernelLaunch(cfg, (padded // bn, hk), dict(
         k_ptr=k, v_ptr=v, k_mean_ptr=mean_k, v_scale_ptr=v_scale, k8_ptr=k8, v8t_ptr=v8t, k_scale_ptr=k_scale,
         stride_kt=k.stride(0), stride_kh=k.stride(1), stride_vt=v.stride(0), stride_vh=v.stride(1), total_k=tk,
-        k_tiles=nt)).run()
+        k_tiles=padded // bn)).run()
     return k8, v8t, k_scale
 
 
@@ -327,22 +403,24 @@ def _aligned_input(t: torch.Tensor) -> torch.Tensor:
     return t if ok else t.contiguous().clone()
 
 
-def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, configs: tuple[AotConfig, AotConfig] | None = None) -> None:
+def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, pv_precision: str = "e4m3",
+               configs: tuple[AotConfig, AotConfig, AotConfig] | None = None) -> None:
     """Write out [Tq, Hq, D] (q's dtype) and lse [Tq, Hq] (fp32, natural log) for FlexAttnArgs ``a``."""
     tq, hq, d = a.q.shape
     if tq == 0:
         return
-    cq, cf = configs or select_configs(a.q.dtype, d, a.softcap > 0, arch_of(a.q.device))
+    cs, cq, cf = configs or select_configs(a.q.dtype, d, a.softcap > 0, arch_of(a.q.device), pv_precision)
     bm, bn = cf.constexprs["BLOCK_M"], cf.constexprs["BLOCK_N"]
-    if cq.constexprs["BLOCK_N"] != bn:
-        raise ValueError(f"{OP}: the quantize config's BLOCK_N {cq.constexprs['BLOCK_N']} must be the attention "
-                         f"config's {bn} (K scales are per attention k tile)")
+    if cq.constexprs["BLOCK_N"] != bn or cq.constexprs["PV_FP16"] != cf.constexprs["PV_FP16"]:
+        raise ValueError(f"{OP}: the quantize config (BLOCK_N {cq.constexprs['BLOCK_N']}, PV_FP16 "
+                         f"{cq.constexprs['PV_FP16']}) must match the attention config's ({bn}, "
+                         f"{cf.constexprs['PV_FP16']}): the quantized K/V buffers are laid out per attention k tile")
     if a.total_k == 0:  # no key anywhere: every row sees nothing
         out.zero_()
         lse.fill_(float("-inf"))
         return
     a_k = dataclasses.replace(a, k=_aligned_input(a.k), v=_aligned_input(a.v))
-    mean_k, v_scale = kv_statistics(a_k.k, a_k.v)
+    mean_k, v_scale = kv_statistics(a_k, cs)
     k8, v8t, k_scale = quantize_kv(a_k, cq, mean_k, v_scale)
     q = _aligned_input(a.q)
     o_buf = out if (out.is_contiguous() and out.data_ptr() % 16 == 0 and d % 16 == 0) else torch.empty_like(q)
@@ -353,7 +431,7 @@ def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, configs: tuple[AotConfig
     KernelLaunch(cf, (triton.cdiv(tq, bm), hq), dict(
         q_ptr=q, k8_ptr=k8, v8t_ptr=v8t, k_scale_ptr=k_scale, v_scale_ptr=v_scale, k_mean_ptr=mean_k, out_ptr=o_buf,
         lse_ptr=lse_buf, **_plan_args(a, cf), stride_qt=q.stride(0), stride_qh=q.stride(1),
-        stride_ot=o_buf.stride(0), stride_oh=o_buf.stride(1), q_heads=hq, total_q=tq, k_tiles=k_scale.shape[1],
+        stride_ot=o_buf.stride(0), stride_oh=o_buf.stride(1), q_heads=hq, total_q=tq, k_tiles=k8.shape[1] // bn,
         groups=a.groups, qk_mul=float(qk_mul), cap_out=float(sc["cap_out"]))).run()
     if o_buf is not out:
         out.copy_(o_buf)
