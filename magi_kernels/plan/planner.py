@@ -40,6 +40,10 @@ Flat int32 tensors (CSR), E entries of which P are PARTIAL:
   launch order (forward, dQ) q_order [Mt]
       q tiles heaviest first (FULL entries + 2 x PARTIAL entries, ties by tile index): program i of a q-major
       kernel works on q tile q_order[i], so the long tiles start first and the launch ends on short ones.
+  PARTIAL q tiles (sm_90 forward) q_partial [Mp], q_slot [Mt]
+      the q tiles with at least one PARTIAL entry, most PARTIAL entries first (ties by tile index), and for each
+      q tile its position in q_partial (-1 for none). The sm_90 forward runs FULL and PARTIAL tiles in two
+      passes; the q tiles of q_partial hand their softmax state from one to the other in slot q_slot[m].
 
 Only PARTIAL entries carry mask pointers, so a plan is about 2E int32 (the 24B 720p 4-chunk window at
 128x128 has E = 285k entries, about 1,000 of them PARTIAL).
@@ -59,7 +63,7 @@ import torch
 
 PLAN_KEYS_Q = ("q_ptr", "q_nfull", "q_kidx", "q_pptr", "p_mptr", "mask_slices")
 PLAN_KEYS_K = ("k_ptr", "k_nfull", "k_qidx", "k_pptr", "k_pent")
-PLAN_KEYS_RUNS = ("q_rptr", "r_lo", "r_hi", "q_order")
+PLAN_KEYS_RUNS = ("q_rptr", "r_lo", "r_hi", "q_order", "q_partial", "q_slot")
 PLAN_KEYS = ("slices",) + PLAN_KEYS_Q + PLAN_KEYS_K + PLAN_KEYS_RUNS
 
 
@@ -346,6 +350,18 @@ def heaviest_first(q_ptr, q_nfull) -> np.ndarray:
     return np.argsort(-work, kind="stable").astype(np.int32)
 
 
+def partial_q_tiles(q_ptr, q_nfull) -> tuple[np.ndarray, np.ndarray]:
+    """(q_partial, q_slot): the q tiles that have PARTIAL entries, most first (ties keep tile order), and each q
+    tile's position in that list, -1 where it has none (module docstring). int32 [Mp] and [Mt]."""
+    q_ptr, q_nfull = np.asarray(q_ptr, dtype=np.int64), np.asarray(q_nfull, dtype=np.int64)
+    n_partial = q_ptr[1:] - q_ptr[:-1] - q_nfull
+    order = np.argsort(-n_partial, kind="stable")
+    q_partial = order[n_partial[order] > 0]
+    q_slot = np.full(n_partial.shape[0], -1, dtype=np.int64)
+    q_slot[q_partial] = np.arange(q_partial.shape[0])
+    return q_partial.astype(np.int32), q_slot.astype(np.int32)
+
+
 def build_plan(qr: np.ndarray, kr: np.ndarray, ty: np.ndarray, total_q: int, total_k: int, block_m: int = 128,
                block_n: int = 128, planner: str = "auto") -> AttnPlan:
     """Plan from validated host arrays, uncached. ``planner``: "auto" (native if built), "native", "python"."""
@@ -365,7 +381,7 @@ def build_plan(qr: np.ndarray, kr: np.ndarray, ty: np.ndarray, total_q: int, tot
     for k in PLAN_KEYS_Q + PLAN_KEYS_K:
         tensors[k] = torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.int32))
     runs = full_runs(arrays["q_ptr"], arrays["q_nfull"], arrays["q_kidx"]) + (
-        heaviest_first(arrays["q_ptr"], arrays["q_nfull"]),)
+        heaviest_first(arrays["q_ptr"], arrays["q_nfull"]),) + partial_q_tiles(arrays["q_ptr"], arrays["q_nfull"])
     for k, a in zip(PLAN_KEYS_RUNS, runs):
         tensors[k] = torch.from_numpy(a)
     return AttnPlan(int(block_m), int(block_n), int(total_q), int(total_k), tensors, used)
@@ -415,5 +431,5 @@ def clear_cache() -> None:
         _STATS.update(hits=0, misses=0)
 
 
-__all__ = ["AttnPlan", "PlanEntry", "build_plan", "full_runs", "heaviest_first", "get_plan", "plan_attention",
-           "cache_info", "clear_cache", "native_planner"]
+__all__ = ["AttnPlan", "PlanEntry", "build_plan", "full_runs", "heaviest_first", "partial_q_tiles", "get_plan",
+           "plan_attention", "cache_info", "clear_cache", "native_planner"]

@@ -1,6 +1,11 @@
 """Triton flex_attn kernels (forward, dQ + delta pre-pass, dK/dV) under the interpreter, against float64 dense
 attention; plus host-side checks that the launchers only pick configs registered with the AOT checker.
 
+The forward runs in both of its shapes: the single pass of sm_80/89 (PASS 0) and the two passes of sm_90 (PASS 1
+FULL tiles, PASS 2 PARTIAL tiles resuming from the saved softmax state), with the same kernel body the AOT check
+compiles. The interpreter executes the sm_90 shape's tensor-descriptor loads (zero fill past the last row included)
+and its state handover, but ignores ``warp_specialize``: the producer/consumer split exists only in compiled code.
+
 fp32 inputs get tight bounds (the kernels' arithmetic is fp32 throughout); fp16 inputs get MagiAttention's
 two-sided scheme against an fp16 dense reference. bf16 is not run here: the interpreter's bf16 tl.dot is
 broken (supports() declines it on CPU), and GPU numerics are out of reach on this machine.
@@ -47,13 +52,20 @@ def _ref(q, k, v, M, scale, softcap, do, dlse=None, dtype=torch.float64):
     return o, lse, torch.autograd.grad(loss, (qq, kk, vv))
 
 
-def _run_kernels(q, k, v, qr, kr, ty, softcap, do, dlse, tiles):
+def _fwd_configs(dtype, d, cap, bm, bn, tma):
+    """Small-tile forward configs: the single pass (tma=False) or the sm_90 shape's FULL and PARTIAL passes."""
+    if not tma:
+        return (kern.make_config("fwd", dtype, d, cap, bm, bn),)
+    return tuple(kern.make_config(kind, dtype, d, cap, bm, bn, tma=True) for kind in ("fwd", "fwd_partial"))
+
+
+def _run_kernels(q, k, v, qr, kr, ty, softcap, do, dlse, tiles, tma=False, scale=None):
     """launch_fwd/launch_bwd with small-tile configs, every output poisoned with NaN first."""
-    a = make_args(q, k, v, *_ranges(qr, kr, ty), None, softcap, False)
+    a = make_args(q, k, v, *_ranges(qr, kr, ty), scale, softcap, False)
     d, cap = q.shape[-1], softcap > 0
     bm, bn = tiles
     out, lse = _nan(q), torch.full(q.shape[:2], float("nan"))
-    kern.launch_fwd(a, out, lse, kern.make_config("fwd", q.dtype, d, cap, bm, bn))
+    kern.launch_fwd(a, out, lse, _fwd_configs(q.dtype, d, cap, bm, bn, tma))
     dq, dk, dv = _nan(q), _nan(k), _nan(v)
     cfgs = (kern.make_config("bwd_dq", q.dtype, d, cap, bm, bn), kern.make_config("bwd_dkdv", q.dtype, d, cap, bn, bm))
     kern.launch_bwd(a, do, out, lse, dlse, dq, dk, dv, cfgs)
@@ -63,14 +75,14 @@ def _run_kernels(q, k, v, qr, kr, ty, softcap, do, dlse, tiles):
 @settings(max_examples=25, deadline=None)
 @given(layout=slice_layouts(max_tokens=60, max_slices=5), hk=st.sampled_from([1, 2]), g=st.sampled_from([1, 2, 4]),
        d=st.sampled_from([64, 128]), softcap=st.sampled_from([0.0, 0.0, 3.0]), tiles=st.sampled_from(SMALL_TILES),
-       with_dlse=st.booleans())
-def test_fp32_random_layouts_forward_and_backward(layout, hk, g, d, softcap, tiles, with_dlse):
+       with_dlse=st.booleans(), tma=st.booleans())
+def test_fp32_random_layouts_forward_and_backward(layout, hk, g, d, softcap, tiles, with_dlse, tma):
     """Overlapping q ranges, gaps, uncovered rows, empty/length-1 ranges, all four types, sq != sk, GQA 1-4."""
     qr, kr, ty, tq, tk = layout
     q, k, v = _qkv(tq, tk, hk * g, hk, d, torch.float32)
     do = torch.randn_like(q)
     dlse = torch.randn(tq, hk * g) if with_dlse else None
-    a, out, lse, grads = _run_kernels(q, k, v, qr, kr, ty, softcap, do, dlse, tiles)
+    a, out, lse, grads = _run_kernels(q, k, v, qr, kr, ty, softcap, do, dlse, tiles, tma)
     o64, lse64, g64 = _ref(q, k, v, dense_mask(qr, kr, ty, tq, tk), a.softmax_scale, softcap, do, dlse)
     torch.testing.assert_close(out.double(), o64, atol=2e-5, rtol=1e-4)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(lse64)) and not lse.isnan().any()
@@ -79,15 +91,16 @@ def test_fp32_random_layouts_forward_and_backward(layout, hk, g, d, softcap, til
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["one_pass", "tma_two_pass"])
 @pytest.mark.parametrize("mask_type", [0, 1, 2, 3], ids=["full", "causal", "inv_causal", "bi_causal"])
-def test_each_mask_type_multi_tile(mask_type):
+def test_each_mask_type_multi_tile(mask_type, tma):
     """One type at a time with sq < sk, sq > sk, an overlapping range and an empty BI_CAUSAL-style slice."""
     qr = np.array([[0, 40], [30, 75], [75, 77], [80, 90]], np.int32)
     kr = np.array([[5, 70], [0, 20], [10, 60], [3, 3]], np.int32)
     ty = np.full(4, mask_type, np.int32)
     q, k, v = _qkv(96, 70, 2, 1, 64, torch.float32)
     do, dlse = torch.randn_like(q), torch.randn(96, 2)
-    a, out, lse, grads = _run_kernels(q, k, v, qr, kr, ty, 0.0, do, dlse, (16, 32))
+    a, out, lse, grads = _run_kernels(q, k, v, qr, kr, ty, 0.0, do, dlse, (16, 32), tma)
     o64, lse64, g64 = _ref(q, k, v, dense_mask(qr, kr, ty, 96, 70), a.softmax_scale, 0.0, do, dlse)
     torch.testing.assert_close(out.double(), o64, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(lse.double(), lse64, atol=2e-5, rtol=1e-5)
@@ -131,11 +144,25 @@ def test_magi1_window_mask(dtype):
         _check_op_fp16(q, k, v, qr, kr, ty)
         return
     do = torch.randn_like(q)
-    a, out, lse, grads = _run_kernels(q, k, v, qr, kr, ty, 0.0, do, None, (32, 16))
-    o64, lse64, g64 = _ref(q, k, v, dense_mask(qr, kr, ty, m.total_q, m.total_k), a.softmax_scale, 0.0, do)
-    torch.testing.assert_close(out.double(), o64, atol=2e-5, rtol=1e-4)
-    for got, want in zip(grads, g64):
-        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-3)
+    for tma in (False, True):
+        a, out, lse, grads = _run_kernels(q, k, v, qr, kr, ty, 0.0, do, None, (32, 16), tma)
+        o64, lse64, g64 = _ref(q, k, v, dense_mask(qr, kr, ty, m.total_q, m.total_k), a.softmax_scale, 0.0, do)
+        torch.testing.assert_close(out.double(), o64, atol=2e-5, rtol=1e-4)
+        for got, want in zip(grads, g64):
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["one_pass", "tma_two_pass"])
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_forward_with_negative_and_zero_scale(tma, softcap):
+    """The FULL step takes the row max before scaling; the launcher keeps that exact for scales <= 0."""
+    qr, kr, ty = [[0, 40], [20, 50]], [[0, 37], [30, 61]], [0, 1]  # FULL and PARTIAL tiles at 16 x 16
+    q, k, v = _qkv(50, 61, 2, 1, 64, torch.float32)
+    for scale in (-0.3, 0.0):
+        a, out, lse, _ = _run_kernels(q, k, v, qr, kr, ty, softcap, torch.randn_like(q), None, (16, 16), tma, scale)
+        o64, lse64, _ = _ref(q, k, v, dense_mask(qr, kr, ty, 50, 61), scale, softcap, torch.randn_like(q))
+        torch.testing.assert_close(out.double(), o64, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(lse.double(), lse64, atol=2e-5, rtol=1e-5)
 
 
 def test_uncovered_rows_through_the_op():
@@ -194,9 +221,43 @@ def test_shipped_configs_are_registered_and_cover_every_arch():
             for dtype in kern.GPU_DTYPES:
                 for d in kern.HEAD_DIMS:
                     for cap in (False, True):
+                        if kind == "fwd_partial" and arch not in kern.TMA_ARCHS[kind]:
+                            with pytest.raises(ValueError, match="fwd_partial"):
+                                kern.select_config(kind, dtype, d, cap, arch)
+                            continue
                         cfg = kern.select_config(kind, dtype, d, cap, arch)
                         assert cfg.key in registered and cfg.archs == (arch,)
                         assert cfg.constexprs["HEAD_DIM"] == d and cfg.constexprs["SOFTCAP"] == cap
+
+
+@pytest.mark.parametrize("arch", kern.ARCHS)
+def test_forward_configs_are_the_two_pass_tma_shape_exactly_on_sm90(arch):
+    for dtype in kern.GPU_DTYPES:
+        for d in kern.HEAD_DIMS:
+            for cap in (False, True):
+                cfgs = kern.forward_configs(dtype, d, cap, arch)
+                passes = [c.constexprs["PASS"] for c in cfgs]
+                if arch == 90:
+                    assert passes == [1, 2] and [c.name for c in cfgs] == ["flex_attn_fwd", "flex_attn_fwd_partial"]
+                    assert cfgs[0].config.endswith("tma ws") and cfgs[0].constexprs["BLOCK_N"] == 128
+                    assert {(c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"]) for c in cfgs} == {(128, 128)}
+                else:
+                    assert passes == [0] and "tma" not in cfgs[0].config
+
+
+def test_forward_config_rules_name_the_problem():
+    with pytest.raises(ValueError, match="needs tma=True"):
+        kern.make_config("fwd_partial", torch.float16, 64, False, 128, 128)
+    with pytest.raises(ValueError, match="forward option"):
+        kern.make_config("bwd_dq", torch.float16, 64, False, 64, 64, tma=True)
+    q, k, v = _qkv(20, 20, 2, 1, 64, torch.float32)
+    a = make_args(q, k, v, *_ranges([[0, 20]], [[0, 20]], [1]), None, 0.0, False)
+    out, lse = torch.empty_like(q), torch.empty(20, 2)
+    full, partial = _fwd_configs(torch.float32, 64, False, 16, 16, True)
+    with pytest.raises(ValueError, match="PASS"):
+        kern.launch_fwd(a, out, lse, (partial,))
+    with pytest.raises(ValueError, match="same tiles"):
+        kern.launch_fwd(a, out, lse, (full, kern.make_config("fwd_partial", torch.float32, 64, False, 16, 32, tma=True)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -222,7 +283,9 @@ def test_launchers_pick_registered_configs_with_matching_arg_types(monkeypatch, 
     kern.launch_bwd(a, torch.randn(tq, hq, d).to(dtype), out, lse, torch.randn(tq, hq), torch.empty_like(q),
                     torch.empty_like(k), torch.empty_like(v))
     registered = {c.key: c for c in registered_configs()}
-    assert [c.name for c, _, _ in seen] == ["flex_attn_fwd", "flex_attn_bwd_dq", "flex_attn_bwd_dkdv"]
+    # sm_90: the FULL pass, then the PARTIAL pass (the causal diagonal tile is PARTIAL), then the backward.
+    assert [c.name for c, _, _ in seen] == ["flex_attn_fwd", "flex_attn_fwd_partial", "flex_attn_bwd_dq",
+                                            "flex_attn_bwd_dkdv"]
     for cfg, grid, args in seen:
         assert registered.get(cfg.key) == cfg
         runtime = [n for n, t in cfg.signature.items() if t != "constexpr"]

@@ -1,12 +1,13 @@
 """The plan's FULL runs (q_rptr, r_lo, r_hi): each q tile's FULL entries as maximal runs of consecutive k tiles,
 which the Triton forward walks by an affine tile index instead of reading q_kidx per tile; and its launch order
-(q_order), heaviest q tile first."""
+(q_order), heaviest q tile first; and the q tiles with PARTIAL entries (q_partial, q_slot) through which the sm_90
+forward's two passes hand over their softmax state."""
 
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from magi_kernels.plan import build_plan, native_planner
-from magi_kernels.plan.planner import full_runs, heaviest_first
+from magi_kernels.plan.planner import full_runs, heaviest_first, partial_q_tiles
 
 from ._helpers import slice_layouts
 
@@ -61,3 +62,26 @@ def test_launch_order_is_a_permutation_heaviest_first(layout, bm, bn, planner):
 
 def test_launch_order_puts_partial_heavy_tiles_first():
     assert heaviest_first([0, 1, 4, 6, 6], [1, 3, 0, 0]).tolist() == [2, 1, 0, 3]  # work 1, 3, 4, 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(**PLANS)
+def test_partial_tiles_list_every_q_tile_with_a_partial_entry_once_most_first(layout, bm, bn, planner):
+    t = _plan_arrays(layout, bm, bn, planner)
+    n_partial = np.diff(t["q_ptr"]) - t["q_nfull"]
+    listed = t["q_partial"].tolist()
+    assert sorted(listed) == np.nonzero(n_partial > 0)[0].tolist()
+    counts = [int(n_partial[m]) for m in listed]
+    assert all(a > b or (a == b and i < j) for (a, i), (b, j) in zip(zip(counts, listed), zip(counts[1:], listed[1:])))
+    assert t["q_slot"].shape == t["q_nfull"].shape
+    assert [int(t["q_slot"][m]) for m in listed] == list(range(len(listed)))
+    assert (t["q_slot"][n_partial == 0] == -1).all()
+
+
+def test_partial_tiles_of_hand_made_entry_lists():
+    # tile 0: 2 FULL + 1 PARTIAL; tile 1: only FULL; tile 2: 2 PARTIAL; tile 3: nothing; tile 4: 1 PARTIAL.
+    q_partial, q_slot = partial_q_tiles([0, 3, 4, 6, 6, 7], [2, 1, 0, 0, 0])
+    assert q_partial.tolist() == [2, 0, 4] and q_slot.tolist() == [1, -1, 0, -1, 2]
+    q_partial, q_slot = partial_q_tiles([0], [])
+    assert q_partial.size == 0 and q_slot.size == 0
+    assert q_partial.dtype == np.int32 and q_slot.dtype == np.int32

@@ -19,6 +19,11 @@ Design:
   The forward and dQ kernels walk FULL tiles as the plan's runs of consecutive k tiles, an affine index the pipeliner
   prefetches one stage deeper than one loaded per tile; q-major kernels take their q tile from the plan's
   heaviest-first launch order (docs/kernel_structure.md).
+* sm_90 forward: two passes of the same kernel (PASS constexpr). Pass 1 walks the FULL tiles in a warp-specialized
+  loop fed by TMA tensor descriptors (a producer warp copies K/V, two consumer warpgroups compute), pass 2 the PARTIAL
+  tiles, resuming from the fp32 softmax state pass 1 saved for the q tiles that have any. Triton 3.9's Hopper
+  warp specialization rejects a PARTIAL loop after (or before) the FULL one in the same program, hence two passes
+  (docs/kernel_structure.md has the reduction). sm_80/89 run both kinds of tiles in one pass with pointer loads.
 * Scores live in the log2 domain: scale * log2(e) is folded into one multiply so the softmax uses
   exp2 (one MUFU.EX2 per score); lse is converted back to natural log at the end.
 * GQA maps q head h to kv head h // G in the address computation: K/V are never repeated.
@@ -46,6 +51,7 @@ Design:
 
 from __future__ import annotations
 
+import dataclasses
 
 import torch
 import triton
@@ -116,73 +122,174 @@ def _slice_mask(slices_ptr, mask_slices_ptr, j0, j1, r, c):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt, stride_vh, kh,
-              total_k, slices_ptr, mask_slices_ptr, j0, j1, qk_scale, cap_in, cap_out, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
-    """One online-softmax step over k tile n (log2 domain)."""
-    s2, _, k, v = _kv_tile_scores(q, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt, stride_vh, kh,
-                                  total_k, slices_ptr, mask_slices_ptr, j0, j1, qk_scale, cap_in, cap_out, BLOCK_N,
-                                  MASKED, SOFTCAP)
-    m_new = tl.maximum(m_i, tl.max(s2, 1))
-    if MASKED:
-        # A row that has seen nothing yet keeps m = -inf: shift by 0 there so exp2 gives 0, not NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+def _fwd_load_kv(k_src, v_src, row0, offs_d, stride_kt, stride_vt, total_k, ROWS: tl.constexpr, MASKED: tl.constexpr,
+                 TMA: tl.constexpr):
+    """K and V rows [row0, row0 + ROWS) of one kv head. With TMA, k_src/v_src are tensor descriptors of the head's
+    [total_k, D] rows (the copy engine zero-fills rows past total_k); otherwise pointers to the head's first row."""
+    if TMA:
+        k = k_src.load([row0, 0])
+        v = v_src.load([row0, 0])
     else:
-        m_use = m_new  # a FULL tile makes every row's max finite
-    p = tl.exp2(s2 - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)  # rescales what was accumulated under the old max
+        cols = (row0 + tl.arange(0, ROWS)).to(tl.int64)
+        koff = cols[:, None] * stride_kt + offs_d[None, :]
+        voff = cols[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            col_ok = (cols < total_k)[:, None]
+            k = tl.load(k_src + koff, mask=col_ok, other=0.0)
+            v = tl.load(v_src + voff, mask=col_ok, other=0.0)
+        else:
+            k = tl.load(k_src + koff)
+            v = tl.load(v_src + voff)
+    return k, v
+
+
+@triton.jit
+def _fwd_full_step(acc, m_i, l_i, q, k, v, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr):
+    """One online-softmax step over a FULL k tile (log2 domain; every row's max is finite afterwards)."""
+    if SOFTCAP:
+        s2, _ = _scores_log2(q, tl.trans(k), qk_scale, cap_in, cap_out, SOFTCAP)
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        p = tl.exp2(s2 - m_new[:, None])
+    else:
+        # max(s) * c == max(s * c) exactly for c > 0 (rounding is monotonic; the launcher keeps qk_scale > 0),
+        # and s * c - m is then one FFMA per score instead of a multiply and a subtract.
+        s = tl.dot(q, tl.trans(k))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_partial_step(acc, m_i, l_i, q, k, v, col0, offs_m, slices_ptr, mask_slices_ptr, j0, j1, qk_scale, cap_in,
+                      cap_out, ROWS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """One online-softmax step over keys [col0, col0 + ROWS) of a PARTIAL k tile: scores outside the tile's slices
+    are -inf."""
+    cols = col0 + tl.arange(0, ROWS)
+    s2, _ = _scores_log2(q, tl.trans(k), qk_scale, cap_in, cap_out, SOFTCAP)
+    vis = _slice_mask(slices_ptr, mask_slices_ptr, j0, j1, offs_m[:, None], cols[None, :])
+    s2 = tl.where(vis, s2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s2, 1))
+    # A row that has seen nothing yet keeps m = -inf: shift by 0 there so exp2 gives 0, not NaN.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s2 - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i
 
 
 @triton.jit(do_not_specialize=["total_q", "total_k", "groups", "q_heads"])
 def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_start_ptr, q_nfull_ptr, q_kidx_ptr,
                           q_pstart_ptr, q_rstart_ptr, run_lo_ptr, run_hi_ptr, p_mstart_ptr, mask_slices_ptr, slices_ptr,
+                          q_partial_ptr, q_slot_ptr, state_acc_ptr, state_m_ptr, state_l_ptr,
                           stride_qt, stride_qh, stride_kt, stride_kh,
                           stride_vt, stride_vh, stride_ot, stride_oh, q_heads, total_q, total_k, groups,
                           qk_scale: tl.float32, cap_in: tl.float32, cap_out: tl.float32, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr):
-    m = tl.load(q_order_ptr + tl.program_id(0))  # heaviest q tiles first (the plan's launch order)
+                          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr, PASS: tl.constexpr):
+    """One (q tile, q head) per program. PASS (docs/kernel_structure.md):
+
+    0: every tile of the q tile in one program, pointer loads, FULL tiles walked as the plan's runs (sm_80/89).
+    1: FULL tiles only, warp-specialized, Q/K/V by TMA descriptors (sm_90). A q tile with PARTIAL entries saves
+       its raw softmax state (acc, m, l; fp32) in slot q_slot[m] of state_*; the others write out and lse.
+    2: PARTIAL tiles of the q tiles in q_partial, by TMA descriptors, resuming from their slot's state (sm_90).
+    """
+    TMA: tl.constexpr = PASS != 0
+    # PASS 2 walks a PARTIAL k tile in sub-tiles of at most 64 keys: its scores, mask and accumulator are all in
+    # registers at once, and a 128-key step would spill.
+    KV_N: tl.constexpr = 64 if PASS == 2 and BLOCK_N > 64 else BLOCK_N
+    if PASS == 2:
+        slot = tl.program_id(0)
+        m = tl.load(q_partial_ptr + slot)  # most PARTIAL entries first
+    else:
+        m = tl.load(q_order_ptr + tl.program_id(0))  # heaviest q tiles first (the plan's launch order)
     h = tl.program_id(1)
     kh = h // groups
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < total_q
     rows64 = offs_m.to(tl.int64)
-    q = tl.load(q_ptr + rows64[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if TMA:
+        # Per-head 2-D views [tokens, D]: any token and head strides (multiples of 16 elements), and out-of-range
+        # rows read as zeros. Triton's Hopper warp specialization takes descriptor loads only: one plain tensor
+        # load anywhere in the kernel (q included) makes the pass fail.
+        q_src = tl.make_tensor_descriptor(q_ptr + h * stride_qh, shape=[total_q, HEAD_DIM], strides=[stride_qt, 1],
+                                          block_shape=[BLOCK_M, HEAD_DIM])
+        k_src = tl.make_tensor_descriptor(k_ptr + kh * stride_kh, shape=[total_k, HEAD_DIM], strides=[stride_kt, 1],
+                                          block_shape=[KV_N, HEAD_DIM])
+        v_src = tl.make_tensor_descriptor(v_ptr + kh * stride_vh, shape=[total_k, HEAD_DIM], strides=[stride_vt, 1],
+                                          block_shape=[KV_N, HEAD_DIM])
+        q = q_src.load([m * BLOCK_M, 0])
+    else:
+        k_src = k_ptr + kh * stride_kh
+        v_src = v_ptr + kh * stride_vh
+        q = tl.load(q_ptr + rows64[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None],
+                    other=0.0)
 
     e0 = tl.load(q_start_ptr + m)
     e1 = tl.load(q_start_ptr + m + 1)
     e_mid = e0 + tl.load(q_nfull_ptr + m)  # [e0, e_mid) FULL, [e_mid, e1) PARTIAL
     p0 = tl.load(q_pstart_ptr + m) - e_mid  # partial id of entry e is p0 + e
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # FULL tiles by runs of consecutive k tiles: an affine tile index lets the pipeliner prefetch one stage deeper
-    # than an index loaded from the plan (docs/kernel_structure.md). Same tiles, same order as the entry list.
-    for r in range(tl.load(q_rstart_ptr + m), tl.load(q_rstart_ptr + m + 1)):
-        for n in range(tl.load(run_lo_ptr + r), tl.load(run_hi_ptr + r)):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh,
-                                      stride_vt, stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, 0, 0, qk_scale,
-                                      cap_in, cap_out, BLOCK_N, False, SOFTCAP)
-    for e in range(e_mid, e1):
-        n = tl.load(q_kidx_ptr + e)
-        j0 = tl.load(p_mstart_ptr + p0 + e)
-        j1 = tl.load(p_mstart_ptr + p0 + e + 1)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, stride_vt,
-                                  stride_vh, kh, total_k, slices_ptr, mask_slices_ptr, j0, j1, qk_scale, cap_in,
-                                  cap_out, BLOCK_N, True, SOFTCAP)
+    # State rows of this program's slot: [slot * BLOCK_M, (slot + 1) * BLOCK_M) x q heads.
+    if PASS == 2:
+        srow = (slot * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * q_heads + h
+        m_i = tl.load(state_m_ptr + srow)
+        l_i = tl.load(state_l_ptr + srow)
+        acc = tl.load(state_acc_ptr + srow[:, None] * HEAD_DIM + offs_d[None, :])
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if PASS == 1:
+        # One flat loop over the FULL entries. The warp-specialization pass fails on a loop nested in another that
+        # carries the accumulator (the runs of PASS 0) and on any loop after it that does (the PARTIAL loop, hence
+        # PASS 2). The k tile index it loads from the plan goes to the producer warp with the copies, so the
+        # consumer loop has no load at all.
+        for e in tl.range(e0, e_mid, warp_specialize=True):
+            k, v = _fwd_load_kv(k_src, v_src, tl.load(q_kidx_ptr + e) * BLOCK_N, offs_d, stride_kt, stride_vt,
+                                total_k, BLOCK_N, False, TMA)
+            acc, m_i, l_i = _fwd_full_step(acc, m_i, l_i, q, k, v, qk_scale, cap_in, cap_out, SOFTCAP)
+    elif PASS == 0:
+        # FULL tiles by runs of consecutive k tiles: an affine tile index lets the pipeliner prefetch one stage
+        # deeper than an index loaded from the plan. Same tiles, same order as the entry list.
+        for r in range(tl.load(q_rstart_ptr + m), tl.load(q_rstart_ptr + m + 1)):
+            for n in range(tl.load(run_lo_ptr + r), tl.load(run_hi_ptr + r)):
+                k, v = _fwd_load_kv(k_src, v_src, n * BLOCK_N, offs_d, stride_kt, stride_vt, total_k, BLOCK_N, False,
+                                    TMA)
+                acc, m_i, l_i = _fwd_full_step(acc, m_i, l_i, q, k, v, qk_scale, cap_in, cap_out, SOFTCAP)
+    if PASS != 1:
+        for e in range(e_mid, e1):
+            n = tl.load(q_kidx_ptr + e)
+            j0 = tl.load(p_mstart_ptr + p0 + e)
+            j1 = tl.load(p_mstart_ptr + p0 + e + 1)
+            for sub in tl.static_range(BLOCK_N // KV_N):
+                col0 = n * BLOCK_N + sub * KV_N
+                k, v = _fwd_load_kv(k_src, v_src, col0, offs_d, stride_kt, stride_vt, total_k, KV_N, True, TMA)
+                acc, m_i, l_i = _fwd_partial_step(acc, m_i, l_i, q, k, v, col0, offs_m, slices_ptr, mask_slices_ptr,
+                                                  j0, j1, qk_scale, cap_in, cap_out, KV_N, SOFTCAP)
 
+    final = row_ok
+    if PASS == 1:
+        # Masked stores rather than a branch on the slot (the warp-specialized loop's results feed both).
+        slot = tl.load(q_slot_ptr + m)
+        srow = (tl.maximum(slot, 0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * q_heads + h
+        # (Broadcast before comparing: the interpreter rejects a mask that mixes a loaded scalar's bool in.)
+        to_state = (tl.zeros([BLOCK_M], tl.int32) + slot) >= 0
+        tl.store(state_m_ptr + srow, m_i, mask=to_state)
+        tl.store(state_l_ptr + srow, l_i, mask=to_state)
+        tl.store(state_acc_ptr + srow[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=to_state[:, None])
+        final = row_ok & ~to_state
     # Rows that saw no key (l = 0; acc is 0 there too): out 0, lse -inf.
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # log2 -> natural log
     tl.store(out_ptr + rows64[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
-    tl.store(lse_ptr + rows64 * q_heads + h, lse, mask=row_ok)
+             mask=final[:, None])
+    tl.store(lse_ptr + rows64 * q_heads + h, lse, mask=final)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,6 +540,7 @@ def _flex_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr,
 
 KERNELS = {  # kind -> (AOT name, "module:attr")
     "fwd": ("flex_attn_fwd", f"{__name__}:_flex_attn_fwd_kernel"),
+    "fwd_partial": ("flex_attn_fwd_partial", f"{__name__}:_flex_attn_fwd_kernel"),  # PASS 2 of the sm_90 forward
     "bwd_dq": ("flex_attn_bwd_dq", f"{__name__}:_flex_attn_bwd_dq_kernel"),
     "bwd_dkdv": ("flex_attn_bwd_dkdv", f"{__name__}:_flex_attn_bwd_dkdv_kernel"),
 }
@@ -441,12 +549,16 @@ ARCHS = (80, 89, 90)
 # (kind, arch, head_dim) -> (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is always the q-row tile
 # and BLOCK_N the key tile (for dK/dV the program owns BLOCK_N keys and walks q tiles of BLOCK_M rows).
 # Chosen so that every config compiles with 0 spills (aot_check), the largest tiles that do:
-# * fwd sm_90: 8 warps = 2 warpgroups of 64 rows each (the wgmma M atom is 64); sm_80 d128 needs BN=32 to
-#   stay spill-free at 3 stages; sm_89 (101 KB smem) runs 2 stages.
+# * fwd sm_90 (TMA_ARCHS): the FULL pass is warp-specialized, 4 warps given; the compiler adds a producer warp and
+#   splits the 128 rows over two consumer warpgroups of 64 (the wgmma M atom). d128 keeps 2 K/V buffers: a third
+#   does not fit in 227 KB of shared memory beside Q. The PARTIAL pass (fwd_partial) must use the same tiles (both
+#   passes read one plan) and takes 8 warps: it holds the scores and the accumulator in registers at once.
+#   sm_80 d128 needs BN=32 to stay spill-free at 3 stages; sm_89 (101 KB smem) runs 2 stages.
 # * bwd dQ holds q, dO and the dq accumulator for the whole walk: d128 takes 32-key steps.
 # * bwd dK/dV holds k, v and two [BN, D] fp32 accumulators: d128 uses 8 warps to spread them.
 TILES = {
-    ("fwd", 90, 64): (128, 128, 8, 3), ("fwd", 90, 128): (128, 64, 8, 3),
+    ("fwd", 90, 64): (128, 128, 4, 3), ("fwd", 90, 128): (128, 128, 4, 2),
+    ("fwd_partial", 90, 64): (128, 128, 8, 3), ("fwd_partial", 90, 128): (128, 128, 8, 2),
     ("fwd", 80, 64): (128, 64, 4, 3), ("fwd", 80, 128): (128, 32, 8, 3),
     ("fwd", 89, 64): (128, 64, 4, 2), ("fwd", 89, 128): (128, 64, 8, 2),
     ("bwd_dq", 90, 64): (64, 64, 4, 2), ("bwd_dq", 90, 128): (64, 32, 4, 2),
@@ -456,6 +568,8 @@ TILES = {
     ("bwd_dkdv", 80, 64): (32, 64, 4, 2), ("bwd_dkdv", 80, 128): (64, 64, 8, 2),
     ("bwd_dkdv", 89, 64): (32, 64, 4, 2), ("bwd_dkdv", 89, 128): (64, 64, 8, 2),
 }
+# kind -> archs whose forward configs are the two-pass TMA shape (fwd: PASS 1, fwd_partial: PASS 2).
+TMA_ARCHS = {"fwd": (90,), "fwd_partial": (90,)}
 
 # Kernel parameter -> plan tensor (magi_kernels/plan/planner.py documents the layout). Every other pointer
 # is an attention tensor: fp32 for the per-row statistics below, the input dtype otherwise.
@@ -464,30 +578,41 @@ PLAN_ARGS = {
     "k_start_ptr": "k_ptr", "k_nfull_ptr": "k_nfull", "k_qidx_ptr": "k_qidx", "k_pstart_ptr": "k_pptr",
     "k_pent_ptr": "k_pent", "p_mstart_ptr": "p_mptr", "mask_slices_ptr": "mask_slices", "slices_ptr": "slices",
     "q_rstart_ptr": "q_rptr", "run_lo_ptr": "r_lo", "run_hi_ptr": "r_hi", "q_order_ptr": "q_order",
+    "q_partial_ptr": "q_partial", "q_slot_ptr": "q_slot",
 }
-_FP32_ARGS = ("lse_ptr", "dlse_ptr", "lse2_ptr", "delta_ptr")
+_FP32_ARGS = ("lse_ptr", "dlse_ptr", "lse2_ptr", "delta_ptr", "state_acc_ptr", "state_m_ptr", "state_l_ptr")
 # Every pointer and every token/head stride is compiled as a multiple of 16; the launcher guarantees it.
 _DIVISIBLE_BY_16 = ("*_ptr", "stride_*")
 
 
 def _pointer_dtypes(kind: str, dt: str) -> dict[str, str]:
-    fn = {"fwd": _flex_attn_fwd_kernel, "bwd_dq": _flex_attn_bwd_dq_kernel,
+    fn = {"fwd": _flex_attn_fwd_kernel, "fwd_partial": _flex_attn_fwd_kernel, "bwd_dq": _flex_attn_bwd_dq_kernel,
           "bwd_dkdv": _flex_attn_bwd_dkdv_kernel}[kind]
     ptrs = [n for n, t in kernel_parameters(fn) if t == "ptr"]
     return {n: "i32" if n in PLAN_ARGS else "fp32" if n in _FP32_ARGS else dt for n in ptrs}
 
 
 def make_config(kind: str, dtype: torch.dtype, head_dim: int, softcap: bool, block_m: int, block_n: int,
-                num_warps: int = 4, num_stages: int = 2, archs: tuple[int, ...] = ARCHS) -> AotConfig:
-    """A config for one kernel (shipped ones come from TILES; tests build small-tile ones for the interpreter)."""
+                num_warps: int = 4, num_stages: int = 2, archs: tuple[int, ...] = ARCHS, tma: bool = False) -> AotConfig:
+    """A config for one kernel (shipped ones come from TILES; tests build small-tile ones for the interpreter).
+
+    ``tma`` selects the forward's two-pass shape: kind "fwd" is then its warp-specialized FULL pass (PASS 1) and
+    kind "fwd_partial", which exists only in that shape, its PARTIAL pass (PASS 2).
+    """
     name, kernel = KERNELS[kind]
+    if tma and kind not in ("fwd", "fwd_partial"):
+        raise ValueError(f"{OP}: tma=True is a forward option, got kind {kind!r}")
+    if kind == "fwd_partial" and not tma:
+        raise ValueError(f"{OP}: kind 'fwd_partial' is the PARTIAL pass of the TMA forward and needs tma=True")
     dt = _TRITON_DTYPE[dtype]
     arch = "/".join(f"sm{a}" for a in archs)
     label = f"{arch} {dt} D={head_dim} BM={block_m} BN={block_n} w{num_warps} s{num_stages}" + (
-        " softcap" if softcap else "")
+        " softcap" if softcap else "") + (" tma" if tma else "") + (" ws" if tma and kind == "fwd" else "")
+    constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_DIM": head_dim, "SOFTCAP": softcap}
+    if kind in ("fwd", "fwd_partial"):
+        constexprs["PASS"] = 2 if kind == "fwd_partial" else 1 if tma else 0
     return AotConfig(kernel=kernel, name=name, config=label, pointer_dtypes=_pointer_dtypes(kind, dt),
-                     constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_DIM": head_dim, "SOFTCAP": softcap},
-                     num_warps=num_warps, num_stages=num_stages, archs=tuple(archs), mma="f16",
+                     constexprs=constexprs, num_warps=num_warps, num_stages=num_stages, archs=tuple(archs), mma="f16",
                      divisible_by_16=_DIVISIBLE_BY_16)
 
 
@@ -496,7 +621,8 @@ def _shipped() -> dict:
     for (kind, arch, d), (bm, bn, w, s) in TILES.items():
         for dtype in GPU_DTYPES:
             for cap in (False, True):
-                cfgs[(kind, arch, dtype, d, cap)] = make_config(kind, dtype, d, cap, bm, bn, w, s, (arch,))
+                cfgs[(kind, arch, dtype, d, cap)] = make_config(kind, dtype, d, cap, bm, bn, w, s, (arch,),
+                                                                arch in TMA_ARCHS.get(kind, ()))
     return cfgs
 
 
@@ -536,11 +662,15 @@ def select_config(kind: str, dtype: torch.dtype, head_dim: int, softcap: bool, a
         raise ValueError(f"{OP}: the Triton kernels support head_dim in {HEAD_DIMS}, got {head_dim}")
     if arch not in ARCHS:
         raise ValueError(f"{OP}: no configs for sm_{arch} (have {ARCHS})")
+    if kind == "fwd_partial" and arch not in TMA_ARCHS[kind]:
+        raise ValueError(f"{OP}: kind 'fwd_partial' is the PARTIAL pass of the two-pass forward of "
+                         f"{['sm_%d' % x for x in TMA_ARCHS[kind]]}; sm_{arch} runs the forward in one pass")
     if dtype in GPU_DTYPES:
         return _CONFIGS[(kind, arch, dtype, head_dim, bool(softcap))]
     if dtype == torch.float32 and triton_interpreting():
         bm, bn, w, s = TILES[(kind, arch, head_dim)]
-        return make_config(kind, dtype, head_dim, bool(softcap), bm, bn, w, s, (arch,))
+        return make_config(kind, dtype, head_dim, bool(softcap), bm, bn, w, s, (arch,),
+                           arch in TMA_ARCHS.get(kind, ()))
     raise ValueError(f"{OP}: the Triton kernels take fp16/bf16 (fp32 only under the interpreter), got {dtype}")
 
 
@@ -621,22 +751,73 @@ def _check_sizes(a, *ts: torch.Tensor) -> None:
     check_i32(OP, **vals)
 
 
-def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, config: AotConfig | None = None) -> None:
-    """Write out [Tq, Hq, D] (q's dtype) and lse [Tq, Hq] (fp32) for FlexAttnArgs ``a``."""
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the tensor descriptors a kernel builds on the device (128 B per descriptor)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_descriptor_allocator() -> None:
+    """Kernels that call tl.make_tensor_descriptor need Triton's allocator; install ours unless one is set."""
+    from triton.runtime._allocation import NullAllocator, _allocator
+
+    if isinstance(_allocator.get(), NullAllocator):
+        triton.set_allocator(_descriptor_scratch)
+
+
+def forward_configs(dtype: torch.dtype, head_dim: int, softcap: bool, arch: int) -> tuple[AotConfig, ...]:
+    """The forward's launches in order: (single pass,) on sm_80/89, (FULL pass, PARTIAL pass) on sm_90."""
+    full = select_config("fwd", dtype, head_dim, softcap, arch)
+    if full.constexprs["PASS"] == 0:
+        return (full,)
+    return full, select_config("fwd_partial", dtype, head_dim, softcap, arch)
+
+
+def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, configs: tuple[AotConfig, ...] | None = None) -> None:
+    """Write out [Tq, Hq, D] (q's dtype) and lse [Tq, Hq] (fp32) for FlexAttnArgs ``a``.
+
+    ``configs``: a single-pass config (PASS 0), or a FULL-pass and a PARTIAL-pass config with the same tiles
+    (PASS 1, PASS 2); default :func:`forward_configs` for the device.
+    """
     tq, hq, d = a.q.shape
     if tq == 0:
         return
-    cfg = config or select_config("fwd", a.q.dtype, d, a.softcap > 0, arch_of(a.q.device))
+    cfgs = configs or forward_configs(a.q.dtype, d, a.softcap > 0, arch_of(a.q.device))
+    passes = tuple(c.constexprs.get("PASS") for c in cfgs)
+    if passes not in ((0,), (1, 2)):
+        raise ValueError(f"{OP}: forward configs must be one PASS 0 config or a PASS 1 and a PASS 2 config, got "
+                         f"PASS {passes}")
+    bm, bn = cfgs[0].constexprs["BLOCK_M"], cfgs[0].constexprs["BLOCK_N"]
+    if any((c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"]) != (bm, bn) for c in cfgs):
+        raise ValueError(f"{OP}: the two forward passes read one plan and need the same tiles, got "
+                         f"{[c.key for c in cfgs]}")
     q, k, v = (_aligned_input(t) for t in (a.q, a.k, a.v))
+    scalars = _scalars(a)
+    if a.softmax_scale < 0:
+        # The FULL step takes the row max before scaling, which needs a positive scale: (q . -k) * |scale| is
+        # exactly (q . k) * scale.
+        k = _aligned_input(-k)
+        scalars = _scalars(dataclasses.replace(a, softmax_scale=-a.softmax_scale))
     o_buf = _out_buffer(out)
     lse_buf = lse if (lse.is_contiguous() and lse.data_ptr() % 16 == 0) else torch.empty_like(lse).contiguous()
     _check_sizes(a, q, k, v, o_buf)
-    grid = (triton.cdiv(tq, cfg.constexprs["BLOCK_M"]), hq)
+    plan_args = _plan_args(a, cfgs[0])
+    n_partial_tiles = a.plan(bm, bn).q_partial.numel() if len(cfgs) == 2 else 0
+    # PASS 1 -> PASS 2 softmax state of the q tiles with PARTIAL entries: BLOCK_M rows x q heads per slot, fp32.
+    if n_partial_tiles:
+        state = dict(state_acc_ptr=torch.empty(n_partial_tiles * bm, hq, d, dtype=torch.float32, device=q.device),
+                     state_m_ptr=torch.empty(n_partial_tiles * bm, hq, dtype=torch.float32, device=q.device),
+                     state_l_ptr=torch.empty(n_partial_tiles * bm, hq, dtype=torch.float32, device=q.device))
+    else:
+        state = dict(state_acc_ptr=dummy(q.device), state_m_ptr=dummy(q.device), state_l_ptr=dummy(q.device))
+    if len(cfgs) == 2 and q.device.type == "cuda":
+        _ensure_descriptor_allocator()
     # lse [Tq, Hq] is contiguous here, so its row stride is the number of q heads.
-    KernelLaunch(cfg, grid, dict(
-        q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=o_buf, lse_ptr=lse_buf, **_plan_args(a, cfg),
-        **_strides(q=q, k=k, v=v, o=o_buf), q_heads=hq, total_q=a.total_q, total_k=a.total_k, groups=a.groups,
-        **_scalars(a))).run()
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=o_buf, lse_ptr=lse_buf, **plan_args, **state,
+                **_strides(q=q, k=k, v=v, o=o_buf), q_heads=hq, total_q=a.total_q, total_k=a.total_k,
+                groups=a.groups, **scalars)
+    KernelLaunch(cfgs[0], (triton.cdiv(tq, bm), hq), args).run()
+    if n_partial_tiles:
+        KernelLaunch(cfgs[1], (n_partial_tiles, hq), args).run()
     if o_buf is not out:
         out.copy_(o_buf)
     if lse_buf is not lse:
