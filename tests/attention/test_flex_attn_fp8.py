@@ -19,7 +19,7 @@ from magi_kernels.kernels.triton import flex_attn_fp8 as kern
 from magi_kernels.kernels.triton.aot import registered_configs
 from magi_kernels.ops.flex_attn import make_args
 from magi_kernels.reference.flex_attn import flex_attn_ref
-from magi_kernels.reference.flex_attn_fp8 import PV_PRECISIONS, flex_attn_fp8_ref, kv_statistics
+from magi_kernels.reference.flex_attn_fp8 import PV_PRECISIONS, flex_attn_fp8_ref, int8_round, kv_statistics
 
 from ._helpers import slice_layouts
 
@@ -127,6 +127,13 @@ def test_lse_convention_merges_with_flex_attn():
     assert (lm.double() - l64).abs().max() < 0.05
 
 
+def test_int8_rounding_ties_away_from_zero_and_saturates():
+    """The kernel's recipe, trunc(y +- 0.5) in fp32: ties go away from zero, and the largest fp32 below 0.5 rounds
+    up because y + 0.5 itself rounds to 1.0 (the kernel's fp32 add does the same)."""
+    y = torch.tensor([0.5, -0.5, 1.5, -2.5, 0.49999997, 0.4999, 126.5, -126.5, 130.0, -1e9, 0.0])
+    assert int8_round(y).tolist() == [1.0, -1.0, 2.0, -3.0, 1.0, 0.0, 127.0, -127.0, 127.0, -127.0, 0.0]
+
+
 def test_statistics_kernel_matches_reference():
     """One pass over K and V: K's channel mean (fp32 sums, another order) and V's channel scale (exact)."""
     tk, hk, d = 61, 2, 64  # 3 chunks of 24 tokens, the last ragged
@@ -189,17 +196,16 @@ def test_op_backends_agree_and_reject_bad_input():
         flex_attn_fp8_func(q[..., :32], k[..., :32], v[..., :32], *rng, backend="triton")
 
 
-def test_shipped_configs_are_registered():
+def test_shipped_configs_are_registered(monkeypatch):
     """Every config the launcher picks on sm_89/sm_90 is registered for the AOT check (PV MMA class, 0 spills)."""
+    monkeypatch.setattr(kern, "triton_interpreting", lambda: False)  # select as on a GPU
     keys = {c.key for c in registered_configs()}
     for arch in kern.ARCHS:
         for d in (64, 128):
             for cap in (False, True):
                 for dtype in kern.IN_DTYPES:
                     for pv in PV_PRECISIONS:
-                        cs, cq, cf = (kern._CONFIGS[("stats", arch, dtype, d)],
-                                      kern._CONFIGS[("quant", arch, dtype, d, False, pv)],
-                                      kern._CONFIGS[("fwd", arch, dtype, d, cap, pv)])
+                        cs, cq, cf = kern.select_configs(dtype, d, cap, arch, pv)
                         assert cf.mma == {"e4m3": "fp8", "fp16": "f16"}[pv] and cf.archs == (arch,)
                         assert not cf.constexprs["EXACT_E4M3"] and cf.constexprs["PV_FP16"] == (pv == "fp16")
                         assert cq.constexprs["BLOCK_N"] == cf.constexprs["BLOCK_N"]
