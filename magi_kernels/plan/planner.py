@@ -40,6 +40,13 @@ Flat int32 tensors (CSR), E entries of which P are PARTIAL:
   launch order (forward, dQ) q_order [Mt]
       q tiles heaviest first (FULL entries + 2 x PARTIAL entries, ties by tile index): program i of a q-major
       kernel works on q tile q_order[i], so the long tiles start first and the launch ends on short ones.
+  PARTIAL row bounds (forward)   q_bptr [Mt+1], b_kidx [B], b_rows [B, 4, BM]
+      the PARTIAL tiles of q tile m as bound entries b in [q_bptr[m], q_bptr[m+1]), in entry order: k tile
+      b_kidx[b], and for each tile row i the visible keys as at most two intervals (global key indices)
+      [b_rows[b,0,i], b_rows[b,1,i]) and [b_rows[b,2,i], b_rows[b,3,i]) (empty: both 0): the union of the
+      tile's slices, clipped to the tile, merged per row. A tile one of whose rows needs more intervals is
+      listed once per pair of them (disjoint cells, so no key counts twice). The forward builds its PARTIAL
+      mask from these with no loop and no per-slice load. Derived from the arrays above (one copy).
   PARTIAL q tiles (sm_90 forward) q_partial [Mp], q_slot [Mt]
       the q tiles with at least one PARTIAL entry, most PARTIAL entries first (ties by tile index), and for each
       q tile its position in q_partial (-1 for none). The sm_90 forward runs FULL and PARTIAL tiles in two
@@ -63,7 +70,7 @@ import torch
 
 PLAN_KEYS_Q = ("q_ptr", "q_nfull", "q_kidx", "q_pptr", "p_mptr", "mask_slices")
 PLAN_KEYS_K = ("k_ptr", "k_nfull", "k_qidx", "k_pptr", "k_pent")
-PLAN_KEYS_RUNS = ("q_rptr", "r_lo", "r_hi", "q_order", "q_partial", "q_slot")
+PLAN_KEYS_RUNS = ("q_rptr", "r_lo", "r_hi", "q_order", "q_partial", "q_slot", "q_bptr", "b_kidx", "b_rows")
 PLAN_KEYS = ("slices",) + PLAN_KEYS_Q + PLAN_KEYS_K + PLAN_KEYS_RUNS
 
 
@@ -362,6 +369,71 @@ def partial_q_tiles(q_ptr, q_nfull) -> tuple[np.ndarray, np.ndarray]:
     return q_partial.astype(np.int32), q_slot.astype(np.int32)
 
 
+def _merge_row_intervals(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Union per column i of the intervals [lo[s, i], hi[s, i]) over s (lo >= hi: empty). Returns (lo, hi, count):
+    column i's merged intervals, ascending, in rows [0, count[i]) of lo and hi (the other rows 0)."""
+    empty = lo >= hi
+    order = np.argsort(np.where(empty, np.iinfo(np.int64).max, lo), axis=0, kind="stable")
+    lo, hi, empty = (np.take_along_axis(a, order, axis=0) for a in (lo, hi, empty))
+    cols = np.arange(lo.shape[1])
+    out_lo, out_hi = np.zeros_like(lo), np.zeros_like(hi)
+    count = np.zeros(lo.shape[1], dtype=np.int64)
+    cur_lo, cur_hi = np.zeros_like(count), np.zeros_like(count)  # the interval being merged, where `have`
+    have = np.zeros(lo.shape[1], dtype=bool)
+    for s in range(lo.shape[0]):
+        take = ~empty[s]
+        new = take & (~have | (lo[s] > cur_hi))  # starts a new interval (touching ones merge)
+        done = new & have  # ... so the current one is complete
+        out_lo[count[done], cols[done]], out_hi[count[done], cols[done]] = cur_lo[done], cur_hi[done]
+        count += done
+        grow = take & ~new
+        cur_hi = np.where(new, hi[s], np.where(grow, np.maximum(cur_hi, hi[s]), cur_hi))
+        cur_lo = np.where(new, lo[s], cur_lo)
+        have |= take
+    out_lo[count[have], cols[have]], out_hi[count[have], cols[have]] = cur_lo[have], cur_hi[have]
+    return out_lo, out_hi, count + have
+
+
+def partial_row_bounds(arrays: dict, slices: np.ndarray, total_k: int, bm: int, bn: int) -> tuple[np.ndarray, ...]:
+    """(q_bptr, b_kidx, b_rows): each PARTIAL tile's visible keys per row as at most two intervals (module
+    docstring), from the q-major lists and the slice table [n, 5] (qs, qe, ks, ke, type)."""
+    q_ptr, q_nfull, q_kidx, q_pptr, p_mptr, mask_slices = (np.asarray(arrays[k], dtype=np.int64) for k in (
+        "q_ptr", "q_nfull", "q_kidx", "q_pptr", "p_mptr", "mask_slices"))
+    slices = np.asarray(slices, dtype=np.int64).reshape(-1, 5)
+    n_tiles, n_parts = q_nfull.shape[0], p_mptr.shape[0] - 1
+    tile = np.repeat(np.arange(n_tiles), np.diff(q_pptr))  # q tile of each PARTIAL entry
+    ktile = q_kidx[q_ptr[tile] + q_nfull[tile] + np.arange(n_parts) - q_pptr[tile]]
+    # One row of intervals per (PARTIAL entry, slice) pair: the slice's keys per tile row, clipped to the k tile.
+    part = np.repeat(np.arange(n_parts), np.diff(p_mptr))
+    qs, qe, ks, ke, ty = (slices[mask_slices, i][:, None] for i in range(5))
+    r = (tile[part] * bm)[:, None] + np.arange(bm)[None, :]
+    lo = np.maximum(ks + (r - qs) * ((ty >> 1) & 1), (ktile[part] * bn)[:, None])
+    hi = np.minimum(ke - (qe - 1 - r) * (ty & 1), np.minimum(ktile[part] * bn + bn, total_k)[:, None])
+    keep = (r >= qs) & (r < qe) & (lo < hi)
+    lo, hi = np.where(keep, lo, 0), np.where(keep, hi, 0)
+    # Entries with one slice take its intervals as they are; the others merge theirs per row, and a row with more
+    # than two intervals makes its entry one bound entry per pair.
+    pairs_of = {}
+    for p in np.nonzero(np.diff(p_mptr) > 1)[0]:
+        mlo, mhi, count = _merge_row_intervals(lo[p_mptr[p]:p_mptr[p + 1]], hi[p_mptr[p]:p_mptr[p + 1]])
+        n_pairs = -(-int(count.max()) // 2)
+        pairs = np.zeros((2 * n_pairs, 2, bm), dtype=np.int64)
+        used = min(2 * n_pairs, mlo.shape[0])
+        pairs[:used, 0], pairs[:used, 1] = mlo[:used], mhi[:used]
+        pairs_of[p] = pairs.reshape(n_pairs, 4, bm)
+    copies = np.ones(n_parts, dtype=np.int64)
+    for p, pairs in pairs_of.items():
+        copies[p] = pairs.shape[0]
+    first = np.cumsum(copies) - copies  # each PARTIAL entry's first bound entry
+    b_rows = np.zeros((int(copies.sum()), 4, bm), dtype=np.int64)
+    single = np.diff(p_mptr) == 1
+    b_rows[first[single], 0], b_rows[first[single], 1] = lo[p_mptr[:-1][single]], hi[p_mptr[:-1][single]]
+    for p, pairs in pairs_of.items():
+        b_rows[first[p]:first[p] + copies[p]] = pairs
+    q_bptr = np.concatenate([[0], np.cumsum(np.bincount(tile, weights=copies, minlength=n_tiles))])
+    return tuple(np.ascontiguousarray(a, dtype=np.int32) for a in (q_bptr, np.repeat(ktile, copies), b_rows))
+
+
 def build_plan(qr: np.ndarray, kr: np.ndarray, ty: np.ndarray, total_q: int, total_k: int, block_m: int = 128,
                block_n: int = 128, planner: str = "auto") -> AttnPlan:
     """Plan from validated host arrays, uncached. ``planner``: "auto" (native if built), "native", "python"."""
@@ -381,7 +453,8 @@ def build_plan(qr: np.ndarray, kr: np.ndarray, ty: np.ndarray, total_q: int, tot
     for k in PLAN_KEYS_Q + PLAN_KEYS_K:
         tensors[k] = torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.int32))
     runs = full_runs(arrays["q_ptr"], arrays["q_nfull"], arrays["q_kidx"]) + (
-        heaviest_first(arrays["q_ptr"], arrays["q_nfull"]),) + partial_q_tiles(arrays["q_ptr"], arrays["q_nfull"])
+        heaviest_first(arrays["q_ptr"], arrays["q_nfull"]),) + partial_q_tiles(arrays["q_ptr"], arrays["q_nfull"]) + (
+        partial_row_bounds(arrays, tensors["slices"].numpy(), int(total_k), int(block_m), int(block_n)))
     for k, a in zip(PLAN_KEYS_RUNS, runs):
         tensors[k] = torch.from_numpy(a)
     return AttnPlan(int(block_m), int(block_n), int(total_q), int(total_k), tensors, used)
@@ -431,5 +504,6 @@ def clear_cache() -> None:
         _STATS.update(hits=0, misses=0)
 
 
-__all__ = ["AttnPlan", "PlanEntry", "build_plan", "full_runs", "heaviest_first", "partial_q_tiles", "get_plan",
+__all__ = ["AttnPlan", "PlanEntry", "build_plan", "full_runs", "heaviest_first", "partial_q_tiles",
+           "partial_row_bounds", "get_plan",
            "plan_attention", "cache_info", "clear_cache", "native_planner"]

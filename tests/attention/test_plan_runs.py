@@ -1,7 +1,8 @@
 """The plan's FULL runs (q_rptr, r_lo, r_hi): each q tile's FULL entries as maximal runs of consecutive k tiles,
 which the Triton forward walks by an affine tile index instead of reading q_kidx per tile; and its launch order
 (q_order), heaviest q tile first; and the q tiles with PARTIAL entries (q_partial, q_slot) through which the sm_90
-forward's two passes hand over their softmax state."""
+forward's two passes hand over their softmax state; and the PARTIAL tiles' per-row key intervals (q_bptr, b_kidx,
+b_rows) from which the forward builds its masks."""
 
 import numpy as np
 from hypothesis import given, settings, strategies as st
@@ -9,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from magi_kernels.plan import build_plan, native_planner
 from magi_kernels.plan.planner import full_runs, heaviest_first, partial_q_tiles
 
-from ._helpers import slice_layouts
+from ._helpers import dense_mask, slice_layouts
 
 PLANNERS = ["python"] + (["native"] if native_planner() is not None else [])
 
@@ -85,3 +86,51 @@ def test_partial_tiles_of_hand_made_entry_lists():
     q_partial, q_slot = partial_q_tiles([0], [])
     assert q_partial.size == 0 and q_slot.size == 0
     assert q_partial.dtype == np.int32 and q_slot.dtype == np.int32
+
+
+def _union_mask(layout) -> np.ndarray:
+    qr, kr, ty, tq, tk = layout
+    return dense_mask(qr, kr, ty, tq, tk).numpy()
+
+
+@settings(max_examples=150, deadline=None)
+@given(**PLANS)
+def test_row_bounds_rebuild_exactly_each_partial_tiles_mask(layout, bm, bn, planner):
+    """Expanding every bound entry of a q tile gives each PARTIAL tile's union mask, each cell once."""
+    t = _plan_arrays(layout, bm, bn, planner)
+    mask, tq, tk = _union_mask(layout), layout[3], layout[4]
+    assert t["b_rows"].shape == (t["b_kidx"].shape[0], 4, bm) and t["q_bptr"].shape == t["q_ptr"].shape
+    cols = np.arange(tk)
+    for m in range(t["q_nfull"].shape[0]):
+        e_mid, e1 = t["q_ptr"][m] + t["q_nfull"][m], t["q_ptr"][m + 1]
+        partial_tiles = t["q_kidx"][e_mid:e1].tolist()
+        entries = range(t["q_bptr"][m], t["q_bptr"][m + 1])
+        assert sorted(set(t["b_kidx"][b] for b in entries)) == partial_tiles
+        assert [t["b_kidx"][b] for b in entries] == sorted(t["b_kidx"][b] for b in entries)  # entry order
+        seen = np.zeros((bm, tk), dtype=np.int64)
+        for b in entries:
+            lo1, hi1, lo2, hi2 = (t["b_rows"][b, i][:, None] for i in range(4))
+            n = t["b_kidx"][b]
+            assert ((hi2 == 0) | (hi1 < lo2)).all()  # ascending, disjoint and not touching (merged)
+            vis = ((cols >= lo1) & (cols < hi1)) | ((cols >= lo2) & (cols < hi2))
+            assert not vis[:, (cols < n * bn) | (cols >= (n + 1) * bn)].any()  # inside its own k tile
+            seen += vis
+        rows = slice(m * bm, min((m + 1) * bm, tq))
+        want = np.zeros((bm, tk), dtype=bool)
+        want[:rows.stop - rows.start] = mask[rows]
+        for n in partial_tiles:
+            inside = (cols >= n * bn) & (cols < (n + 1) * bn)
+            assert (seen[:, inside] == want[:, inside]).all(), (m, n)
+        assert seen.max(initial=0) <= 1
+
+
+def test_row_bounds_split_a_row_that_needs_more_than_two_intervals():
+    # Three one-key FULL slices for row 0 in one 16-key tile: keys 1, 5 and 9 -> two bound entries for the tile.
+    qr, kr = np.array([[0, 1]] * 3, np.int32), np.array([[1, 2], [5, 6], [9, 10]], np.int32)
+    t = build_plan(qr, kr, np.zeros(3, np.int32), 1, 16, 1, 16, planner="python").tensors
+    assert t["q_bptr"].tolist() == [0, 2] and t["b_kidx"].tolist() == [0, 0]
+    assert t["b_rows"][:, :, 0].tolist() == [[1, 2, 5, 6], [9, 10, 0, 0]]
+    # Touching intervals merge: keys [1, 5) and [5, 9) are one interval.
+    t = build_plan(qr[:2], np.array([[1, 5], [5, 9]], np.int32), np.zeros(2, np.int32), 1, 16, 1, 16,
+                   planner="python").tensors
+    assert t["b_rows"][:, :, 0].tolist() == [[1, 9, 0, 0]]

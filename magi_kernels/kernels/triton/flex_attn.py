@@ -163,13 +163,16 @@ def _fwd_full_step(acc, m_i, l_i, q, k, v, qk_scale, cap_in, cap_out, SOFTCAP: t
 
 
 @triton.jit
-def _fwd_partial_step(acc, m_i, l_i, q, k, v, col0, offs_m, slices_ptr, mask_slices_ptr, j0, j1, qk_scale, cap_in,
-                      cap_out, ROWS: tl.constexpr, SOFTCAP: tl.constexpr):
-    """One online-softmax step over keys [col0, col0 + ROWS) of a PARTIAL k tile: scores outside the tile's slices
-    are -inf."""
-    cols = col0 + tl.arange(0, ROWS)
+def _fwd_partial_step(acc, m_i, l_i, q, k, v, col0, lo1, hi1, lo2, hi2, qk_scale, cap_in, cap_out,
+                      ROWS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """One online-softmax step over keys [col0, col0 + ROWS) of a PARTIAL k tile. Row i sees the keys in
+    [lo1[i], hi1[i]) and [lo2[i], hi2[i]) (the plan's row bounds): a loop-free mask."""
+    cols = (col0 + tl.arange(0, ROWS))[None, :]
     s2, _ = _scores_log2(q, tl.trans(k), qk_scale, cap_in, cap_out, SOFTCAP)
-    vis = _slice_mask(slices_ptr, mask_slices_ptr, j0, j1, offs_m[:, None], cols[None, :])
+    # lo <= c < hi as one unsigned compare, (c - lo) < (hi - lo): a subtract and a compare per interval and key.
+    in1 = (cols - lo1[:, None]).to(tl.uint32) < (hi1 - lo1).to(tl.uint32)[:, None]
+    in2 = (cols - lo2[:, None]).to(tl.uint32) < (hi2 - lo2).to(tl.uint32)[:, None]
+    vis = in1 | in2
     s2 = tl.where(vis, s2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s2, 1))
     # A row that has seen nothing yet keeps m = -inf: shift by 0 there so exp2 gives 0, not NaN.
@@ -183,7 +186,7 @@ def _fwd_partial_step(acc, m_i, l_i, q, k, v, col0, offs_m, slices_ptr, mask_sli
 
 @triton.jit(do_not_specialize=["total_q", "total_k", "groups", "q_heads"])
 def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_start_ptr, q_nfull_ptr, q_kidx_ptr,
-                          q_pstart_ptr, q_rstart_ptr, run_lo_ptr, run_hi_ptr, p_mstart_ptr, mask_slices_ptr, slices_ptr,
+                          q_rstart_ptr, run_lo_ptr, run_hi_ptr, q_bstart_ptr, bound_kidx_ptr, bound_rows_ptr,
                           q_partial_ptr, q_slot_ptr, state_acc_ptr, state_m_ptr, state_l_ptr,
                           stride_qt, stride_qh, stride_kt, stride_kh,
                           stride_vt, stride_vh, stride_ot, stride_oh, q_heads, total_q, total_k, groups,
@@ -197,9 +200,6 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_
     2: PARTIAL tiles of the q tiles in q_partial, by TMA descriptors, resuming from their slot's state (sm_90).
     """
     TMA: tl.constexpr = PASS != 0
-    # PASS 2 walks a PARTIAL k tile in sub-tiles of at most 64 keys: its scores, mask and accumulator are all in
-    # registers at once, and a 128-key step would spill.
-    KV_N: tl.constexpr = 64 if PASS == 2 and BLOCK_N > 64 else BLOCK_N
     if PASS == 2:
         slot = tl.program_id(0)
         m = tl.load(q_partial_ptr + slot)  # most PARTIAL entries first
@@ -218,9 +218,9 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_
         q_src = tl.make_tensor_descriptor(q_ptr + h * stride_qh, shape=[total_q, HEAD_DIM], strides=[stride_qt, 1],
                                           block_shape=[BLOCK_M, HEAD_DIM])
         k_src = tl.make_tensor_descriptor(k_ptr + kh * stride_kh, shape=[total_k, HEAD_DIM], strides=[stride_kt, 1],
-                                          block_shape=[KV_N, HEAD_DIM])
+                                          block_shape=[BLOCK_N, HEAD_DIM])
         v_src = tl.make_tensor_descriptor(v_ptr + kh * stride_vh, shape=[total_k, HEAD_DIM], strides=[stride_vt, 1],
-                                          block_shape=[KV_N, HEAD_DIM])
+                                          block_shape=[BLOCK_N, HEAD_DIM])
         q = q_src.load([m * BLOCK_M, 0])
     else:
         k_src = k_ptr + kh * stride_kh
@@ -229,9 +229,7 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_
                     other=0.0)
 
     e0 = tl.load(q_start_ptr + m)
-    e1 = tl.load(q_start_ptr + m + 1)
-    e_mid = e0 + tl.load(q_nfull_ptr + m)  # [e0, e_mid) FULL, [e_mid, e1) PARTIAL
-    p0 = tl.load(q_pstart_ptr + m) - e_mid  # partial id of entry e is p0 + e
+    e_mid = e0 + tl.load(q_nfull_ptr + m)  # FULL entries [e0, e_mid)
 
     # State rows of this program's slot: [slot * BLOCK_M, (slot + 1) * BLOCK_M) x q heads.
     if PASS == 2:
@@ -261,15 +259,18 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_
                                     TMA)
                 acc, m_i, l_i = _fwd_full_step(acc, m_i, l_i, q, k, v, qk_scale, cap_in, cap_out, SOFTCAP)
     if PASS != 1:
-        for e in range(e_mid, e1):
-            n = tl.load(q_kidx_ptr + e)
-            j0 = tl.load(p_mstart_ptr + p0 + e)
-            j1 = tl.load(p_mstart_ptr + p0 + e + 1)
-            for sub in tl.static_range(BLOCK_N // KV_N):
-                col0 = n * BLOCK_N + sub * KV_N
-                k, v = _fwd_load_kv(k_src, v_src, col0, offs_d, stride_kt, stride_vt, total_k, KV_N, True, TMA)
-                acc, m_i, l_i = _fwd_partial_step(acc, m_i, l_i, q, k, v, col0, offs_m, slices_ptr, mask_slices_ptr,
-                                                  j0, j1, qk_scale, cap_in, cap_out, KV_N, SOFTCAP)
+        # PARTIAL tiles by the plan's row bounds: a loop-free mask from four [BLOCK_M] vectors per tile.
+        offs_r = tl.arange(0, BLOCK_M)
+        for b in range(tl.load(q_bstart_ptr + m), tl.load(q_bstart_ptr + m + 1)):
+            n = tl.load(bound_kidx_ptr + b)
+            rows_b = bound_rows_ptr + b * (4 * BLOCK_M) + offs_r  # int32: the launcher checks the size
+            lo1 = tl.load(rows_b)
+            hi1 = tl.load(rows_b + BLOCK_M)
+            lo2 = tl.load(rows_b + 2 * BLOCK_M)
+            hi2 = tl.load(rows_b + 3 * BLOCK_M)
+            k, v = _fwd_load_kv(k_src, v_src, n * BLOCK_N, offs_d, stride_kt, stride_vt, total_k, BLOCK_N, True, TMA)
+            acc, m_i, l_i = _fwd_partial_step(acc, m_i, l_i, q, k, v, n * BLOCK_N, lo1, hi1, lo2, hi2, qk_scale,
+                                              cap_in, cap_out, BLOCK_N, SOFTCAP)
 
     final = row_ok
     if PASS == 1:
@@ -578,7 +579,8 @@ PLAN_ARGS = {
     "k_start_ptr": "k_ptr", "k_nfull_ptr": "k_nfull", "k_qidx_ptr": "k_qidx", "k_pstart_ptr": "k_pptr",
     "k_pent_ptr": "k_pent", "p_mstart_ptr": "p_mptr", "mask_slices_ptr": "mask_slices", "slices_ptr": "slices",
     "q_rstart_ptr": "q_rptr", "run_lo_ptr": "r_lo", "run_hi_ptr": "r_hi", "q_order_ptr": "q_order",
-    "q_partial_ptr": "q_partial", "q_slot_ptr": "q_slot",
+    "q_partial_ptr": "q_partial", "q_slot_ptr": "q_slot", "q_bstart_ptr": "q_bptr", "bound_kidx_ptr": "b_kidx",
+    "bound_rows_ptr": "b_rows",
 }
 _FP32_ARGS = ("lse_ptr", "dlse_ptr", "lse2_ptr", "delta_ptr", "state_acc_ptr", "state_m_ptr", "state_l_ptr")
 # Every pointer and every token/head stride is compiled as a multiple of 16; the launcher guarantees it.
@@ -801,6 +803,7 @@ def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, configs: tuple[AotConfig
     lse_buf = lse if (lse.is_contiguous() and lse.data_ptr() % 16 == 0) else torch.empty_like(lse).contiguous()
     _check_sizes(a, q, k, v, o_buf)
     plan_args = _plan_args(a, cfgs[0])
+    check_i32(OP, bound_rows=plan_args["bound_rows_ptr"].numel())
     n_partial_tiles = a.plan(bm, bn).q_partial.numel() if len(cfgs) == 2 else 0
     # PASS 1 -> PASS 2 softmax state of the q tiles with PARTIAL entries: BLOCK_M rows x q heads per slot, fp32.
     if n_partial_tiles:
