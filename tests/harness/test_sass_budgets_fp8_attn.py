@@ -40,7 +40,7 @@ def rows(tmp_path_factory) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, "-c", script, str(out)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=900, check=False)
     assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]
     return {(r["arch"], r["pv"]): r for r in json.loads(out.read_text())}
 

@@ -57,7 +57,6 @@ OP = "flex_attn_fp8"
 IN_DTYPES = (torch.float16, torch.bfloat16)
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _PV_TRITON_DTYPE = {"e4m3": "fp8e4nv", "fp16": "fp16"}
-_PV_TORCH_DTYPE = {"e4m3": torch.float8_e4m3fn, "fp16": torch.float16}
 _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
 _QMAX = tl.constexpr(E4M3_MAX)
 _I8MAX = tl.constexpr(INT8_MAX)
