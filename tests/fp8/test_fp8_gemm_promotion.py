@@ -54,7 +54,7 @@ def _limited_accumulator_gemm_kernel(a_ptr, b_ptr, c_ptr, b_scale_ptr, size_k, s
             a_src += MMA_K
             b_src += MMA_K
         if PROMOTE:
-            acc = _promote(acc, part, b_scale_ptr, b_scale_ptr, rows, cols, k0 // 128, 0, 0, b_scale, 0, 0)
+            acc = _promote(acc, part, b_scale, 1.0, 0)
     if not PROMOTE:
         acc = part * b_scale
     tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc)

@@ -5,12 +5,19 @@ Accumulation: tensor-core fp8 MMAs accumulate in a limited-precision register (H
 runs into a fresh tensor-core partial sum that ``_promote`` adds into a separate fp32 accumulator, so no
 tensor-core accumulation chain is longer than 128. Block scales (1x128 x 128x128) need exactly that
 structure anyway (the scale changes every 128 of K), so block scaling is always promoted; per-tensor and
-per-row/column scales are constant over K: B's rides along with each promotion, A's is applied once in
+per-row/column scales are constant over K: A's rides along with each promotion, B's is applied once in
 the epilogue. (tests/fp8/test_fp8_gemm_promotion.py shows what promotion buys with a test-only kernel that
 emulates the limited accumulator on top of the same ``_load_k_step`` / ``_promote`` helpers.)
 
-Scale modes (constexpr): A_MODE 0 = tensor (1 value), 1 = row ([M]), 2 = 1x128 blocks ([M, ceil(K/128)]);
-B_MODE 0 = tensor, 1 = column ([N]), 2 = 128x128 blocks ([ceil(N/128), ceil(K/128)]).
+Structure: on sm_90 (aligned operands) the grid is persistent (about one program per SM walking tiles
+``num_programs`` apart) and the tile loop is warp-specialized by Triton's Hopper pass: a producer issues
+the TMA loads, two consumer warpgroups of 64 rows each run the wgmma + promotion, so one promotes while the
+other's wgmma runs. Elsewhere each program computes one tile from pointer loads (cp.async pipelined).
+docs/kernel_structure.md has the measured hot loops.
+
+Scale modes (constexpr): A_MODE 0 = tensor (1 value), 1 = row ([M]), 2 = 1x128 blocks (the kernel reads
+them K-group-major, [ceil(K/128), M], see ``block_scale_layouts``); B_MODE 0 = tensor, 1 = column ([N]),
+2 = 128x128 blocks ([ceil(N/128), ceil(K/128)]).
 ACT 0 = none, 1 = exact-erf GELU, 2 = SwiGLU over paired halves: out[:, j] = silu(y[:, j]) * y[:, j + N/2].
 """
 
@@ -52,20 +59,52 @@ def _load_k_step(src, k0, tile0, size_k, offs_k, K_AXIS: tl.constexpr, USE_TMA: 
 
 
 @triton.jit
-def _promote(acc, part, a_scale_ptr, b_scale_ptr, rows, cols, group, stride_a_scale_m, stride_b_scale_n, b_scale,
-             A_MODE: tl.constexpr, B_MODE: tl.constexpr):
-    """acc + part * (this K group's scales): the fp32 promotion of one <= 128-wide tensor-core partial sum.
+def _block_scales(a_scale_src, b_scale_src, a_s, b_s, group, tile_m0, tile_n0, rows, cols, stride_a_scale_k,
+                  stride_b_scale_n, A_MODE: tl.constexpr, B_MODE: tl.constexpr, USE_TMA: tl.constexpr,
+                  ONE_B_BLOCK: tl.constexpr):
+    """K group ``group``'s block scales: A's for the tile's rows ([BLOCK_M, 1]) when A_MODE == 2, B's for its
+    columns when B_MODE == 2 (otherwise ``a_s`` / ``b_s`` come back unchanged).
 
-    Block scales (mode 2) are loaded for K group ``group``; otherwise B's per-tensor / per-column scale
-    ``b_scale`` is applied here and A's per-tensor / per-row scale waits for the epilogue. The multiply
-    also keeps Triton from folding "acc += dot(a, b, 0)" back into "dot(a, b, acc)", which would silently
-    undo the promotion.
+    A's scales arrive K-group-major ([ceil(K/128), M], see ``launch``), so one group's scales for the tile's
+    rows are contiguous: one TMA box [1, BLOCK_M] or one contiguous vector load. B's come from the
+    [ceil(N/128), ceil(K/128)] grid. A tile of BLOCK_N <= 128 columns that starts on a multiple of BLOCK_N
+    lies in one 128-block (ONE_B_BLOCK: one scalar); the second SwiGLU half may straddle two (a [1, BLOCK_N]
+    row). By TMA, B's box is [2, 4] (a box row is at least 16 bytes and starts on a 16-byte boundary): blocks
+    ``tile_n0 // 128`` and the next, the four groups around ``group``, of which column ``group % 4`` is used.
+    """
+    if USE_TMA:
+        if A_MODE == 2:
+            a_s = tl.trans(a_scale_src.load([group, tile_m0]))
+        if B_MODE == 2:
+            first_block = tile_n0 // 128
+            box = b_scale_src.load([first_block, group // 4 * 4])
+            r = tl.arange(0, 2)[:, None]
+            this_group = tl.arange(0, 4)[None, :] == group % 4
+            b_s = tl.sum(tl.sum(tl.where((r == 0) & this_group, box, 0.0), axis=1), axis=0)
+            if not ONE_B_BLOCK:
+                b_next = tl.sum(tl.sum(tl.where((r == 1) & this_group, box, 0.0), axis=1), axis=0)
+                b_s = tl.where(cols // 128 == first_block, b_s, b_next)[None, :]
+    else:
+        if A_MODE == 2:
+            a_s = tl.load(a_scale_src + group * stride_a_scale_k + rows)[:, None]
+        if B_MODE == 2:
+            b_s = tl.load(b_scale_src + (cols // 128) * stride_b_scale_n + group)[None, :]
+    return a_s, b_s
+
+
+@triton.jit
+def _promote(acc, part, a_k, b_k, B_MODE: tl.constexpr):
+    """acc + part * (this K group's scale): the fp32 promotion of one <= 128-wide tensor-core partial sum.
+
+    ``a_k`` is A's scale for the group: its 1x128 block scales ([BLOCK_M, 1]) or its constant per-tensor /
+    per-row scale; ``b_k`` is B's 128x128 block scale (B_MODE 2). B's per-tensor / per-column scale waits for
+    the epilogue: a per-column scale held through the K loop costs a register per column of the thread's
+    fragment, A's row scale only one per row. The multiply also keeps Triton from folding
+    "acc += dot(a, b, 0)" back into "dot(a, b, acc)", which would silently undo the promotion.
     """
     if B_MODE == 2:
-        b_scale = tl.load(b_scale_ptr + (cols // 128) * stride_b_scale_n + group)[None, :]
-    if A_MODE == 2:
-        return acc + (part * tl.load(a_scale_ptr + rows * stride_a_scale_m + group)[:, None]) * b_scale
-    return acc + part * b_scale
+        return acc + part * (a_k * b_k)  # one product per row (per element only where B's scale varies)
+    return acc + part * a_k
 
 
 @triton.jit
@@ -83,44 +122,74 @@ def _apply_const_scales(acc, a_scale_ptr, b_scale_ptr, rows, cols, A_MODE: tl.co
 
 
 @triton.jit
-def _fp8_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, gate_ptr,
-    size_m, n_out, size_k,
-    stride_am, stride_bn, stride_cm, stride_a_scale_m, stride_b_scale_n, stride_gate_m,
-    A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    HAS_GATE: tl.constexpr, PROMOTE: tl.constexpr, EVEN_K: tl.constexpr,
-    OUT_BF16: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    # Grouped tile order: GROUP_M row tiles share B tiles in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(size_m, BLOCK_M)
-    num_pid_n = tl.cdiv(n_out, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % width) % group_size)
-    pid_n = (pid % width) // group_size
+def _epilogue(acc, acc2, offs_m, offs_n, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, gate_ptr, size_m, n_out,
+              stride_cm, stride_gate_m, A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+              ACT: tl.constexpr, HAS_GATE: tl.constexpr, PROMOTE: tl.constexpr, OUT_BF16: tl.constexpr):
+    """All fp32: dequant -> + bias -> activation -> * gate -> round -> store, for output rows ``offs_m`` and
+    columns ``offs_n`` (``acc2``: SwiGLU's second half, GEMM columns offs_n + n_out)."""
+    rows = offs_m % size_m  # out-of-range rows/cols read valid data; their results are never stored
+    cols = offs_n % n_out
+    cols2 = cols + n_out
+    A_LEFT: tl.constexpr = 2 if PROMOTE else A_MODE  # with PROMOTE, A's scale is already in acc
+    acc = _apply_const_scales(acc, a_scale_ptr, b_scale_ptr, rows, cols, A_LEFT, B_MODE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    if ACT == 1:
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    elif ACT == 2:
+        acc2 = _apply_const_scales(acc2, a_scale_ptr, b_scale_ptr, rows, cols2, A_LEFT, B_MODE)
+        if HAS_BIAS:
+            acc2 += tl.load(bias_ptr + cols2).to(tl.float32)[None, :]
+        acc = acc / (1.0 + tl.exp(-acc)) * acc2  # silu(first half) * second half
+    if HAS_GATE:
+        # gate rows are contiguous (stride_gate_m = 0 broadcasts one row): 32-bit offsets, no 2-D pointer tile
+        acc *= tl.load(gate_ptr + rows[:, None] * stride_gate_m + cols[None, :]).to(tl.float32)
+    if OUT_BF16:
+        acc = round_to_bf16_grid(acc)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    mask = (offs_m[:, None] < size_m) & (offs_n[None, :] < n_out)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
+
+@triton.jit
+def _tile_coords(tile, size_m, n_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped tile order: GROUP_M row tiles share B tiles in L2.
+    num_pid_m = tl.cdiv(size_m, BLOCK_M)
+    width = GROUP_M * tl.cdiv(n_out, BLOCK_N)
+    first_m = (tile // width) * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    return first_m + ((tile % width) % group_size), (tile % width) // group_size
+
+
+@triton.jit
+def _fp8_gemm_tile(
+    tile, a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, gate_ptr, a_desc, b_desc, a_scale_src, b_scale_src,
+    size_m, n_out, size_k, stride_am, stride_bn, stride_cm, stride_a_scale_k, stride_b_scale_n, stride_gate_m,
+    A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_GATE: tl.constexpr,
+    PROMOTE: tl.constexpr, EVEN_K: tl.constexpr, OUT_BF16: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] output tile: the K loop with promotion, then the fused epilogue and the store.
+    ``a_desc`` / ``b_desc`` are the operands' TMA descriptors (USE_TMA) or their base pointers."""
+    IS_GLU: tl.constexpr = ACT == 2
+    BLOCK_SCALES: tl.constexpr = A_MODE == 2 or B_MODE == 2
+    # The epilogue runs in two column halves on wide or warp-specialized tiles: in one piece the heaviest
+    # variants (GELU + gate, fp16/fp32 output) spilled a register or two (sm_90 128x128 tiles).
+    SPLIT_EPI: tl.constexpr = USE_TMA or BLOCK_N >= 128
+    offs_k = tl.arange(0, BLOCK_K)
+    pid_m, pid_n = _tile_coords(tile, size_m, n_out, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Out-of-range rows/cols wrap onto valid ones (their results are never stored), so loads need no
     # M/N masks; only a ragged K tail is masked.
     rows = offs_m % size_m
     cols = offs_n % n_out
-    offs_k = tl.arange(0, BLOCK_K)
-    IS_GLU: tl.constexpr = ACT == 2
     # SwiGLU pairs output column j with GEMM column j + n_out: the second half of B.
     cols2 = cols + n_out if IS_GLU else cols
     if USE_TMA:
-        # Hopper: TMA tile loads keep no per-element 64-bit pointers in registers (pointer tiles spill).
-        n_b = n_out * 2 if IS_GLU else n_out
-        a_src = tl.make_tensor_descriptor(a_ptr, shape=[size_m, size_k], strides=[stride_am, 1],
-                                          block_shape=[BLOCK_M, BLOCK_K])
-        b_src = tl.make_tensor_descriptor(b_ptr, shape=[n_b, size_k], strides=[stride_bn, 1],
-                                          block_shape=[BLOCK_N, BLOCK_K])
-        b2_src = b_src
+        a_src = a_desc
+        b_src = b_desc
+        b2_src = b_desc
     else:
         a_src = a_ptr + rows[:, None] * stride_am + offs_k[None, :]
         b_src = b_ptr + cols[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] view of B^T
@@ -128,16 +197,13 @@ def _fp8_gemm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # B's per-tensor / per-column scale, constant over K: applied at every promotion (see _promote).
-    if B_MODE == 0:
-        b_scale = tl.load(b_scale_ptr)
-        b2_scale = b_scale
-    elif B_MODE == 1:
-        b_scale = tl.load(b_scale_ptr + cols)[None, :]
-        b2_scale = tl.load(b_scale_ptr + cols2)[None, :]
+    # A's per-tensor / per-row scale, constant over K: applied at every promotion (see _promote).
+    if A_MODE == 0:
+        a_s = tl.load(a_scale_ptr)
+    elif A_MODE == 1:
+        a_s = tl.load(a_scale_ptr + rows)[:, None]
     else:
-        b_scale = 1.0
-        b2_scale = 1.0
+        a_s = 1.0
     # Flat K loop, one tl.dot per BLOCK_K (<= 128) step. With PROMOTE each dot starts from a fresh
     # accumulator and is added into acc on CUDA cores, so no MMA chain spans more than BLOCK_K of K.
     # (A nested "128-group" loop around several dots spilled on sm_89; this flat form does not.)
@@ -162,44 +228,98 @@ def _fp8_gemm_kernel(
             if IS_GLU:
                 b2_src += BLOCK_K
         if PROMOTE:
-            group = k0 // 128
-            acc = _promote(acc, part, a_scale_ptr, b_scale_ptr, rows, cols, group, stride_a_scale_m,
-                           stride_b_scale_n, b_scale, A_MODE, B_MODE)
+            # This K group's block scales, or A's constant one.
+            a_k, b_k, b2_k = a_s, 1.0, 1.0
+            if BLOCK_SCALES:
+                group = k0 // 128
+                a_k, b_k = _block_scales(a_scale_src, b_scale_src, a_s, b_k, group, pid_m * BLOCK_M,
+                                         pid_n * BLOCK_N, rows, cols, stride_a_scale_k, stride_b_scale_n,
+                                         A_MODE, B_MODE, USE_TMA, True)
+                if IS_GLU:  # same rows (A's scales), B's second half
+                    _, b2_k = _block_scales(a_scale_src, b_scale_src, a_s, b2_k, group, pid_m * BLOCK_M,
+                                            n_out + pid_n * BLOCK_N, rows, cols2, stride_a_scale_k,
+                                            stride_b_scale_n, 0, B_MODE, USE_TMA, False)
+            acc = _promote(acc, part, a_k, b_k, B_MODE)
             if IS_GLU:
-                acc2 = _promote(acc2, part2, a_scale_ptr, b_scale_ptr, rows, cols2, group, stride_a_scale_m,
-                                stride_b_scale_n, b2_scale, A_MODE, B_MODE)
+                acc2 = _promote(acc2, part2, a_k, b2_k, B_MODE)
         else:
             # One accumulation chain over all of K (what cuBLAS "fast accum" does); tests/benchmarks only.
-            tl.static_assert(A_MODE != 2 and B_MODE != 2, "block scales need PROMOTE")
+            tl.static_assert(not BLOCK_SCALES, "block scales need PROMOTE")
             acc = part
             acc2 = part2
 
-    # ---- epilogue, all fp32: dequant -> + bias -> activation -> * gate -> round -> store
-    B_LEFT: tl.constexpr = 2 if PROMOTE else B_MODE  # with PROMOTE, B's scale is already in acc
-    acc = _apply_const_scales(acc, a_scale_ptr, b_scale_ptr, rows, cols, A_MODE, B_LEFT)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    if ACT == 1:
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-    elif ACT == 2:
-        acc2 = _apply_const_scales(acc2, a_scale_ptr, b_scale_ptr, rows, cols2, A_MODE, B_LEFT)
-        if HAS_BIAS:
-            acc2 += tl.load(bias_ptr + cols2).to(tl.float32)[None, :]
-        acc = acc / (1.0 + tl.exp(-acc)) * acc2  # silu(first half) * second half
-    if HAS_GATE:
-        # gate rows are contiguous (stride_gate_m = 0 broadcasts one row): 32-bit offsets, no 2-D pointer tile
-        acc *= tl.load(gate_ptr + rows[:, None] * stride_gate_m + cols[None, :]).to(tl.float32)
-    if OUT_BF16:
-        acc = round_to_bf16_grid(acc)
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-    mask = (offs_m[:, None] < size_m) & (offs_n[None, :] < n_out)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    # ---- epilogue
+    if SPLIT_EPI:
+        HALF: tl.constexpr = BLOCK_N // 2
+        acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        acc2_lo, acc2_hi = tl.split(tl.permute(tl.reshape(acc2, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        offs_lo = pid_n * BLOCK_N + tl.arange(0, HALF)
+        _epilogue(acc_lo, acc2_lo, offs_m, offs_lo, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, gate_ptr, size_m,
+                  n_out, stride_cm, stride_gate_m, A_MODE, B_MODE, HAS_BIAS, ACT, HAS_GATE, PROMOTE, OUT_BF16)
+        _epilogue(acc_hi, acc2_hi, offs_m, offs_lo + HALF, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, gate_ptr,
+                  size_m, n_out, stride_cm, stride_gate_m, A_MODE, B_MODE, HAS_BIAS, ACT, HAS_GATE, PROMOTE,
+                  OUT_BF16)
+    else:
+        _epilogue(acc, acc2, offs_m, offs_n, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, gate_ptr, size_m, n_out,
+                  stride_cm, stride_gate_m, A_MODE, B_MODE, HAS_BIAS, ACT, HAS_GATE, PROMOTE, OUT_BF16)
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, gate_ptr,
+    size_m, n_out, size_k,
+    stride_am, stride_bn, stride_cm, stride_a_scale_k, stride_b_scale_n, stride_gate_m, num_programs,
+    A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    HAS_GATE: tl.constexpr, PROMOTE: tl.constexpr, EVEN_K: tl.constexpr,
+    OUT_BF16: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    IS_GLU: tl.constexpr = ACT == 2
+    if USE_TMA:
+        # Hopper: TMA tile loads keep no per-element 64-bit pointers in registers (pointer tiles spill).
+        n_b = n_out * 2 if IS_GLU else n_out
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[size_m, size_k], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[n_b, size_k], strides=[stride_bn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+        # Block scales by TMA as well (16-byte rows: the launcher pads both scale grids' rows to 4 floats).
+        if A_MODE == 2:
+            a_scale_src = tl.make_tensor_descriptor(a_scale_ptr, shape=[tl.cdiv(size_k, 128), size_m],
+                                                    strides=[stride_a_scale_k, 1], block_shape=[1, BLOCK_M])
+        else:
+            a_scale_src = a_scale_ptr
+        if B_MODE == 2:
+            b_scale_src = tl.make_tensor_descriptor(b_scale_ptr, shape=[tl.cdiv(n_b, 128), tl.cdiv(size_k, 128)],
+                                                    strides=[stride_b_scale_n, 1], block_shape=[2, 4])
+        else:
+            b_scale_src = b_scale_ptr
+    else:
+        a_scale_src = a_scale_ptr
+        b_scale_src = b_scale_ptr
+    if USE_TMA:
+        # Persistent: program p computes tiles p, p + num_programs, ... (num_programs: about one per SM).
+        num_tiles = tl.cdiv(size_m, BLOCK_M) * tl.cdiv(n_out, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, num_programs, warp_specialize=WARP_SPECIALIZE):
+            _fp8_gemm_tile(tile, a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, gate_ptr, a_desc, b_desc,
+                           a_scale_src, b_scale_src, size_m, n_out, size_k, stride_am, stride_bn, stride_cm,
+                           stride_a_scale_k, stride_b_scale_n, stride_gate_m, A_MODE, B_MODE, HAS_BIAS, ACT,
+                           HAS_GATE, PROMOTE, EVEN_K, OUT_BF16, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        # One tile per program: a tile loop around the pointer path costs registers (it spilled on sm_89/sm_90).
+        _fp8_gemm_tile(tl.program_id(0), a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, gate_ptr, a_ptr,
+                       b_ptr, a_scale_src, b_scale_src, size_m, n_out, size_k, stride_am, stride_bn, stride_cm,
+                       stride_a_scale_k, stride_b_scale_n, stride_gate_m, A_MODE, B_MODE, HAS_BIAS, ACT, HAS_GATE,
+                       PROMOTE, EVEN_K, OUT_BF16, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 # --------------------------------------------------------------------------------------------------
 # Tile configs, per arch. Registers: with promotion a tile holds two fp32 accumulators (four for
 # SwiGLU, which keeps the tile's N half as wide), i.e. 2 * BLOCK_M * BLOCK_N / threads fp32 regs each;
-# the configs below are the largest pointer-based tiles that compile with 0 spills (AOT-checked).
+# every config compiles with 0 spills for every registered variant (AOT-checked). BLOCK_K = 128 (one
+# promotion per K step) wherever it fits: the promotion's per-element adds are then spread over the most
+# MMA work. The sm_90 TMA configs are num_warps=4 because Triton 3.9's Hopper warp specialization only
+# applies there (at 8 warps the same loop compiles without a producer partition); the pass itself adds the
+# second consumer warpgroup and the producer.
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
@@ -209,29 +329,35 @@ class TileConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
-    use_tma: bool = False
+    use_tma: bool = False  # TMA descriptors and a persistent grid (one program per SM)
+    warp_specialize: bool = False  # Triton's Hopper warp specialization of the persistent tile loop
+
+    def __post_init__(self) -> None:
+        if self.warp_specialize and not self.use_tma:
+            raise ValueError(f"TileConfig {self}: warp_specialize needs use_tma (the producer issues TMA loads)")
 
     @property
     def label(self) -> str:
         tma = " tma" if self.use_tma else ""
-        return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}{tma}"
+        ws = " ws" if self.warp_specialize else ""
+        return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}{tma}{ws}"
 
 
 # (arch, "large" | "small" M, glu, tma) -> config. "small" = M <= 64: a 64-row tile wastes less.
 # sm_90 uses TMA descriptors (needs K % 16 == 0 and 16-byte aligned A/B rows); pointer tiles otherwise.
 CONFIGS: dict[tuple[int, str, bool, bool], TileConfig] = {
-    (90, "large", False, True): TileConfig(128, 128, 128, 8, 4, use_tma=True),
-    (90, "large", True, True): TileConfig(128, 64, 128, 8, 4, use_tma=True),
-    (90, "small", False, True): TileConfig(64, 128, 128, 4, 4, use_tma=True),
-    (90, "small", True, True): TileConfig(64, 64, 128, 4, 4, use_tma=True),
+    (90, "large", False, True): TileConfig(128, 128, 128, 4, 3, use_tma=True, warp_specialize=True),
+    (90, "large", True, True): TileConfig(128, 64, 128, 4, 3, use_tma=True, warp_specialize=True),
+    (90, "small", False, True): TileConfig(64, 128, 128, 4, 3, use_tma=True, warp_specialize=True),
+    (90, "small", True, True): TileConfig(64, 64, 128, 4, 3, use_tma=True, warp_specialize=True),
     (90, "large", False, False): TileConfig(128, 128, 64, 8, 4),
     (90, "large", True, False): TileConfig(128, 64, 64, 8, 4),
     (90, "small", False, False): TileConfig(64, 64, 64, 4, 4),
     (90, "small", True, False): TileConfig(64, 32, 64, 4, 4),
-    (89, "large", False, False): TileConfig(128, 128, 64, 8, 4),
-    (89, "large", True, False): TileConfig(128, 32, 64, 4, 4),
-    (89, "small", False, False): TileConfig(64, 64, 64, 4, 4),
-    (89, "small", True, False): TileConfig(64, 32, 64, 4, 4),
+    (89, "large", False, False): TileConfig(128, 128, 128, 8, 3),
+    (89, "large", True, False): TileConfig(128, 32, 128, 8, 3),
+    (89, "small", False, False): TileConfig(64, 64, 128, 4, 3),
+    (89, "small", True, False): TileConfig(64, 32, 128, 4, 3),
 }
 
 
@@ -266,7 +392,8 @@ def make_config(tile: TileConfig, a_mode: int, b_mode: int, has_bias: bool, act:
         kernel=f"{__name__}:_fp8_gemm_kernel", name="fp8_gemm", config=label or f"{tile.label} a{a_mode} b{b_mode}",
         pointer_dtypes={**_POINTER_DTYPES, "c_ptr": out},
         constexprs=dict(A_MODE=a_mode, B_MODE=b_mode, HAS_BIAS=has_bias, ACT=act, HAS_GATE=has_gate, PROMOTE=promote,
-                        EVEN_K=even_k, OUT_BF16=out == "bf16", USE_TMA=tile.use_tma, BLOCK_M=tile.block_m,
+                        EVEN_K=even_k, OUT_BF16=out == "bf16", USE_TMA=tile.use_tma,
+                        WARP_SPECIALIZE=tile.warp_specialize, BLOCK_M=tile.block_m,
                         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=tile.group_m),
         num_warps=tile.num_warps, num_stages=tile.num_stages, archs=archs, mma="fp8",
         divisible_by_16=_DIVISIBLE_BY_16)
@@ -341,6 +468,35 @@ def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.clone(memory_format=torch.contiguous_format)  # a fresh allocation: 16-byte aligned
 
 
+def _padded_rows(rows: torch.Tensor) -> torch.Tensor:
+    """A copy of a 2-D fp32 grid whose row stride is a multiple of 4 floats (16 bytes: a TMA row)."""
+    n, width = rows.shape
+    out = rows.new_zeros(n, -(-width // 4) * 4)
+    out[:, :width] = rows
+    return out
+
+
+def block_scale_layouts(args) -> tuple[torch.Tensor, int, torch.Tensor, int]:
+    """(a_scale, its row stride, b_scale, its row stride) as the kernel reads them.
+
+    1x128 scales of A go K-group-major, [ceil(K/128), M]: a tile's scales for one K group are then one
+    contiguous run (one TMA box or vector load) instead of BLOCK_M strided words. Both block grids get
+    16-byte row strides (TMA). Other layouts pass through (row stride 0: unused).
+    """
+    a_scale, a_stride, b_scale, b_stride = args.a_scale, 0, args.b_scale, 0
+    if args.a_mode == "block":
+        a_scale = _padded_rows(args.a_scale.t())
+        a_stride = a_scale.stride(0)
+    if args.b_mode == "block":
+        b_scale = _padded_rows(args.b_scale)
+        b_stride = b_scale.stride(0)
+    return a_scale, a_stride, b_scale, b_stride
+
+
+# The interpreter runs the persistent TMA path with this many programs, so each walks several tiles.
+INTERPRET_PROGRAMS = 2
+
+
 def launch(args, out: torch.Tensor, *, promote: bool = True, config: TileConfig | None = None) -> None:
     """Run the kernel on validated ``Fp8GemmArgs`` (see magi_kernels.ops.fp8_gemm); writes ``out`` [M, N_out]."""
     from magi_kernels.kernels.triton import triton_interpreting
@@ -358,28 +514,33 @@ def launch(args, out: torch.Tensor, *, promote: bool = True, config: TileConfig 
     m, k = a.shape
     n_out = out.shape[1]
     glu = args.act == "swiglu"
+    interpreting = triton_interpreting()
     if config is None:
-        if triton_interpreting():
+        if interpreting:
             config = INTERPRET_CONFIG
         else:
             tma_ok = k % 16 == 0 and a.stride(0) % 16 == 0 and b.stride(0) % 16 == 0
             config = pick_config(torch.cuda.get_device_capability(a.device), m, glu, tma_ok)
-            if config.use_tma:
-                _ensure_tma_allocator()
+    if config.use_tma and not interpreting:
+        _ensure_tma_allocator()
     if promote and 128 % config.block_k:
         raise ValueError(f"fp8_gemm: BLOCK_K={config.block_k} must divide the 128-wide promotion interval")
     if not promote and (args.a_mode == "block" or args.b_mode == "block"):
         raise ValueError("fp8_gemm: block scales are applied per 128-wide K group, so they need promote=True")
+    a_scale, stride_a_scale_k, b_scale, stride_b_scale_n = block_scale_layouts(args)
     # Unused pointers still need a tensor; the constexpr flags keep the kernel from touching them.
     bias = args.bias if args.bias is not None else args.a_scale
     gate = args.gate if args.gate is not None else args.a_scale
     cfg = make_config(config, _MODES_A[args.a_mode], _MODES_B[args.b_mode], args.bias is not None, _ACTS[args.act],
                       args.gate is not None, promote=promote, even_k=k % config.block_k == 0,
                       out=_OUT_DTYPES[out.dtype])
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n_out, config.block_n),)
-    KernelLaunch(cfg, grid, dict(
-        a_ptr=a, b_ptr=b, c_ptr=out, a_scale_ptr=args.a_scale, b_scale_ptr=args.b_scale, bias_ptr=bias, gate_ptr=gate,
+    num_tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n_out, config.block_n)
+    num_programs = num_tiles
+    if config.use_tma:  # persistent: at most one program per SM, each walks tiles num_programs apart
+        sms = INTERPRET_PROGRAMS if interpreting else torch.cuda.get_device_properties(a.device).multi_processor_count
+        num_programs = min(num_tiles, sms)
+    KernelLaunch(cfg, (num_programs,), dict(
+        a_ptr=a, b_ptr=b, c_ptr=out, a_scale_ptr=a_scale, b_scale_ptr=b_scale, bias_ptr=bias, gate_ptr=gate,
         size_m=m, n_out=n_out, size_k=k, stride_am=a.stride(0), stride_bn=b.stride(0), stride_cm=out.stride(0),
-        stride_a_scale_m=args.a_scale.stride(0) if args.a_mode == "block" else 0,
-        stride_b_scale_n=args.b_scale.stride(0) if args.b_mode == "block" else 0,
-        stride_gate_m=gate.stride(0) if args.gate is not None else 0)).run()
+        stride_a_scale_k=stride_a_scale_k, stride_b_scale_n=stride_b_scale_n,
+        stride_gate_m=gate.stride(0) if args.gate is not None else 0, num_programs=num_programs)).run()
