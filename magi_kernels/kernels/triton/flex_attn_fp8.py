@@ -5,8 +5,8 @@ Design (docs/fp8_attention.md explains the accuracy side and the measurements be
 
 * Three kernels, K and V each read twice, Q once, no full-precision copy of any of them:
   - ``_kv_statistics_kernel`` (one pass over K and V): per chunk of tokens and kv head, the fp32 channel sums
-    of K and the channel amax of |V|; the launcher finishes both over the chunks (a tensor CHUNK times
-    smaller than K) into ``mean_k`` and V's per-channel scale ``sv = amax / 448``.
+    of K and the channel amax of |V|; the launcher finishes both over the chunks (CHUNK times fewer
+    elements than K) into ``mean_k`` and V's per-channel scale ``sv = amax / 448``.
   - ``_kv_quantize_kernel`` (one program per (k tile, kv head)) writes K smoothed and quantized per key,
     ``k8_j = i8((k_j - mean_k) / sk_j)``, ``sk_j = amax_d|k_j - mean_k| / 127``, stored [Hk, Nt*BLOCK_N, D] as
     bytes with ``sk`` [Hk, Nt*BLOCK_N] (zero-padded: the hot loop never masks loads), and
@@ -16,8 +16,9 @@ Design (docs/fp8_attention.md explains the accuracy side and the measurements be
   - the attention kernel quantizes its Q tile in the prologue, one int8 scale per query row.
 * int8 rather than e4m3 for Q and K: per-row / per-key int8 has 7 bits of resolution against the row's
   largest element where e4m3 has 3 mantissa bits, and the score error is what peaked (outlier) softmaxes
-  amplify. The int8 dot is exact in the int32 accumulator; ``(dot * sk_j) * (sq_i * mul)`` is its scale
-  (one I2F and one FMUL per score more than a per-block scale would cost; the error budget pays for it).
+  amplify. The int8 dot is exact in the int32 accumulator; ``(dot * sk_j) * (sq_i * mul)`` is its scale.
+  Per score this costs one I2F (int32 to fp32; the price of int8) and one FMUL (the per-key scale; a per-block
+  K scale would fold into the row's FFMA but measured worse on outlier channels): docs/fp8_attention.md.
 * Smoothing subtracts the same vector from every key, so ``q . k_j`` changes by ``q . mean_k``, the same
   for all keys of a row: softmax is unchanged, so the loop runs on the smoothed scores. The kernel adds
   ``q . mean_k`` (fp32, from the unquantized q) back once per row into the lse (and, under softcap, into
@@ -61,7 +62,7 @@ _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
 _QMAX = tl.constexpr(E4M3_MAX)
 _I8MAX = tl.constexpr(INT8_MAX)
 _LOG2_QMAX = tl.constexpr(math.log2(E4M3_MAX))
-STATS_CHUNK = 256  # tokens per statistics program: partials are 1/STATS_CHUNK of K's and V's size
+STATS_CHUNK = 256  # tokens per statistics program: the partials have 1/STATS_CHUNK of K's elements
 
 
 @triton.jit
