@@ -16,6 +16,8 @@ Design:
   whose mask is rebuilt in registers as the OR over the tile's few slices of
   ``qs <= r < qe and lo(r) <= c < hi(r)``. So the hot loop is the unmasked one (tutorial 06's
   two-loop idea, generalised to arbitrary slice unions), and no fully-masked tile is ever touched.
+  The forward reads a PARTIAL tile's mask instead as the plan's row bounds (at most two key intervals per row,
+  the union already merged): four vector loads the pipeliner prefetches, and a mask without a loop.
   The forward and dQ kernels walk FULL tiles as the plan's runs of consecutive k tiles, an affine index the pipeliner
   prefetches one stage deeper than one loaded per tile; q-major kernels take their q tile from the plan's
   heaviest-first launch order (docs/kernel_structure.md).
@@ -554,14 +556,15 @@ ARCHS = (80, 89, 90)
 #   splits the 128 rows over two consumer warpgroups of 64 (the wgmma M atom). d128 keeps 2 K/V buffers: a third
 #   does not fit in 227 KB of shared memory beside Q. The PARTIAL pass (fwd_partial) must use the same tiles (both
 #   passes read one plan) and takes 8 warps: it holds the scores and the accumulator in registers at once.
-#   sm_80 d128 needs BN=32 to stay spill-free at 3 stages; sm_89 (101 KB smem) runs 2 stages.
+#   sm_80 d128 needs BN=32 to stay spill-free at 3 stages; sm_89 (101 KB smem) runs 2 stages, and 8 warps at d64
+#   too (4 spill a register).
 # * bwd dQ holds q, dO and the dq accumulator for the whole walk: d128 takes 32-key steps.
 # * bwd dK/dV holds k, v and two [BN, D] fp32 accumulators: d128 uses 8 warps to spread them.
 TILES = {
     ("fwd", 90, 64): (128, 128, 4, 3), ("fwd", 90, 128): (128, 128, 4, 2),
     ("fwd_partial", 90, 64): (128, 128, 8, 3), ("fwd_partial", 90, 128): (128, 128, 8, 2),
     ("fwd", 80, 64): (128, 64, 4, 3), ("fwd", 80, 128): (128, 32, 8, 3),
-    ("fwd", 89, 64): (128, 64, 4, 2), ("fwd", 89, 128): (128, 64, 8, 2),
+    ("fwd", 89, 64): (128, 64, 8, 2), ("fwd", 89, 128): (128, 64, 8, 2),
     ("bwd_dq", 90, 64): (64, 64, 4, 2), ("bwd_dq", 90, 128): (64, 32, 4, 2),
     ("bwd_dq", 80, 64): (64, 64, 4, 2), ("bwd_dq", 80, 128): (64, 32, 4, 2),
     ("bwd_dq", 89, 64): (64, 64, 4, 2), ("bwd_dq", 89, 128): (64, 32, 4, 2),
