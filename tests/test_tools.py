@@ -157,3 +157,21 @@ def test_info_names_the_code_a_gpu_would_run(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i, p=props: p)
         gpu = info._gpu()
         assert gpu["capability"] == f"sm_{major}{minor}" and gpu["runs_from_C"].startswith(runs), gpu
+
+
+@pytest.mark.parametrize("line, flops", [
+    # warpgroup MMAs: each of the four warps issues it and owns a quarter of 2*M*N*K
+    ("HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0", 2 * 64 * 128 * 16 // 4),
+    ("QGMMA.64x64x32.F32.E4M3.E4M3 R24, gdesc[UR8], R24", 2 * 64 * 64 * 32 // 4),
+    ("IGMMA.64x128x32.S32.S8.S8 R24, gdesc[UR8], R24, gsb0", 2 * 64 * 128 * 32 // 4),
+    # warp MMAs: m16 n8 k{16,32}
+    ("HMMA.16816.F32.BF16 R8, R12, R16, R8", 2 * 16 * 8 * 16),
+    ("QMMA.16832.F32.E4M3.E4M3 R8, R12, R16, R8", 2 * 16 * 8 * 32),
+    ("IMMA.16832.S8.S8 R8, R12, R16, R8", 2 * 16 * 8 * 32),
+])
+def test_sass_counts_every_tensor_core_kind(line, flops):
+    from magi_kernels.tools.sass import MMA_OPS, mma_flops_per_warp, parse_sass
+
+    (ins,) = parse_sass(f"        /*0010*/                   {line} ;\n")
+    assert ins.op in MMA_OPS
+    assert mma_flops_per_warp(ins) == flops

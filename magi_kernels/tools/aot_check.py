@@ -49,12 +49,12 @@ from typing import Iterable, Sequence
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 from magi_kernels.kernels.triton.aot import AotConfig, registered_configs, resolve_kernel  # noqa: E402
-from magi_kernels.tools.sass import LoopStats, hot_loop_stats  # noqa: E402
+from magi_kernels.tools.sass import MMA_OPS, LoopStats, hot_loop_stats  # noqa: E402
 
 # Per-block shared memory a kernel may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SMEM_LIMIT = {90: 232448, 89: 101376, 80: 166912}
 DEFAULT_ARCHS = (90, 89, 80)
-TENSOR_CORE_OPS = ("HGMMA", "QGMMA", "HMMA", "QMMA", "IMMA")
+TENSOR_CORE_OPS = MMA_OPS
 SPILL_OPS = ("STL", "LDL")
 # (mma class, arch) -> the SASS opcode that must be present.
 EXPECTED_MMA = {("f16", 90): "HGMMA", ("f16", 89): "HMMA", ("f16", 80): "HMMA",

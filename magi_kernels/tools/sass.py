@@ -24,8 +24,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
-MMA_OPS = ("HGMMA", "QGMMA", "HMMA", "QMMA", "IMMA")
-WARPGROUP_MMA = ("HGMMA", "QGMMA")
+# 16-bit, e4m3/e5m2 and int8 tensor-core instructions: warpgroup MMAs (sm_90) and warp MMAs (sm_80-89).
+MMA_OPS = ("HGMMA", "QGMMA", "IGMMA", "HMMA", "QMMA", "IMMA")
+WARPGROUP_MMA = ("HGMMA", "QGMMA", "IGMMA")
 
 # "/*0a30*/  @!P0 HGMMA.64x64x16.F32.BF16 R88, gdesc[UR28], R88 ;"
 _LINE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)\s*([^;]*);")

@@ -21,7 +21,7 @@ from magi_kernels.kernels.triton.aot import registered_configs
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED_MMA = {("f16", 90): "HGMMA", ("f16", 89): "HMMA", ("f16", 80): "HMMA", ("fp8", 90): "QGMMA",
                 ("fp8", 89): "QMMA"}
-TENSOR_CORE_OPS = {"HGMMA", "QGMMA", "HMMA", "QMMA", "IMMA"}
+TENSOR_CORE_OPS = {"HGMMA", "QGMMA", "IGMMA", "HMMA", "QMMA", "IMMA"}
 
 
 def _env(interpret: bool = False) -> dict[str, str]:
