@@ -40,13 +40,13 @@ Flat int32 tensors (CSR), E entries of which P are PARTIAL:
   launch order (forward, dQ) q_order [Mt]
       q tiles heaviest first (FULL entries + 2 x PARTIAL entries, ties by tile index): program i of a q-major
       kernel works on q tile q_order[i], so the long tiles start first and the launch ends on short ones.
-  PARTIAL row bounds (forward)   q_bptr [Mt+1], b_kidx [B], b_rows [B, 4, BM]
+  PARTIAL row bounds (forward)   q_bptr [Mt+1], b_kidx [B], b_rows [B, 2, BM]
       the PARTIAL tiles of q tile m as bound entries b in [q_bptr[m], q_bptr[m+1]), in entry order: k tile
-      b_kidx[b], and for each tile row i the visible keys as at most two intervals (global key indices)
-      [b_rows[b,0,i], b_rows[b,1,i]) and [b_rows[b,2,i], b_rows[b,3,i]) (empty: both 0): the union of the
-      tile's slices, clipped to the tile, merged per row. A tile one of whose rows needs more intervals is
-      listed once per pair of them (disjoint cells, so no key counts twice). The forward builds its PARTIAL
-      mask from these with no loop and no per-slice load. Derived from the arrays above (one copy).
+      b_kidx[b], and for each tile row i the visible keys as one interval [b_rows[b,0,i], b_rows[b,1,i]) in
+      global key indices (empty: both 0): the union of the tile's slices, clipped to the tile, merged per row.
+      A tile one of whose rows sees several disjoint intervals is listed once per interval (the j-th copy holds
+      each row's j-th interval: disjoint cells, so no key counts twice). The forward builds its PARTIAL mask
+      from these with no loop and no per-slice load. Derived from the arrays above (one copy for both planners).
   PARTIAL q tiles (sm_90 forward) q_partial [Mp], q_slot [Mt]
       the q tiles with at least one PARTIAL entry, most PARTIAL entries first (ties by tile index), and for each
       q tile its position in q_partial (-1 for none). The sm_90 forward runs FULL and PARTIAL tiles in two
@@ -395,8 +395,9 @@ def _merge_row_intervals(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np
 
 
 def partial_row_bounds(arrays: dict, slices: np.ndarray, total_k: int, bm: int, bn: int) -> tuple[np.ndarray, ...]:
-    """(q_bptr, b_kidx, b_rows): each PARTIAL tile's visible keys per row as at most two intervals (module
-    docstring), from the q-major lists and the slice table [n, 5] (qs, qe, ks, ke, type)."""
+    """(q_bptr, b_kidx, b_rows): each PARTIAL tile's visible keys as one interval per row, the tile repeated for
+    rows that see several (module docstring), from the q-major lists and the slice table [n, 5]
+    (qs, qe, ks, ke, type)."""
     q_ptr, q_nfull, q_kidx, q_pptr, p_mptr, mask_slices = (np.asarray(arrays[k], dtype=np.int64) for k in (
         "q_ptr", "q_nfull", "q_kidx", "q_pptr", "p_mptr", "mask_slices"))
     slices = np.asarray(slices, dtype=np.int64).reshape(-1, 5)
@@ -411,25 +412,20 @@ def partial_row_bounds(arrays: dict, slices: np.ndarray, total_k: int, bm: int, 
     hi = np.minimum(ke - (qe - 1 - r) * (ty & 1), np.minimum(ktile[part] * bn + bn, total_k)[:, None])
     keep = (r >= qs) & (r < qe) & (lo < hi)
     lo, hi = np.where(keep, lo, 0), np.where(keep, hi, 0)
-    # Entries with one slice take its intervals as they are; the others merge theirs per row, and a row with more
-    # than two intervals makes its entry one bound entry per pair.
-    pairs_of = {}
+    # An entry with one slice has one interval per row. The others merge theirs per row; a row with several
+    # disjoint intervals makes its entry one bound entry per interval.
+    copies = np.ones(n_parts, dtype=np.int64)
+    merged = {}
     for p in np.nonzero(np.diff(p_mptr) > 1)[0]:
         mlo, mhi, count = _merge_row_intervals(lo[p_mptr[p]:p_mptr[p + 1]], hi[p_mptr[p]:p_mptr[p + 1]])
-        n_pairs = -(-int(count.max()) // 2)
-        pairs = np.zeros((2 * n_pairs, 2, bm), dtype=np.int64)
-        used = min(2 * n_pairs, mlo.shape[0])
-        pairs[:used, 0], pairs[:used, 1] = mlo[:used], mhi[:used]
-        pairs_of[p] = pairs.reshape(n_pairs, 4, bm)
-    copies = np.ones(n_parts, dtype=np.int64)
-    for p, pairs in pairs_of.items():
-        copies[p] = pairs.shape[0]
+        copies[p] = int(count.max())
+        merged[p] = np.stack([mlo[:copies[p]], mhi[:copies[p]]], axis=1)  # [copies, 2, bm]
     first = np.cumsum(copies) - copies  # each PARTIAL entry's first bound entry
-    b_rows = np.zeros((int(copies.sum()), 4, bm), dtype=np.int64)
+    b_rows = np.zeros((int(copies.sum()), 2, bm), dtype=np.int64)
     single = np.diff(p_mptr) == 1
     b_rows[first[single], 0], b_rows[first[single], 1] = lo[p_mptr[:-1][single]], hi[p_mptr[:-1][single]]
-    for p, pairs in pairs_of.items():
-        b_rows[first[p]:first[p] + copies[p]] = pairs
+    for p, intervals in merged.items():
+        b_rows[first[p]:first[p] + copies[p]] = intervals
     q_bptr = np.concatenate([[0], np.cumsum(np.bincount(tile, weights=copies, minlength=n_tiles))])
     return tuple(np.ascontiguousarray(a, dtype=np.int32) for a in (q_bptr, np.repeat(ktile, copies), b_rows))
 

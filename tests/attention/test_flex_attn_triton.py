@@ -257,7 +257,8 @@ def test_forward_config_rules_name_the_problem():
     with pytest.raises(ValueError, match="PASS"):
         kern.launch_fwd(a, out, lse, (partial,))
     with pytest.raises(ValueError, match="same tiles"):
-        kern.launch_fwd(a, out, lse, (full, kern.make_config("fwd_partial", torch.float32, 64, False, 16, 32, tma=True)))
+        kern.launch_fwd(a, out, lse, (full, kern.make_config("fwd_partial", torch.float32, 64, False, 16, 32,
+                                                              tma=True)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -99,20 +99,19 @@ def test_row_bounds_rebuild_exactly_each_partial_tiles_mask(layout, bm, bn, plan
     """Expanding every bound entry of a q tile gives each PARTIAL tile's union mask, each cell once."""
     t = _plan_arrays(layout, bm, bn, planner)
     mask, tq, tk = _union_mask(layout), layout[3], layout[4]
-    assert t["b_rows"].shape == (t["b_kidx"].shape[0], 4, bm) and t["q_bptr"].shape == t["q_ptr"].shape
+    assert t["b_rows"].shape == (t["b_kidx"].shape[0], 2, bm) and t["q_bptr"].shape == t["q_ptr"].shape
     cols = np.arange(tk)
     for m in range(t["q_nfull"].shape[0]):
         e_mid, e1 = t["q_ptr"][m] + t["q_nfull"][m], t["q_ptr"][m + 1]
         partial_tiles = t["q_kidx"][e_mid:e1].tolist()
         entries = range(t["q_bptr"][m], t["q_bptr"][m + 1])
-        assert sorted(set(t["b_kidx"][b] for b in entries)) == partial_tiles
+        assert sorted({t["b_kidx"][b] for b in entries}) == partial_tiles
         assert [t["b_kidx"][b] for b in entries] == sorted(t["b_kidx"][b] for b in entries)  # entry order
         seen = np.zeros((bm, tk), dtype=np.int64)
         for b in entries:
-            lo1, hi1, lo2, hi2 = (t["b_rows"][b, i][:, None] for i in range(4))
+            lo, hi = (t["b_rows"][b, i][:, None] for i in range(2))
             n = t["b_kidx"][b]
-            assert ((hi2 == 0) | (hi1 < lo2)).all()  # ascending, disjoint and not touching (merged)
-            vis = ((cols >= lo1) & (cols < hi1)) | ((cols >= lo2) & (cols < hi2))
+            vis = (cols >= lo) & (cols < hi)
             assert not vis[:, (cols < n * bn) | (cols >= (n + 1) * bn)].any()  # inside its own k tile
             seen += vis
         rows = slice(m * bm, min((m + 1) * bm, tq))
@@ -124,13 +123,15 @@ def test_row_bounds_rebuild_exactly_each_partial_tiles_mask(layout, bm, bn, plan
         assert seen.max(initial=0) <= 1
 
 
-def test_row_bounds_split_a_row_that_needs_more_than_two_intervals():
-    # Three one-key FULL slices for row 0 in one 16-key tile: keys 1, 5 and 9 -> two bound entries for the tile.
-    qr, kr = np.array([[0, 1]] * 3, np.int32), np.array([[1, 2], [5, 6], [9, 10]], np.int32)
-    t = build_plan(qr, kr, np.zeros(3, np.int32), 1, 16, 1, 16, planner="python").tensors
-    assert t["q_bptr"].tolist() == [0, 2] and t["b_kidx"].tolist() == [0, 0]
-    assert t["b_rows"][:, :, 0].tolist() == [[1, 2, 5, 6], [9, 10, 0, 0]]
+def test_row_bounds_list_a_tile_once_per_interval_of_its_busiest_row():
+    # Row 0 sees keys 1, 5 and 9 (three one-key slices) in one 16-key tile, row 1 only keys [2, 4): three bound
+    # entries, the j-th holding each row's j-th interval.
+    qr = np.array([[0, 1], [0, 1], [0, 1], [1, 2]], np.int32)
+    kr = np.array([[1, 2], [5, 6], [9, 10], [2, 4]], np.int32)
+    t = build_plan(qr, kr, np.zeros(4, np.int32), 2, 16, 2, 16, planner="python").tensors
+    assert t["q_bptr"].tolist() == [0, 3] and t["b_kidx"].tolist() == [0, 0, 0]
+    assert t["b_rows"].tolist() == [[[1, 2], [2, 4]], [[5, 0], [6, 0]], [[9, 0], [10, 0]]]
     # Touching intervals merge: keys [1, 5) and [5, 9) are one interval.
     t = build_plan(qr[:2], np.array([[1, 5], [5, 9]], np.int32), np.zeros(2, np.int32), 1, 16, 1, 16,
                    planner="python").tensors
-    assert t["b_rows"][:, :, 0].tolist() == [[1, 9, 0, 0]]
+    assert t["b_rows"].tolist() == [[[1], [9]]]

@@ -16,11 +16,11 @@ Design:
   whose mask is rebuilt in registers as the OR over the tile's few slices of
   ``qs <= r < qe and lo(r) <= c < hi(r)``. So the hot loop is the unmasked one (tutorial 06's
   two-loop idea, generalised to arbitrary slice unions), and no fully-masked tile is ever touched.
-  The forward reads a PARTIAL tile's mask instead as the plan's row bounds (at most two key intervals per row,
-  the union already merged): four vector loads the pipeliner prefetches, and a mask without a loop.
-  The forward and dQ kernels walk FULL tiles as the plan's runs of consecutive k tiles, an affine index the pipeliner
-  prefetches one stage deeper than one loaded per tile; q-major kernels take their q tile from the plan's
-  heaviest-first launch order (docs/kernel_structure.md).
+  The forward reads a PARTIAL tile's mask instead as the plan's row bounds (the union merged into one key
+  interval per row, a tile repeated for rows that see several): two vector loads the pipeliner prefetches, and a
+  mask without a loop. The forward (sm_80/89) and dQ kernels walk FULL tiles as the plan's runs of consecutive k
+  tiles, an affine index the pipeliner prefetches one stage deeper than one loaded per tile; q-major kernels take
+  their q tile from the plan's heaviest-first launch order (docs/kernel_structure.md).
 * sm_90 forward: two passes of the same kernel (PASS constexpr). Pass 1 walks the FULL tiles in a warp-specialized
   loop fed by TMA tensor descriptors (a producer warp copies K/V, two consumer warpgroups compute), pass 2 the PARTIAL
   tiles, resuming from the fp32 softmax state pass 1 saved for the q tiles that have any. Triton 3.9's Hopper
@@ -165,21 +165,27 @@ def _fwd_full_step(acc, m_i, l_i, q, k, v, qk_scale, cap_in, cap_out, SOFTCAP: t
 
 
 @triton.jit
-def _fwd_partial_step(acc, m_i, l_i, q, k, v, col0, lo1, hi1, lo2, hi2, qk_scale, cap_in, cap_out,
-                      ROWS: tl.constexpr, SOFTCAP: tl.constexpr):
-    """One online-softmax step over keys [col0, col0 + ROWS) of a PARTIAL k tile. Row i sees the keys in
-    [lo1[i], hi1[i]) and [lo2[i], hi2[i]) (the plan's row bounds): a loop-free mask."""
+def _fwd_partial_step(acc, m_i, l_i, q, k, v, col0, lo, hi, qk_scale, cap_in, cap_out, ROWS: tl.constexpr,
+                      SOFTCAP: tl.constexpr):
+    """One online-softmax step over keys [col0, col0 + ROWS) of a PARTIAL k tile, of which row i sees the keys in
+    [lo[i], hi[i]) (the plan's row bounds): a loop-free mask."""
     cols = (col0 + tl.arange(0, ROWS))[None, :]
-    s2, _ = _scores_log2(q, tl.trans(k), qk_scale, cap_in, cap_out, SOFTCAP)
-    # lo <= c < hi as one unsigned compare, (c - lo) < (hi - lo): a subtract and a compare per interval and key.
-    in1 = (cols - lo1[:, None]).to(tl.uint32) < (hi1 - lo1).to(tl.uint32)[:, None]
-    in2 = (cols - lo2[:, None]).to(tl.uint32) < (hi2 - lo2).to(tl.uint32)[:, None]
-    vis = in1 | in2
-    s2 = tl.where(vis, s2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s2, 1))
-    # A row that has seen nothing yet keeps m = -inf: shift by 0 there so exp2 gives 0, not NaN.
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s2 - m_use[:, None])
+    # lo <= c < hi as one unsigned compare, (c - lo) < (hi - lo): a subtract and a compare per key.
+    vis = (cols - lo[:, None]).to(tl.uint32) < (hi - lo).to(tl.uint32)[:, None]
+    if SOFTCAP:
+        s2, _ = _scores_log2(q, tl.trans(k), qk_scale, cap_in, cap_out, SOFTCAP)
+        s2 = tl.where(vis, s2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        # A row that has seen nothing yet keeps m = -inf: shift by 0 there so exp2 gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s2 - m_use[:, None])
+    else:
+        # As in the FULL step: max before scaling, then one FFMA per score (masked keys: -inf * c - m = -inf,
+        # for the launcher's c > 0).
+        s = tl.where(vis, tl.dot(q, tl.trans(k)), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -261,18 +267,16 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_
                                     TMA)
                 acc, m_i, l_i = _fwd_full_step(acc, m_i, l_i, q, k, v, qk_scale, cap_in, cap_out, SOFTCAP)
     if PASS != 1:
-        # PARTIAL tiles by the plan's row bounds: a loop-free mask from four [BLOCK_M] vectors per tile.
+        # PARTIAL tiles by the plan's row bounds: a loop-free mask from two [BLOCK_M] vectors per tile.
         offs_r = tl.arange(0, BLOCK_M)
         for b in range(tl.load(q_bstart_ptr + m), tl.load(q_bstart_ptr + m + 1)):
             n = tl.load(bound_kidx_ptr + b)
-            rows_b = bound_rows_ptr + b * (4 * BLOCK_M) + offs_r  # int32: the launcher checks the size
-            lo1 = tl.load(rows_b)
-            hi1 = tl.load(rows_b + BLOCK_M)
-            lo2 = tl.load(rows_b + 2 * BLOCK_M)
-            hi2 = tl.load(rows_b + 3 * BLOCK_M)
+            rows_b = bound_rows_ptr + b * (2 * BLOCK_M) + offs_r  # int32: the launcher checks the size
+            lo = tl.load(rows_b)
+            hi = tl.load(rows_b + BLOCK_M)
             k, v = _fwd_load_kv(k_src, v_src, n * BLOCK_N, offs_d, stride_kt, stride_vt, total_k, BLOCK_N, True, TMA)
-            acc, m_i, l_i = _fwd_partial_step(acc, m_i, l_i, q, k, v, n * BLOCK_N, lo1, hi1, lo2, hi2, qk_scale,
-                                              cap_in, cap_out, BLOCK_N, SOFTCAP)
+            acc, m_i, l_i = _fwd_partial_step(acc, m_i, l_i, q, k, v, n * BLOCK_N, lo, hi, qk_scale, cap_in, cap_out,
+                                              BLOCK_N, SOFTCAP)
 
     final = row_ok
     if PASS == 1:
@@ -598,7 +602,8 @@ def _pointer_dtypes(kind: str, dt: str) -> dict[str, str]:
 
 
 def make_config(kind: str, dtype: torch.dtype, head_dim: int, softcap: bool, block_m: int, block_n: int,
-                num_warps: int = 4, num_stages: int = 2, archs: tuple[int, ...] = ARCHS, tma: bool = False) -> AotConfig:
+                num_warps: int = 4, num_stages: int = 2, archs: tuple[int, ...] = ARCHS,
+                tma: bool = False) -> AotConfig:
     """A config for one kernel (shipped ones come from TILES; tests build small-tile ones for the interpreter).
 
     ``tma`` selects the forward's two-pass shape: kind "fwd" is then its warp-specialized FULL pass (PASS 1) and
@@ -668,8 +673,9 @@ def select_config(kind: str, dtype: torch.dtype, head_dim: int, softcap: bool, a
     if arch not in ARCHS:
         raise ValueError(f"{OP}: no configs for sm_{arch} (have {ARCHS})")
     if kind == "fwd_partial" and arch not in TMA_ARCHS[kind]:
-        raise ValueError(f"{OP}: kind 'fwd_partial' is the PARTIAL pass of the two-pass forward of "
-                         f"{['sm_%d' % x for x in TMA_ARCHS[kind]]}; sm_{arch} runs the forward in one pass")
+        archs = ", ".join(f"sm_{x}" for x in TMA_ARCHS[kind])
+        raise ValueError(f"{OP}: kind 'fwd_partial' is the PARTIAL pass of the two-pass forward of {archs}; "
+                         f"sm_{arch} runs the forward in one pass")
     if dtype in GPU_DTYPES:
         return _CONFIGS[(kind, arch, dtype, head_dim, bool(softcap))]
     if dtype == torch.float32 and triton_interpreting():
@@ -797,11 +803,14 @@ def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, configs: tuple[AotConfig
                          f"{[c.key for c in cfgs]}")
     q, k, v = (_aligned_input(t) for t in (a.q, a.k, a.v))
     scalars = _scalars(a)
+    # The kernel takes the row max before scaling, which needs a positive scale: (q . -k) * |scale| is exactly
+    # (q . k) * scale, and with scale 0 every score is 0, as (0 . k) * 1 is.
     if a.softmax_scale < 0:
-        # The FULL step takes the row max before scaling, which needs a positive scale: (q . -k) * |scale| is
-        # exactly (q . k) * scale.
         k = _aligned_input(-k)
         scalars = _scalars(dataclasses.replace(a, softmax_scale=-a.softmax_scale))
+    elif a.softmax_scale == 0:
+        q = torch.zeros_like(q)
+        scalars = _scalars(dataclasses.replace(a, softmax_scale=1.0))
     o_buf = _out_buffer(out)
     lse_buf = lse if (lse.is_contiguous() and lse.data_ptr() % 16 == 0) else torch.empty_like(lse).contiguous()
     _check_sizes(a, q, k, v, o_buf)
