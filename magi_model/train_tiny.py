@@ -53,39 +53,90 @@ def _log(msg: str) -> None:
 # Attention for training
 
 
+def _attention_groups(q_ranges: torch.Tensor, k_ranges: torch.Tensor, Tq: int, Tk: int):
+    """Split the (q_range, k_range) pairs into independent groups (no query row and no key shared
+    between groups: a batch element's self-attention, a chunk's cross-attention to its own caption)
+    and lay each out densely, padded to the largest group: (q_index, k_index, bias), (G, Sq) and
+    (G, Sk) row indices (padding points at row Tq / Tk, a zero row the caller appends) and the additive
+    mask (G, Sq, Sk) (0 or -inf; padded keys are -inf, padded query rows 0 and dropped after)."""
+    pairs = [(int(a), int(b), int(c), int(d)) for (a, b), (c, d) in zip(q_ranges.tolist(), k_ranges.tolist())
+             if b > a and d > c]
+    parent = list(range(len(pairs)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, (qa, qb, ka, kb) in enumerate(pairs):
+        for j in range(i):
+            qa2, qb2, ka2, kb2 = pairs[j]
+            if (qa < qb2 and qa2 < qb) or (ka < kb2 and ka2 < kb):
+                parent[root(i)] = root(j)
+    groups: dict[int, list] = {}
+    for i, pr in enumerate(pairs):
+        groups.setdefault(root(i), []).append(pr)
+    rows, keys, masks = [], [], []
+    for members in groups.values():
+        q_rows = sorted({r for qa, qb, _, _ in members for r in range(qa, qb)})
+        k_rows = sorted({c for _, _, ka, kb in members for c in range(ka, kb)})
+        q_pos = {r: i for i, r in enumerate(q_rows)}
+        k_pos = {c: i for i, c in enumerate(k_rows)}
+        m = torch.zeros(len(q_rows), len(k_rows), dtype=torch.bool)
+        for qa, qb, ka, kb in members:
+            m[q_pos[qa]:q_pos[qb - 1] + 1, k_pos[ka]:k_pos[kb - 1] + 1] = True
+        rows.append(q_rows)
+        keys.append(k_rows)
+        masks.append(m)
+    G = len(rows)
+    Sq = max((len(r) for r in rows), default=1)
+    Sk = max((len(k) for k in keys), default=1)
+    q_index = torch.full((max(G, 1), Sq), Tq, dtype=torch.long)
+    k_index = torch.full((max(G, 1), Sk), Tk, dtype=torch.long)
+    bias = torch.zeros(max(G, 1), Sq, Sk)  # padded query rows: 0 (finite softmax, dropped after)
+    for g in range(G):
+        nq, nk = len(rows[g]), len(keys[g])
+        q_index[g, :nq] = torch.tensor(rows[g])
+        k_index[g, :nk] = torch.tensor(keys[g])
+        bias[g, :nq] = float("-inf")  # padded keys included
+        bias[g, :nq, :nk].masked_fill_(masks[g], 0.0)
+    return q_index, k_index, bias
+
+
+# One training forward calls the attention with the same ranges in every layer: the layout is built
+# once per distinct (q_ranges, k_ranges, sizes) and reused (self- and cross-attention of one step).
+_LAYOUTS: dict = {}
+
+
 def dense_range_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: torch.Tensor,
                           k_ranges: torch.Tensor, *, softmax_scale: float | None = None) -> torch.Tensor:
     """:func:`magi_model.attention.range_attention`'s math (union of full (q_range, k_range) blocks, GQA,
-    uncovered rows zero) as one dense masked ``scaled_dot_product_attention``. Training only: at these
-    sizes (a few thousand tokens) the dense mask is cheap on a CPU and its backward is torch's, where
-    the CPU path of flex_attn walks the ranges in Python. tests/model/test_tiny_trained.py checks
-    that both agree."""
+    rows without keys zero) as dense masked attention over independent groups of rows
+    (:func:`_attention_groups`), softmax(q k^T + mask) v written out so its backward is plain batched
+    matmuls. Training only: the groups are a few hundred tokens, where the CPU path of flex_attn walks
+    the ranges in Python. tests/model/test_tiny_trained.py checks in float64 that both agree."""
     Tq, hq, d = q.shape
     Tk, hk = k.shape[:2]
-    qr, kr = q_ranges.long().cpu(), k_ranges.long().cpu()
-    # Union mask as a product of range indicators: (pairs, Tq)^T @ (pairs, Tk).
-    in_q = ((torch.arange(Tq)[None] >= qr[:, :1]) & (torch.arange(Tq)[None] < qr[:, 1:])).float()
-    in_k = ((torch.arange(Tk)[None] >= kr[:, :1]) & (torch.arange(Tk)[None] < kr[:, 1:])).float()
-    mask = (in_q.t() @ in_k) > 0
-    # Batch elements never see each other: split into the most equal diagonal blocks that hold the mask.
-    nb = 1
-    for cand in range(min(len(qr), Tq), 1, -1):
-        if Tq % cand == 0 and Tk % cand == 0:
-            m4 = mask.view(cand, Tq // cand, cand, Tk // cand)
-            if not m4.any(dim=(1, 3)).logical_and(~torch.eye(cand, dtype=torch.bool)).any():
-                nb = cand
-                break
-    S, Sk = Tq // nb, Tk // nb
-    blocks = mask.view(nb, S, nb, Sk).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (nb, S, Sk)
+    key = (q_ranges.cpu().numpy().tobytes(), k_ranges.cpu().numpy().tobytes(), Tq, Tk)
+    if key not in _LAYOUTS:
+        if len(_LAYOUTS) > 8:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = _attention_groups(q_ranges.cpu(), k_ranges.cpu(), Tq, Tk)
+    q_index, k_index, bias = (t.to(q.device) for t in _LAYOUTS[key])
+    G, Sq = q_index.shape
+    Sk = k_index.shape[1]
     g = hq // hk
-    qq = q.view(nb, S, hq, d).transpose(1, 2)
-    kk = k.view(nb, Sk, hk, d).repeat_interleave(g, dim=2).transpose(1, 2)
-    vv = v.view(nb, Sk, hk, d).repeat_interleave(g, dim=2).transpose(1, 2)
-    covered = blocks.any(dim=2)  # (nb, S)
-    safe = blocks | ~covered[..., None]  # rows without keys attend to everything, then are zeroed
-    o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=safe[:, None].to(q.device), scale=softmax_scale)
-    o = o.transpose(1, 2) * covered[..., None, None].to(o.dtype).to(o.device)
-    return o.reshape(Tq, hq, d).to(q.dtype).contiguous()
+    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    zero_q, zero_k = q.new_zeros(1, hq, d), k.new_zeros(1, hk, d)
+    qq = torch.cat([q, zero_q])[q_index].transpose(1, 2)  # (G, hq, Sq, d)
+    kk = torch.cat([k, zero_k])[k_index].repeat_interleave(g, dim=2).transpose(1, 2)  # (G, hq, Sk, d)
+    vv = torch.cat([v, zero_k])[k_index].repeat_interleave(g, dim=2).transpose(1, 2)
+    scores = torch.matmul(qq, kk.transpose(-1, -2)) * scale + bias.to(q.dtype)[:, None]
+    o = torch.matmul(torch.softmax(scores, dim=-1), vv).transpose(1, 2).reshape(G * Sq, hq, d)
+    keep = q_index.reshape(-1) < Tq  # every row of a group has keys; rows in no group stay zero
+    out = q.new_zeros(Tq, hq, d)
+    return out.index_copy(0, q_index.reshape(-1)[keep], o[keep])
 
 
 class _TrainingAttention:
@@ -130,7 +181,22 @@ def to_input(frames: np.ndarray) -> torch.Tensor:
 # VAE
 
 
-def train_vae(cfg: MagiConfig, clips: np.ndarray, steps: int, seed: int, batch: int = 8) -> vae_mod.ViTVAE:
+def object_weights(x: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, T, H, W) for VAE input ``x`` (B, 3, T, H, W) in [-1, 1]: 1 on the
+    background, ``1 + object_weight`` where a pixel is farther than 30 / 255 (RGB distance) from its
+    frame's background colour. The object covers 4-12 % of a frame, so an unweighted MSE is won by
+    the background and the decoder settles for a greyish blob (docs/tiny_model.md). The top-left
+    pixel is background in every procedural frame (the object keeps a margin of its size + 1 px)."""
+    bg = x[:, :, :, :1, :1]
+    far = ((x - bg).norm(dim=1, keepdim=True) > 2 * 30 / 255).to(x.dtype)
+    return 1.0 + object_weight * far
+
+
+def train_vae(cfg: MagiConfig, clips: np.ndarray, steps: int, seed: int, batch: int = 8, *,
+              object_weight: float = 20.0, lr: float = 2e-3, check=None, check_every: int = 500,
+              ) -> vae_mod.ViTVAE:
+    """The VAE as a deterministic autoencoder with an object-weighted MSE (:func:`object_weights`).
+    ``check(vae, step)``, when given, runs every ``check_every`` steps (the held-out detector check)."""
     torch.manual_seed(seed)
     dd = cfg_vae_ddconfig(cfg)
     vae = vae_mod.build_vae(dd, dtype=torch.float32, seed=seed, tile_sample_min_length=cfg.runtime.fps // 2,
@@ -139,15 +205,15 @@ def train_vae(cfg: MagiConfig, clips: np.ndarray, steps: int, seed: int, batch: 
         if name.endswith(("norm.weight", "norm2.weight")):
             p.data.fill_(1.0)
     vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     L = dd["video_length"]
     n, T = clips.shape[:2]
     rng = np.random.default_rng(seed + 1)
     t0 = time.time()
     for step in range(steps):
-        lr = 2e-3 * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        cur_lr = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = cur_lr
         idx = rng.integers(0, n, batch)
         start = rng.integers(0, T // L, batch) * L
         x = to_input(np.stack([clips[i, s:s + L] for i, s in zip(idx, start)]))
@@ -156,15 +222,42 @@ def train_vae(cfg: MagiConfig, clips: np.ndarray, steps: int, seed: int, batch: 
         # noise (5 % of the latents' spread) so the decoder tolerates the DiT's small errors.
         z = mu + 0.05 * mu.detach().std() * torch.randn_like(mu)
         rec = vae.decoder(z)
-        kl = (mu ** 2).mean()  # logged only: the latent scale is normalized afterwards
-        loss = F.mse_loss(rec, x)
+        w = object_weights(x, object_weight)
+        loss = ((rec - x) ** 2 * w).sum() / (w.sum() * 3)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            _log(f"vae step {step}/{steps} mse {loss.item():.5f} mean z^2 {kl.item():.3f} ({time.time() - t0:.0f} s)")
+        if step % 100 == 0 or step == steps - 1:
+            mse = F.mse_loss(rec.detach(), x).item()
+            _log(f"vae step {step}/{steps} weighted mse {loss.item():.5f} mse {mse:.5f} "
+                 f"({time.time() - t0:.0f} s)")
+        if check is not None and (step + 1) % check_every == 0 and step + 1 < steps:
+            vae.eval()
+            check(vae, step + 1)
+            vae.train()
     return vae.eval()
+
+
+@torch.no_grad()
+def reconstruction_check(vae: vae_mod.ViTVAE, clips: list) -> tuple[int, int, list[str]]:
+    """Encode and decode held-out procedural clips as the sampler does (tiled, uint8 in and out) and
+    run the detector on every 24-frame chunk: (chunks with the right colour and direction, chunks,
+    one line per miss)."""
+    hits, total, misses = 0, 0, []
+    for k, clip in enumerate(clips):
+        z = vae_mod.encode_video(vae, torch.from_numpy(clip.frames), 1.0)
+        rec = vae_mod.decode_latents(vae, z, 1.0).numpy()
+        fpc = len(clip.frames) // len(clip.directions)
+        for c, want in enumerate(clip.directions):
+            det = procedural.detect(rec[c * fpc:(c + 1) * fpc], clip.spec.background)
+            got = procedural.motion_direction(det.centroids)
+            total += 1
+            if det.colour == clip.spec.colour and got == want:
+                hits += 1
+            else:
+                misses.append(f"clip {k} chunk {c}: want {clip.spec.colour}/{want}, got {det.colour}/{got}")
+    return hits, total, misses
 
 
 @torch.no_grad()
@@ -420,11 +513,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=ASSETS, help="output folder (default: the package's assets/tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clips", type=int, default=600, help="procedural training clips (4 chunks of 24 frames)")
-    p.add_argument("--vae_steps", type=int, default=300)
+    p.add_argument("--vae_steps", type=int, default=3000)
+    p.add_argument("--vae_object_weight", type=float, default=20.0,
+                   help="extra loss weight of object pixels in the VAE's MSE")
     p.add_argument("--vae", default=None, help="reuse a trained VAE folder instead of training one")
     p.add_argument("--dit_minutes", type=float, default=15.0, help="wall-clock budget of the DiT phase")
     p.add_argument("--dit_steps", type=int, default=100000, help="step cap of the DiT phase")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dit_lr", type=float, default=1e-3, help="peak AdamW learning rate of the DiT phase")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = p.parse_args(argv)
     if a.threads:
@@ -441,12 +537,22 @@ def _train(a: argparse.Namespace) -> int:
     _log(f"making {a.clips} procedural clips ({CLIP_CHUNKS} x 24 frames at {r.video_size_w} px)")
     clips, caps, _specs = make_clips(a.clips, a.seed, r.video_size_w, 4 * r.chunk_width)
     _log(f"clips done ({time.time() - t0:.0f} s)")
+    held_out = [procedural.make_clip(np.random.default_rng(a.seed + 1000 + k), num_chunks=2, size_px=r.video_size_w)
+                for k in range(12)]
+
+    def check(vae, step):
+        hits, total, misses = reconstruction_check(vae, held_out)
+        _log(f"vae step {step}: held-out reconstructions, detector right in {hits}/{total} chunks"
+             + "".join(f"\n    {m}" for m in misses[:6]))
+        save_vae(vae, a.out)  # a usable VAE survives an interrupted run (--vae reuses it)
+
     if a.vae:
         vae = vae_mod.load_vae(a.vae, dtype=torch.float32, tile_sample_min_length=r.fps // 2,
                                tile_sample_min_size=r.video_size_w)
     else:
-        vae = train_vae(cfg, clips, a.vae_steps, a.seed)
-        normalize_latents(vae, cfg.runtime.scale_factor, clips)
+        vae = train_vae(cfg, clips, a.vae_steps, a.seed, object_weight=a.vae_object_weight, check=check)
+    normalize_latents(vae, cfg.runtime.scale_factor, clips)  # s = 1 for an already normalized VAE
+    check(vae, "final")
     save_vae(vae, a.out)
     save_special_tokens(cfg.model.caption_channels, a.out)
     latents, stills = encode_clips(vae, clips)
@@ -455,7 +561,7 @@ def _train(a: argparse.Namespace) -> int:
          f"{r.scale_factor})")
     del clips
     train_dit(cfg, latents, stills, caps, seed=a.seed, minutes=a.dit_minutes, max_steps=a.dit_steps, batch=a.batch,
-              out=a.out)
+              out=a.out, lr=a.dit_lr)
     _log(f"total {time.time() - t0:.0f} s")
     return 0
 

@@ -83,6 +83,28 @@ def test_dense_range_attention_matches_range_attention(batch, heads):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dense_range_attention_matches_on_unequal_groups(seed):
+    """Cross-attention's layout: each chunk's queries see only its own caption segment, and the
+    segments have different lengths (groups of unequal size, padded inside the dense attention)."""
+    g = torch.Generator().manual_seed(seed)
+    n, chunks, hq, hk, d = 6, 5, 4, 2, 8
+    seg = torch.randint(1, 9, (chunks,), generator=g).tolist()
+    ends = torch.tensor(seg).cumsum(0).tolist()
+    q = torch.randn(n * chunks, hq, d, dtype=torch.float64, generator=g)
+    k = torch.randn(ends[-1], hk, d, dtype=torch.float64, generator=g)
+    v = torch.randn(ends[-1], hk, d, dtype=torch.float64, generator=g)
+    qr = ranges_tensor([(j * n, (j + 1) * n) for j in range(chunks)], "cpu")
+    kr = ranges_tensor(list(zip([0] + ends[:-1], ends)), "cpu")
+    want = range_attention(q, k, v, qr, kr)
+    got = dense_range_attention(q, k, v, qr, kr)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # Gradients flow to every input (the training backward goes through this function).
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    dense_range_attention(*leaves, qr, kr).square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in leaves)
+
+
 # --------------------------------------------------------------------------------------------------
 # Grammar text encoder
 
