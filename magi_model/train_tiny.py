@@ -2,11 +2,13 @@
 
     python -m magi_model.train_tiny                       # writes magi_model/assets/tiny/
     python -m magi_model.train_tiny --out /tmp/tiny --dit_minutes 5
+    python -m magi_model.train_tiny --vae /tmp/tiny/vae   # DiT + text encoder on an existing VAE
 
 Three models, all through the code paths that generate videos (docs/tiny_model.md):
 
-1. the ViT-VAE (:class:`magi_model.vae.ViTVAE`, a 1-block config at 32 px), trained as a VAE
-   (reconstruction + a small KL term) on 12-frame clips; its latents' spread sets ``scale_factor``;
+1. the ViT-VAE (:class:`magi_model.vae.ViTVAE`, a 1-block config at 32 px), trained as an
+   autoencoder on 12-frame clips with an object-weighted MSE, checked with the detector on held-out
+   clips; its latent space is then rescaled to MAGI-1's ``scale_factor``;
 2. the MAGI-1 DiT (:class:`magi_model.dit.VideoDiT`: chunked block-causal attention, per-chunk times,
    the same key windows and caption layout the sampler uses) and
 3. the grammar text encoder (:class:`magi_model.text.GrammarTextEncoder`), trained together with the DiT.
@@ -125,7 +127,6 @@ def dense_range_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_r
         _LAYOUTS[key] = _attention_groups(q_ranges.cpu(), k_ranges.cpu(), Tq, Tk)
     q_index, k_index, bias = (t.to(q.device) for t in _LAYOUTS[key])
     G, Sq = q_index.shape
-    Sk = k_index.shape[1]
     g = hq // hk
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
     zero_q, zero_k = q.new_zeros(1, hq, d), k.new_zeros(1, hk, d)
@@ -517,11 +518,12 @@ def main(argv=None) -> int:
     p.add_argument("--vae_object_weight", type=float, default=20.0,
                    help="extra loss weight of object pixels in the VAE's MSE")
     p.add_argument("--vae", default=None, help="reuse a trained VAE folder instead of training one")
-    p.add_argument("--dit_minutes", type=float, default=15.0, help="wall-clock budget of the DiT phase")
+    p.add_argument("--dit_minutes", type=float, default=55.0, help="wall-clock budget of the DiT phase")
     p.add_argument("--dit_steps", type=int, default=100000, help="step cap of the DiT phase")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dit_lr", type=float, default=1e-3, help="peak AdamW learning rate of the DiT phase")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (on a 2-core machine shared with other jobs 1 is faster than 2)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
