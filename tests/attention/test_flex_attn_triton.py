@@ -152,6 +152,28 @@ def test_magi1_window_mask(dtype):
             torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("state_bytes", [1, 3 * 2 * 32 * 66 * 4])
+def test_two_pass_forward_over_head_groups(monkeypatch, state_bytes):
+    """A state budget below all q heads' state runs the two passes over groups of heads (1 and 3 of 5 here)."""
+    monkeypatch.setattr(kern, "STATE_BYTES_MAX", state_bytes)
+    launches = []
+    run = KernelLaunch.run
+    monkeypatch.setattr(KernelLaunch, "run", lambda launch: (launches.append(launch), run(launch)))
+    qr, kr, ty = [[0, 30], [30, 45]], [[0, 30], [10, 45]], [1, 0]  # 2 q tiles of 32 rows, both with PARTIAL tiles
+    q, k, v = _qkv(45, 45, 5, 1, 64, torch.float32)
+    a = make_args(q, k, v, *_ranges(qr, kr, ty), None, 0.0, False)
+    out, lse = _nan(q), torch.full((45, 5), float("nan"))
+    kern.launch_fwd(a, out, lse, _fwd_configs(torch.float32, 64, False, 32, 16, True))
+    assert a.plan(32, 16).q_partial.numel() == 2  # state: 2 slots x 32 rows x (64 + 2) fp32 per q head
+    per_launch = 1 if state_bytes == 1 else 3
+    assert [(x.args["head_base"], x.grid[1]) for x in launches[::2]] == [
+        (h, min(per_launch, 5 - h)) for h in range(0, 5, per_launch)]
+    assert all(x.args["state_heads"] == per_launch for x in launches)
+    o64, lse64, _ = _ref(q, k, v, dense_mask(qr, kr, ty, 45, 45), a.softmax_scale, 0.0, torch.randn_like(q))
+    torch.testing.assert_close(out.double(), o64, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), lse64, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("tma", [False, True], ids=["one_pass", "tma_two_pass"])
 @pytest.mark.parametrize("softcap", [0.0, 2.0])
 def test_forward_with_negative_and_zero_scale(tma, softcap):

@@ -192,14 +192,15 @@ def _fwd_partial_step(acc, m_i, l_i, q, k, v, col0, lo, hi, qk_scale, cap_in, ca
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["total_q", "total_k", "groups", "q_heads"])
+@triton.jit(do_not_specialize=["total_q", "total_k", "groups", "q_heads", "head_base", "state_heads"])
 def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_start_ptr, q_nfull_ptr, q_kidx_ptr,
                           q_rstart_ptr, run_lo_ptr, run_hi_ptr, q_bstart_ptr, bound_kidx_ptr, bound_rows_ptr,
                           q_partial_ptr, q_slot_ptr, state_acc_ptr, state_m_ptr, state_l_ptr,
                           stride_qt, stride_qh, stride_kt, stride_kh,
                           stride_vt, stride_vh, stride_ot, stride_oh, q_heads, total_q, total_k, groups,
-                          qk_scale: tl.float32, cap_in: tl.float32, cap_out: tl.float32, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr, PASS: tl.constexpr):
+                          head_base, state_heads, qk_scale: tl.float32, cap_in: tl.float32, cap_out: tl.float32,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr,
+                          PASS: tl.constexpr):
     """One (q tile, q head) per program. PASS (docs/kernel_structure.md):
 
     0: every tile of the q tile in one program, pointer loads, FULL tiles walked as the plan's runs (sm_80/89).
@@ -213,7 +214,8 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_
         m = tl.load(q_partial_ptr + slot)  # most PARTIAL entries first
     else:
         m = tl.load(q_order_ptr + tl.program_id(0))  # heaviest q tiles first (the plan's launch order)
-    h = tl.program_id(1)
+    # A launch covers q heads [head_base, head_base + grid[1]); the state holds state_heads of them per row.
+    h = head_base + tl.program_id(1)
     kh = h // groups
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -241,7 +243,7 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_
 
     # State rows of this program's slot: [slot * BLOCK_M, (slot + 1) * BLOCK_M) x q heads.
     if PASS == 2:
-        srow = (slot * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * q_heads + h
+        srow = (slot * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * state_heads + tl.program_id(1)
         m_i = tl.load(state_m_ptr + srow)
         l_i = tl.load(state_l_ptr + srow)
         acc = tl.load(state_acc_ptr + srow[:, None] * HEAD_DIM + offs_d[None, :])
@@ -282,7 +284,8 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_
     if PASS == 1:
         # Masked stores rather than a branch on the slot (the warp-specialized loop's results feed both).
         slot = tl.load(q_slot_ptr + m)
-        srow = (tl.maximum(slot, 0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * q_heads + h
+        srow = (tl.maximum(slot, 0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * state_heads
+        srow += tl.program_id(1)
         # (Broadcast before comparing: the interpreter rejects a mask that mixes a loaded scalar's bool in.)
         to_state = (tl.zeros([BLOCK_M], tl.int32) + slot) >= 0
         tl.store(state_m_ptr + srow, m_i, mask=to_state)
@@ -762,6 +765,10 @@ def _check_sizes(a, *ts: torch.Tensor) -> None:
     check_i32(OP, **vals)
 
 
+# Largest PASS 1 -> PASS 2 state of one sm_90 forward launch pair (bytes); more q heads run in further pairs.
+STATE_BYTES_MAX = 256 << 20
+
+
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     """Global memory for the tensor descriptors a kernel builds on the device (128 B per descriptor)."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
@@ -817,11 +824,15 @@ def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, configs: tuple[AotConfig
     plan_args = _plan_args(a, cfgs[0])
     check_i32(OP, bound_rows=plan_args["bound_rows_ptr"].numel())
     n_partial_tiles = a.plan(bm, bn).q_partial.numel() if len(cfgs) == 2 else 0
-    # PASS 1 -> PASS 2 softmax state of the q tiles with PARTIAL entries: BLOCK_M rows x q heads per slot, fp32.
+    # PASS 1 -> PASS 2 softmax state of the q tiles with PARTIAL entries: BLOCK_M rows x (D + 2) fp32 per q head
+    # and slot. The passes run over groups of q heads so that it stays within STATE_BYTES_MAX.
+    per_head = n_partial_tiles * bm * (d + 2) * 4
+    heads = hq if per_head == 0 else max(1, min(hq, STATE_BYTES_MAX // per_head))
     if n_partial_tiles:
-        state = dict(state_acc_ptr=torch.empty(n_partial_tiles * bm, hq, d, dtype=torch.float32, device=q.device),
-                     state_m_ptr=torch.empty(n_partial_tiles * bm, hq, dtype=torch.float32, device=q.device),
-                     state_l_ptr=torch.empty(n_partial_tiles * bm, hq, dtype=torch.float32, device=q.device))
+        rows = n_partial_tiles * bm
+        state = dict(state_acc_ptr=torch.empty(rows, heads, d, dtype=torch.float32, device=q.device),
+                     state_m_ptr=torch.empty(rows, heads, dtype=torch.float32, device=q.device),
+                     state_l_ptr=torch.empty(rows, heads, dtype=torch.float32, device=q.device))
     else:
         state = dict(state_acc_ptr=dummy(q.device), state_m_ptr=dummy(q.device), state_l_ptr=dummy(q.device))
     if len(cfgs) == 2 and q.device.type == "cuda":
@@ -829,10 +840,12 @@ def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, configs: tuple[AotConfig
     # lse [Tq, Hq] is contiguous here, so its row stride is the number of q heads.
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=o_buf, lse_ptr=lse_buf, **plan_args, **state,
                 **_strides(q=q, k=k, v=v, o=o_buf), q_heads=hq, total_q=a.total_q, total_k=a.total_k,
-                groups=a.groups, **scalars)
-    KernelLaunch(cfgs[0], (triton.cdiv(tq, bm), hq), args).run()
-    if n_partial_tiles:
-        KernelLaunch(cfgs[1], (n_partial_tiles, hq), args).run()
+                groups=a.groups, state_heads=heads, **scalars)
+    for head_base in range(0, hq, heads):
+        n_heads = min(heads, hq - head_base)
+        KernelLaunch(cfgs[0], (triton.cdiv(tq, bm), n_heads), dict(args, head_base=head_base)).run()
+        if n_partial_tiles:
+            KernelLaunch(cfgs[1], (n_partial_tiles, n_heads), dict(args, head_base=head_base)).run()
     if o_buf is not out:
         out.copy_(o_buf)
     if lse_buf is not lse:
