@@ -88,7 +88,10 @@ def _block_scales(a_scale_src, b_scale_src, a_s, b_s, group, tile_m0, tile_n0, r
         if A_MODE == 2:
             a_s = tl.load(a_scale_src + group * stride_a_scale_k + rows)[:, None]
         if B_MODE == 2:
-            b_s = tl.load(b_scale_src + (cols // 128) * stride_b_scale_n + group)[None, :]
+            if ONE_B_BLOCK:
+                b_s = tl.load(b_scale_src + (tile_n0 // 128) * stride_b_scale_n + group)
+            else:
+                b_s = tl.load(b_scale_src + (cols // 128) * stride_b_scale_n + group)[None, :]
     return a_s, b_s
 
 
