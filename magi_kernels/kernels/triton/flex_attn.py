@@ -241,7 +241,7 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_
     e0 = tl.load(q_start_ptr + m)
     e_mid = e0 + tl.load(q_nfull_ptr + m)  # FULL entries [e0, e_mid)
 
-    # State rows of this program's slot: [slot * BLOCK_M, (slot + 1) * BLOCK_M) x q heads.
+    # State rows of this program's slot: [slot * BLOCK_M, (slot + 1) * BLOCK_M) x the launch's state_heads.
     if PASS == 2:
         srow = (slot * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * state_heads + tl.program_id(1)
         m_i = tl.load(state_m_ptr + srow)
