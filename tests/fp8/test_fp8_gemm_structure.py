@@ -84,7 +84,8 @@ variants = json.loads(sys.argv[1])
 rows = {}
 for name, (loop, warps, ws) in variants.items():
     cfg = AotConfig(kernel="tests.fp8.test_fp8_gemm_structure:_reduced_loop_kernel", name="reduced_fp8_loop",
-                    config=name, pointer_dtypes={"a_ptr": "fp8e4nv", "b_ptr": "fp8e4nv", "c_ptr": "bf16", "s_ptr": "fp32"},
+                    config=name, pointer_dtypes={"a_ptr": "fp8e4nv", "b_ptr": "fp8e4nv", "c_ptr": "bf16",
+                                                 "s_ptr": "fp32"},
                     constexprs={"LOOP": loop, "WARP_SPECIALIZE": ws, "BLOCK": 128}, num_warps=warps, num_stages=3,
                     archs=(90,), mma="fp8", divisible_by_16=("*_ptr", "size_*"))
     r = check_config(cfg, 90)
@@ -102,7 +103,7 @@ def loops(tmp_path_factory) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(VARIANTS), str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert all(r["ok"] for r in rows.values()), {k: r["failures"] for k, r in rows.items() if not r["ok"]}

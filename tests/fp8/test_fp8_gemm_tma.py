@@ -15,7 +15,8 @@ from ..conftest import poison_like
 from ._util import E4M3, e4m3_exact, need, pow2
 
 
-SMALL_TMA = dict(block_m=32, block_n=32, block_k=64, num_warps=4, num_stages=1, group_m=4, use_tma=True)
+SMALL_TMA = {"block_m": 32, "block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 1, "group_m": 4,
+             "use_tma": True}
 
 
 @pytest.mark.parametrize("m, n, k, act, with_bias, modes, ws", [
@@ -36,7 +37,7 @@ def test_tma_path_matches_float64(m, n, k, act, with_bias, modes, ws):
     a = e4m3_exact(m, k, lo=0, hi=2).to(E4M3)
     b = e4m3_exact(n, k, lo=0, hi=2).to(E4M3)
     a_mode, b_mode = modes
-    p = lambda *shape: pow2(*shape, lo=-1, hi=1)  # noqa: E731
+    p = lambda *shape: pow2(*shape, lo=-1, hi=1)
     sa = {"tensor": p(1), "row": p(m), "block": p(m, cdiv(k, 128))}[a_mode]
     sb = {"tensor": p(1), "col": p(n), "block": p(cdiv(n, 128), cdiv(k, 128))}[b_mode]
     bias = torch.randn(n) if with_bias else None

@@ -65,8 +65,8 @@ def _block_scales(a_scale_src, b_scale_src, a_s, b_s, group, tile_m0, tile_n0, r
     """K group ``group``'s block scales: A's for the tile's rows ([BLOCK_M, 1]) when A_MODE == 2, B's for its
     columns when B_MODE == 2 (otherwise ``a_s`` / ``b_s`` come back unchanged).
 
-    A's scales arrive K-group-major ([ceil(K/128), M], see ``launch``), so one group's scales for the tile's
-    rows are contiguous: one TMA box [1, BLOCK_M] or one contiguous vector load. B's come from the
+    A's scales arrive K-group-major ([ceil(K/128), M], see ``block_scale_layouts``), so one group's scales
+    for the tile's rows are contiguous: one TMA box [1, BLOCK_M] or one contiguous vector load. B's come from the
     [ceil(N/128), ceil(K/128)] grid. A tile of BLOCK_N <= 128 columns that starts on a multiple of BLOCK_N
     lies in one 128-block (ONE_B_BLOCK: one scalar); the second SwiGLU half may straddle two (a [1, BLOCK_N]
     row). By TMA, B's box is [2, 4] (a box row is at least 16 bytes and starts on a 16-byte boundary): blocks
