@@ -37,6 +37,10 @@ Flat int32 tensors (CSR), E entries of which P are PARTIAL:
       run r covers k tiles [r_lo[r], r_hi[r]), in entry order. Derived from q_ptr/q_nfull/q_kidx (one copy for
       both planners): with them the kernel's FULL loop walks k tiles by an affine index, which Triton's
       software pipeliner can prefetch one stage deeper than an index it must first load from the plan.
+  k-major FULL runs (dK/dV)  k_rptr [Nt+1], kr_lo [RK], kr_hi [RK]
+      the same for the k-major lists: the FULL entries of k tile n as maximal runs of consecutive q tiles,
+      runs r in [k_rptr[n], k_rptr[n+1]), run r covers q tiles [kr_lo[r], kr_hi[r]). Derived from
+      k_ptr/k_nfull/k_qidx by the same function, so again one copy for both planners.
   launch order (forward, dQ) q_order [Mt]
       q tiles heaviest first (FULL entries + 2 x PARTIAL entries, ties by tile index): program i of a q-major
       kernel works on q tile q_order[i], so the long tiles start first and the launch ends on short ones.
@@ -70,7 +74,8 @@ import torch
 
 PLAN_KEYS_Q = ("q_ptr", "q_nfull", "q_kidx", "q_pptr", "p_mptr", "mask_slices")
 PLAN_KEYS_K = ("k_ptr", "k_nfull", "k_qidx", "k_pptr", "k_pent")
-PLAN_KEYS_RUNS = ("q_rptr", "r_lo", "r_hi", "q_order", "q_partial", "q_slot", "q_bptr", "b_kidx", "b_rows")
+PLAN_KEYS_RUNS = ("q_rptr", "r_lo", "r_hi", "q_order", "q_partial", "q_slot", "q_bptr", "b_kidx", "b_rows", "k_rptr",
+                  "kr_lo", "kr_hi")
 PLAN_KEYS = ("slices",) + PLAN_KEYS_Q + PLAN_KEYS_K + PLAN_KEYS_RUNS
 
 
@@ -334,7 +339,11 @@ def native_planner():
 
 
 def full_runs(q_ptr, q_nfull, q_kidx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(q_rptr, r_lo, r_hi): each q tile's FULL entries as maximal runs of consecutive k tiles (module docstring)."""
+    """(q_rptr, r_lo, r_hi): each q tile's FULL entries as maximal runs of consecutive k tiles (module docstring).
+
+    The k-major lists have the same shape (k_ptr, k_nfull, k_qidx: FULL entries first, ascending), so the same
+    call gives (k_rptr, kr_lo, kr_hi), each k tile's FULL entries as runs of consecutive q tiles.
+    """
     q_ptr, q_nfull, q_kidx = (np.asarray(a, dtype=np.int64) for a in (q_ptr, q_nfull, q_kidx))
     nt = q_nfull.shape[0]
     tile = np.repeat(np.arange(nt), q_nfull)  # q tile of each FULL entry, in entry order
@@ -450,7 +459,8 @@ def build_plan(qr: np.ndarray, kr: np.ndarray, ty: np.ndarray, total_q: int, tot
         tensors[k] = torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.int32))
     runs = full_runs(arrays["q_ptr"], arrays["q_nfull"], arrays["q_kidx"]) + (
         heaviest_first(arrays["q_ptr"], arrays["q_nfull"]),) + partial_q_tiles(arrays["q_ptr"], arrays["q_nfull"]) + (
-        partial_row_bounds(arrays, tensors["slices"].numpy(), int(total_k), int(block_m), int(block_n)))
+        partial_row_bounds(arrays, tensors["slices"].numpy(), int(total_k), int(block_m), int(block_n))) + (
+        full_runs(arrays["k_ptr"], arrays["k_nfull"], arrays["k_qidx"]))
     for k, a in zip(PLAN_KEYS_RUNS, runs):
         tensors[k] = torch.from_numpy(a)
     return AttnPlan(int(block_m), int(block_n), int(total_q), int(total_k), tensors, used)

@@ -1,5 +1,6 @@
 """The plan's FULL runs (q_rptr, r_lo, r_hi): each q tile's FULL entries as maximal runs of consecutive k tiles,
-which the Triton forward walks by an affine tile index instead of reading q_kidx per tile; and its launch order
+which the Triton forward and dQ kernels walk by an affine tile index instead of reading q_kidx per tile, and the
+k-major ones (k_rptr, kr_lo, kr_hi) the dK/dV kernel walks the same way; and its launch order
 (q_order), heaviest q tile first; and the q tiles with PARTIAL entries (q_partial, q_slot) through which the sm_90
 forward's two passes hand over their softmax state; and the PARTIAL tiles' per-row key intervals (q_bptr, b_kidx,
 b_rows) from which the forward builds its masks."""
@@ -38,6 +39,22 @@ def test_runs_expand_to_exactly_the_full_entries_and_are_maximal(layout, bm, bn,
         assert got == want, (m, got, want)
         assert all(t["r_lo"][r] < t["r_hi"][r] for r in runs)  # no empty run
         assert all(t["r_hi"][a] != t["r_lo"][b] for a, b in zip(runs, runs[1:]))  # maximal: no two could merge
+
+
+@settings(max_examples=150, deadline=None)
+@given(**PLANS)
+def test_kmajor_runs_expand_to_exactly_the_full_entries_of_each_k_tile(layout, bm, bn, planner):
+    t = _plan_arrays(layout, bm, bn, planner)
+    assert t["k_rptr"].shape == t["k_ptr"].shape and t["k_rptr"][0] == 0
+    for n in range(t["k_nfull"].shape[0]):
+        f0 = t["k_ptr"][n]
+        want = t["k_qidx"][f0:f0 + t["k_nfull"][n]].tolist()
+        runs = list(range(t["k_rptr"][n], t["k_rptr"][n + 1]))
+        got = [m for r in runs for m in range(t["kr_lo"][r], t["kr_hi"][r])]
+        assert got == want, (n, got, want)  # the dK/dV kernel sums the same q tiles in the same order
+        assert all(t["kr_lo"][r] < t["kr_hi"][r] for r in runs)
+        assert all(t["kr_hi"][a] != t["kr_lo"][b] for a, b in zip(runs, runs[1:]))
+    assert all(t[k].dtype == np.int32 for k in ("k_rptr", "kr_lo", "kr_hi"))
 
 
 def test_runs_of_hand_made_entry_lists():

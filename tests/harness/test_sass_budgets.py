@@ -36,17 +36,19 @@ BUDGETS = {
     "flex_attn_fwd[sm89 bf16 D=128 BM=128 BN=64 w8 s2]": (1.03, 1.02),
     "flex_attn_bwd_dq[sm90 bf16 D=128 BM=64 BN=32 w4 s2]": (0.72, None),
     "flex_attn_bwd_dq[sm89 bf16 D=128 BM=64 BN=32 w4 s2]": (1.31, None),
-    "flex_attn_bwd_dkdv[sm90 bf16 D=128 BM=32 BN=64 w8 s2]": (1.10, None),
-    "flex_attn_bwd_dkdv[sm89 bf16 D=128 BM=64 BN=64 w8 s2]": (1.00, None),
+    "flex_attn_bwd_dkdv[sm90 bf16 D=128 BM=32 BN=64 w8 s3]": (1.07, None),
+    "flex_attn_bwd_dkdv[sm89 bf16 D=128 BM=64 BN=64 w8 s2]": (0.88, None),
     "fp8_gemm[sm90 large 128x128x128 w4 s3 tma ws tensor div16 out=bf16]": (0.25, 2.12),
     "fp8_gemm[sm90 large 128x128x128 w4 s3 tma ws block div16 out=bf16]": (0.41, 3.45),
     "fp8_gemm[sm89 large 128x128x128 w8 s3 tensor div16 out=bf16]": (0.98, 1.17),
 }
 
 # Tiles in flight a loop must keep (sm_90 FULL pass: two K/V buffers fill the shared memory beside Q at
-# BLOCK_N=128; the PARTIAL pass is pipelined since its mask comes from the plan's row bounds, without a loop).
+# BLOCK_N=128; the PARTIAL pass is pipelined since its mask comes from the plan's row bounds, without a loop;
+# the sm_90 dK/dV loop keeps three Q/dO buffers since it walks its FULL q tiles by runs.)
 MIN_BUFFERS = {"flex_attn_fwd[sm90 bf16 D=128 BM=128 BN=128 w4 s2 tma ws]": 2,
-               "flex_attn_fwd_partial[sm90 bf16 D=128 BM=128 BN=128 w8 s2 tma]": 2}
+               "flex_attn_fwd_partial[sm90 bf16 D=128 BM=128 BN=128 w8 s2 tma]": 2,
+               "flex_attn_bwd_dkdv[sm90 bf16 D=128 BM=32 BN=64 w8 s3]": 3}
 # Register ceilings (sm_89 forward: 205 since the PARTIAL loop's mask lost its per-slice loop; it was 255).
 MAX_REGS = {"flex_attn_fwd[sm89 bf16 D=128 BM=128 BN=64 w8 s2]": 232}
 # The sm_90 forward's FULL loop structure: warp-specialized (ws), no load in the consumer loop (a producer warp
@@ -64,8 +66,9 @@ FP8_STRUCTURE = {
     "fp8_gemm[sm89 large 128x128x128 w8 s3 tensor div16 out=bf16]": {"mma/iter": 64},
 }
 # Loops that must not load through registers (a plain LDG in the loop is a load the pipeliner did not hide; the
-# FULL runs removed the plan-index LDG from these).
-NO_PLAIN_LDG = tuple(k for k in BUDGETS if k.startswith(("flex_attn_fwd[", "flex_attn_bwd_dq[", "fp8_gemm[")))
+# FULL runs removed the plan-index LDG from these, the k-major runs from the dK/dV loop).
+NO_PLAIN_LDG = tuple(k for k in BUDGETS if k.startswith(("flex_attn_fwd[", "flex_attn_bwd_dq[", "flex_attn_bwd_dkdv[",
+                                                         "fp8_gemm[")))
 
 _SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;

@@ -500,12 +500,13 @@ def _bwd_kv_tile(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, m, h, cols, o
 
 @triton.jit(do_not_specialize=["total_q", "total_k", "groups", "q_heads"])
 def _flex_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, k_start_ptr,
-                               k_nfull_ptr, k_qidx_ptr, k_pstart_ptr, k_pent_ptr, p_mstart_ptr, mask_slices_ptr,
-                               slices_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
-                               stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, q_heads, total_q, total_k,
-                               groups, softmax_scale: tl.float32, qk_scale: tl.float32, cap_in: tl.float32,
-                               cap_out: tl.float32, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr):
+                               k_nfull_ptr, k_qidx_ptr, k_pstart_ptr, k_pent_ptr, k_rstart_ptr, krun_lo_ptr,
+                               krun_hi_ptr, p_mstart_ptr, mask_slices_ptr, slices_ptr, stride_qt, stride_qh,
+                               stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt,
+                               stride_dkh, stride_dvt, stride_dvh, q_heads, total_q, total_k, groups,
+                               softmax_scale: tl.float32, qk_scale: tl.float32, cap_in: tl.float32, cap_out: tl.float32,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               SOFTCAP: tl.constexpr):
     n = tl.program_id(0)
     kh = tl.program_id(1)
     cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -519,17 +520,20 @@ def _flex_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr,
     f1 = tl.load(k_start_ptr + n + 1)
     f_mid = f0 + tl.load(k_nfull_ptr + n)  # [f0, f_mid) FULL, [f_mid, f1) PARTIAL
     pe0 = tl.load(k_pstart_ptr + n) - f_mid  # partial-id index of entry f is pe0 + f
+    r0 = tl.load(k_rstart_ptr + n)  # the FULL entries as runs of consecutive q tiles [krun_lo, krun_hi)
+    r1 = tl.load(k_rstart_ptr + n + 1)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     # The q heads of this kv head's group, in a fixed order: the GQA sum happens here, not in atomics.
     for g in range(0, groups):
         h = kh * groups + g
-        for f in range(f0, f_mid):
-            m = tl.load(k_qidx_ptr + f)
-            dk, dv = _bwd_kv_tile(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, m, h, cols, offs_d, stride_qt,
-                                  stride_qh, stride_dot, stride_doh, q_heads, total_q, slices_ptr, mask_slices_ptr, 0,
-                                  0, qk_scale, cap_in, cap_out, BLOCK_M, False, SOFTCAP)
+        # FULL tiles by runs: an affine q tile index the pipeliner can prefetch without first loading it.
+        for r in range(r0, r1):
+            for m in range(tl.load(krun_lo_ptr + r), tl.load(krun_hi_ptr + r)):
+                dk, dv = _bwd_kv_tile(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, m, h, cols, offs_d,
+                                      stride_qt, stride_qh, stride_dot, stride_doh, q_heads, total_q, slices_ptr,
+                                      mask_slices_ptr, 0, 0, qk_scale, cap_in, cap_out, BLOCK_M, False, SOFTCAP)
         for f in range(f_mid, f1):
             m = tl.load(k_qidx_ptr + f)
             pid = tl.load(k_pent_ptr + pe0 + f)
@@ -566,7 +570,10 @@ ARCHS = (80, 89, 90)
 #   sm_80 d128 needs BN=32 to stay spill-free at 3 stages; sm_89 (101 KB smem) runs 2 stages, and 8 warps at d64
 #   too (4 spill a register).
 # * bwd dQ holds q, dO and the dq accumulator for the whole walk: d128 takes 32-key steps.
-# * bwd dK/dV holds k, v and two [BN, D] fp32 accumulators: d128 uses 8 warps to spread them.
+# * bwd dK/dV holds k, v and two [BN, D] fp32 accumulators: d128 uses 8 warps to spread them. Its FULL loop walks
+#   q tiles by an affine index (the plan's k-major runs), so 3 stages give 2 Q/dO tiles in flight ahead of the one
+#   in use (3 buffers on sm_90); sm_89 d128 stays at 2 stages: a third 64x128 Q/dO stage needs 107.5 KB of shared
+#   memory, over its 99 KB.
 TILES = {
     ("fwd", 90, 64): (128, 128, 4, 3), ("fwd", 90, 128): (128, 128, 4, 2),
     ("fwd_partial", 90, 64): (128, 128, 8, 3), ("fwd_partial", 90, 128): (128, 128, 8, 2),
@@ -575,9 +582,9 @@ TILES = {
     ("bwd_dq", 90, 64): (64, 64, 4, 2), ("bwd_dq", 90, 128): (64, 32, 4, 2),
     ("bwd_dq", 80, 64): (64, 64, 4, 2), ("bwd_dq", 80, 128): (64, 32, 4, 2),
     ("bwd_dq", 89, 64): (64, 64, 4, 2), ("bwd_dq", 89, 128): (64, 32, 4, 2),
-    ("bwd_dkdv", 90, 64): (32, 64, 4, 2), ("bwd_dkdv", 90, 128): (32, 64, 8, 2),
-    ("bwd_dkdv", 80, 64): (32, 64, 4, 2), ("bwd_dkdv", 80, 128): (64, 64, 8, 2),
-    ("bwd_dkdv", 89, 64): (32, 64, 4, 2), ("bwd_dkdv", 89, 128): (64, 64, 8, 2),
+    ("bwd_dkdv", 90, 64): (32, 64, 4, 3), ("bwd_dkdv", 90, 128): (32, 64, 8, 3),
+    ("bwd_dkdv", 80, 64): (32, 64, 4, 3), ("bwd_dkdv", 80, 128): (64, 64, 8, 3),
+    ("bwd_dkdv", 89, 64): (32, 64, 4, 3), ("bwd_dkdv", 89, 128): (64, 64, 8, 2),
 }
 # kind -> archs whose forward configs are the two-pass TMA shape (fwd: PASS 1, fwd_partial: PASS 2).
 TMA_ARCHS = {"fwd": (90,), "fwd_partial": (90,)}
@@ -590,7 +597,7 @@ PLAN_ARGS = {
     "k_pent_ptr": "k_pent", "p_mstart_ptr": "p_mptr", "mask_slices_ptr": "mask_slices", "slices_ptr": "slices",
     "q_rstart_ptr": "q_rptr", "run_lo_ptr": "r_lo", "run_hi_ptr": "r_hi", "q_order_ptr": "q_order",
     "q_partial_ptr": "q_partial", "q_slot_ptr": "q_slot", "q_bstart_ptr": "q_bptr", "bound_kidx_ptr": "b_kidx",
-    "bound_rows_ptr": "b_rows",
+    "bound_rows_ptr": "b_rows", "k_rstart_ptr": "k_rptr", "krun_lo_ptr": "kr_lo", "krun_hi_ptr": "kr_hi",
 }
 _FP32_ARGS = ("lse_ptr", "dlse_ptr", "lse2_ptr", "delta_ptr", "state_acc_ptr", "state_m_ptr", "state_l_ptr")
 # Every pointer and every token/head stride is compiled as a multiple of 16; the launcher guarantees it.
