@@ -109,6 +109,22 @@ def test_each_mask_type_multi_tile(mask_type, tma):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-3)
 
 
+def test_dkdv_walks_several_full_runs_per_k_tile_over_a_head_group():
+    """k tiles whose FULL q tiles form several runs (q ranges with gaps and an overlap), then PARTIAL tiles, GQA 3."""
+    qr = np.array([[0, 32], [64, 96], [80, 112], [40, 50]], np.int32)
+    kr = np.array([[0, 64], [0, 64], [16, 48], [5, 60]], np.int32)
+    ty = np.array([0, 0, 0, 1], np.int32)
+    q, k, v = _qkv(128, 64, 3, 1, 64, torch.float32)
+    plan = make_args(q, k, v, *_ranges(qr, kr, ty), None, 0.0, False).plan(16, 16)
+    runs_per_ktile = np.diff(plan.k_rptr.numpy())
+    assert runs_per_ktile.max() >= 2 and plan.k_nfull.numpy().min() < np.diff(plan.k_ptr.numpy()).max()
+    do, dlse = torch.randn_like(q), torch.randn(128, 3)
+    a, _, _, grads = _run_kernels(q, k, v, qr, kr, ty, 0.0, do, dlse, (16, 16))
+    _, _, g64 = _ref(q, k, v, dense_mask(qr, kr, ty, 128, 64), a.softmax_scale, 0.0, do, dlse)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, g64):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
 def _check_op_fp16(q, k, v, qr, kr, ty, softcap=0.0):
     """Public op with backend='triton' (shipped configs, autograd) vs fp64, two-sided against an fp16 reference."""
     M = dense_mask(qr, kr, ty, q.shape[0], k.shape[0])
