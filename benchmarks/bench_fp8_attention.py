@@ -14,10 +14,11 @@ else), so each term is that quantization's error alone. On a CPU the quantized n
 emulation (magi_kernels/reference/flex_attn_fp8.py), which the test suite checks equals the Triton kernels run
 in the interpreter; timings are taken only on a CUDA device (otherwise none are printed).
 
-``--sass`` compiles the forward kernel (each PV precision) and the bf16 flex_attn forward at the same tile for
-sm_89 and sm_90, finds the FULL-tile loop (the first loop holding tensor-core instructions) in the SASS and
-prints its issued instructions per MMA FLOP, and their ratio (ours / bf16; the target is <= 0.6,
-docs/fp8_attention.md). These are static counts, not timings.
+``--sass`` compiles the shipped forward (each PV precision; on sm_90 its warp-specialized FULL pass) and the
+shipped bf16 flex_attn forward (on sm_90 its warp-specialized FULL pass, on sm_89 its single pass; each at its own
+tile) for sm_89 and sm_90, finds the FULL-tile loop (the innermost loop holding tensor-core instructions) in the
+SASS and prints its issued instructions per 1000 MMA FLOPs of one warp (magi_kernels.tools.sass), and their
+ratio (ours / bf16; the target is <= 0.6, docs/fp8_attention.md). These are static counts, not timings.
 """
 
 from __future__ import annotations
@@ -37,20 +38,26 @@ TARGET_COS, TARGET_REL_L2 = 0.999, 0.03
 
 def hot_loop(sass: str) -> dict:
     """The innermost loop holding tensor-core instructions (magi_kernels.tools.sass): issued instructions (NOP
-    excluded) and tensor-core instructions by kind, int8 ones (IMMA / IGMMA) included."""
-    from magi_kernels.tools.sass import hot_loop as loop_span, parse_sass
+    excluded), tensor-core instructions by kind (int8 ones, IMMA / IGMMA, included), and issued instructions per
+    1000 MMA FLOPs of one warp (a wgmma's FLOPs are shared by the four warps of its warpgroup)."""
+    from magi_kernels.tools.sass import hot_loop as loop_span
+    from magi_kernels.tools.sass import mma_flops_per_warp, parse_sass
 
     instrs = parse_sass(sass)
     span = loop_span(instrs)
     if span is None:
         raise RuntimeError("no loop with tensor-core instructions found")
-    body = [x.op for x in instrs[span[0]:span[1] + 1] if x.op != "NOP"]
-    kinds = {k: body.count(k) for k in MMA_OPS if k in body}
+    body = [x for x in instrs[span[0]:span[1] + 1] if x.op != "NOP"]
+    ops = [x.op for x in body]
+    kinds = {k: ops.count(k) for k in MMA_OPS if k in ops}
+    flops = sum(mma_flops_per_warp(x) for x in body if x.op in MMA_OPS)
     return {"instructions": len(body), "mma": sum(kinds.values()),
-            "mma_kind": " + ".join(f"{n} {k}" for k, n in kinds.items())}
+            "mma_kind": " + ".join(f"{n} {k}" for k, n in kinds.items()),
+            "per_kflop": 1000.0 * len(body) / flops,
+            "loads": sorted({x.op for x in body if x.op in ("UTMALDG", "LDGSTS", "LDG")})}
 
 
-def _sass(cfg, arch: int) -> str:
+def _compile(cfg, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -66,39 +73,50 @@ def _sass(cfg, arch: int) -> str:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(k.asm["cubin"])
-        return subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+    return sass, k.asm["ttgir"]
+
+
+def _loop_of(cfg, arch: int) -> dict:
+    """hot_loop of a compiled config, plus its label and whether the kernel is warp-specialized (a
+    ttg.warp_specialize region in its TTGIR)."""
+    sass, ttgir = _compile(cfg, arch)
+    return dict(hot_loop(sass), config=cfg.config, warp_specialized="ttg.warp_specialize" in ttgir)
 
 
 def fp8_loop(arch: int, d: int, pv: str) -> dict:
-    """hot_loop of the shipped forward config (bf16 inputs, no softcap) for (arch, head_dim, pv_precision)."""
+    """hot_loop of the shipped forward's FULL-tile pass (bf16 inputs, no softcap) for (arch, head_dim,
+    pv_precision): the single pass on sm_89, the warp-specialized FULL pass (PASS 1) on sm_90."""
     from magi_kernels.kernels.triton import flex_attn_fp8 as fp8
 
-    bm, bn, w, s = fp8.TILES[(arch, d, pv)]
-    return hot_loop(_sass(fp8.make_config("fwd", torch.bfloat16, d, False, bm, bn, w, s, (arch,), pv_precision=pv),
-                          arch))
+    full = next(c for c in fp8.select_configs(torch.bfloat16, d, False, arch, pv) if c.constexprs.get("PASS") in (0, 1))
+    return _loop_of(full, arch)
+
+
+def bf16_loop(arch: int, d: int) -> dict:
+    """hot_loop of the shipped bf16 flex_attn forward's FULL-tile pass (its first launch: the single pass on sm_89,
+    the warp-specialized FULL pass on sm_90), at that kernel's own tile."""
+    from magi_kernels.kernels.triton import flex_attn as bf16
+
+    return _loop_of(bf16.forward_configs(torch.bfloat16, d, False, arch)[0], arch)
 
 
 def sass_report(head_dims: tuple[int, ...] = (64, 128)) -> list[dict]:
-    from magi_kernels.kernels.triton import flex_attn as bf16
     from magi_kernels.kernels.triton import flex_attn_fp8 as fp8
 
     rows, bf16_loops = [], {}
-    for (arch, d, pv), (bm, bn, w, s) in sorted(fp8.TILES.items()):
+    for (arch, d, pv) in sorted(fp8.TILES):
         if d not in head_dims:
             continue
-        flops = 2 * 2 * bm * bn * d  # QK^T and PV of one tile
         f8 = fp8_loop(arch, d, pv)
-        tile = (arch, d, bm, bn, w, s)
-        if tile not in bf16_loops:  # both PV precisions share the tile, so the bf16 kernel compiles once
-            bf16_loops[tile] = hot_loop(_sass(bf16.make_config("fwd", torch.bfloat16, d, False, bm, bn, w, s,
-                                                               (arch,)), arch))
-        b16 = bf16_loops[tile]
-        ratio = f8["instructions"] / b16["instructions"]
-        rows.append(dict(arch=arch, d=d, pv=pv, tile=f"{bm}x{bn} w{w} s{s}", fp8=f8, bf16=b16, ratio=ratio))
-        print(f"sm_{arch} D={d} pv={pv} tile {bm}x{bn} w{w} s{s}: loop {f8['instructions']} instr "
-              f"({f8['mma_kind']}), bf16 loop {b16['instructions']} instr ({b16['mma_kind']}); "
-              f"instr per MMA FLOP {f8['instructions'] / flops:.3e} vs bf16 {b16['instructions'] / flops:.3e}: "
-              f"ratio {ratio:.2f} (budget 0.60)", flush=True)
+        if (arch, d) not in bf16_loops:  # both PV precisions compare against the same bf16 loop
+            bf16_loops[(arch, d)] = bf16_loop(arch, d)
+        b16 = bf16_loops[(arch, d)]
+        ratio = f8["per_kflop"] / b16["per_kflop"]
+        rows.append({"arch": arch, "d": d, "pv": pv, "fp8": f8, "bf16": b16, "ratio": ratio})
+        print(f"sm_{arch} D={d} pv={pv} [{f8['config']}]: loop {f8['instructions']} instr ({f8['mma_kind']}), "
+              f"{f8['per_kflop']:.3f} instr/kFLOP; bf16 [{b16['config']}]: loop {b16['instructions']} instr "
+              f"({b16['mma_kind']}), {b16['per_kflop']:.3f} instr/kFLOP; ratio {ratio:.2f} (target 0.60)", flush=True)
     return rows
 
 

@@ -12,14 +12,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from magi_kernels import flex_attn_fp8_func, merge_attn_states, registry
 from magi_kernels.kernels.triton import flex_attn_fp8 as kern
 from magi_kernels.kernels.triton.aot import registered_configs
 from magi_kernels.ops.flex_attn import make_args
 from magi_kernels.reference.flex_attn import flex_attn_ref
-from magi_kernels.reference.flex_attn_fp8 import PV_PRECISIONS, flex_attn_fp8_ref, int8_round, kv_statistics
+from magi_kernels.reference.flex_attn_fp8 import (
+    PV_PRECISIONS,
+    flex_attn_fp8_ref,
+    int8_round,
+    kv_statistics,
+)
 
 from ._helpers import slice_layouts
 
@@ -34,14 +40,23 @@ def _ranges(qr, kr, ty):
 STATS_CHUNK, STATS_STEP = 24, 8
 
 
-def _run_kernel(q, k, v, rng, softcap, tiles, pv="e4m3"):
-    """launch_fwd with small interpreter tiles; outputs poisoned with NaN first."""
+def _run_kernel(q, k, v, rng, softcap, tiles, pv="e4m3", two_pass=False):
+    """launch_fwd with small interpreter tiles; outputs poisoned with NaN first. two_pass: the sm_90 shape (Q
+    quantized by its own kernel, FULL pass on tensor descriptors, PARTIAL pass resuming from the saved state, in
+    half-tile steps where the tile allows it, as the shipped sm_90 PARTIAL pass walks them)."""
     a = make_args(q, k, v, *rng, None, softcap, False)
     bm, bn = tiles
     d = q.shape[-1]
     cfgs = (kern.make_config("stats", q.dtype, d, False, STATS_CHUNK, STATS_STEP),
-            kern.make_config("quant", q.dtype, d, False, bm, bn, 4, 1, exact_e4m3=True, pv_precision=pv),
-            kern.make_config("fwd", q.dtype, d, softcap > 0, bm, bn, 4, 1, exact_e4m3=True, pv_precision=pv))
+            kern.make_config("quant", q.dtype, d, False, bm, bn, 4, 1, exact_e4m3=True, pv_precision=pv))
+    if two_pass:
+        cfgs += (kern.make_config("quant_q", q.dtype, d, False, bm, bn, 4, 1),
+                 kern.make_config("fwd", q.dtype, d, softcap > 0, bm, bn, 4, 1, exact_e4m3=True, pv_precision=pv,
+                                  tma=True),
+                 kern.make_config("fwd_partial", q.dtype, d, softcap > 0, bm, bn, 4, 1, exact_e4m3=True,
+                                  pv_precision=pv, tma=True, partial_step=bn // 2 if bn >= 32 else bn))
+    else:
+        cfgs += (kern.make_config("fwd", q.dtype, d, softcap > 0, bm, bn, 4, 1, exact_e4m3=True, pv_precision=pv),)
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:2], float("nan"))
     kern.launch_fwd(a, out, lse, pv, cfgs)
@@ -60,17 +75,17 @@ def _cos(got, want):
 @given(layout=slice_layouts(max_tokens=48, max_slices=4), hk=st.sampled_from([1, 2]), g=st.sampled_from([1, 2]),
        softcap=st.sampled_from([0.0, 0.0, 4.0]), tiles=st.sampled_from(SMALL_TILES),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), offset=st.sampled_from([0.0, 8.0]),
-       pv=st.sampled_from(PV_PRECISIONS))
-def test_kernel_matches_quantization_emulation(layout, hk, g, softcap, tiles, dtype, offset, pv):
-    """All four mask types, overlaps, uncovered rows, GQA, softcap, a K mean offset, both PV precisions:
-    kernel == emulation."""
+       pv=st.sampled_from(PV_PRECISIONS), two_pass=st.booleans())
+def test_kernel_matches_quantization_emulation(layout, hk, g, softcap, tiles, dtype, offset, pv, two_pass):
+    """All four mask types, overlaps, uncovered rows, GQA, softcap, a K mean offset, both PV precisions, both
+    forward shapes (one pass; the sm_90 FULL and PARTIAL passes): kernel == emulation."""
     qr, kr, ty, tq, tk = layout
     d = 64
     q = torch.randn(tq, hk * g, d).to(dtype)
     k = (torch.randn(tk, hk, d) + offset).to(dtype)
     v = torch.randn(tk, hk, d).to(dtype)
     rng = _ranges(qr, kr, ty)
-    out, lse = _run_kernel(q, k, v, rng, softcap, tiles, pv)
+    out, lse = _run_kernel(q, k, v, rng, softcap, tiles, pv, two_pass)
     ro, rl = flex_attn_fp8_ref(q, k, v, *rng, softcap=softcap, block_m=tiles[0], block_n=tiles[1], pv_precision=pv)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(rl)) and not lse.isnan().any()
     torch.testing.assert_close(lse, rl, atol=1e-4, rtol=1e-5)
@@ -90,8 +105,8 @@ ACCURACY_BOUNDS = {"e4m3": (0.999, 0.045), "fp16": (0.9995, 0.03)}
 
 
 @pytest.mark.parametrize("pv", PV_PRECISIONS)
-@pytest.mark.parametrize("d,tiles", [(64, (32, 16)), (128, (16, 32))])
-def test_accuracy_against_float64(d, tiles, pv):
+@pytest.mark.parametrize("d,tiles,two_pass", [(64, (32, 16), False), (128, (16, 32), False), (128, (32, 32), True)])
+def test_accuracy_against_float64(d, tiles, two_pass, pv):
     """Random normal q/v and a K with a large per-channel mean and outlier channels in q and k."""
     tq, tk, hq, hk = 96, 80, 4, 2
     q = torch.randn(tq, hq, d)
@@ -100,7 +115,7 @@ def test_accuracy_against_float64(d, tiles, pv):
     k[..., :3] *= 8.0
     v = torch.randn(tk, hk, d)
     rng = _ranges([[0, 48], [40, 96]], [[0, 50], [10, 80]], [1, 0])
-    out, lse = _run_kernel(q, k, v, rng, 0.0, tiles, pv)
+    out, lse = _run_kernel(q, k, v, rng, 0.0, tiles, pv, two_pass)
     o64, l64 = flex_attn_ref(q, k, v, *rng)
     min_cos, max_rel = ACCURACY_BOUNDS[pv]
     assert _cos(out, o64) >= min_cos and _rel_l2(out, o64) <= max_rel, (_cos(out, o64), _rel_l2(out, o64))
@@ -163,12 +178,14 @@ def test_int8_qk_keeps_outlier_scores_close():
     assert _rel_l2(qk_only, o64) < 0.03, _rel_l2(qk_only, o64)
 
 
-def test_rows_without_keys_and_no_keys_at_all():
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_rows_without_keys_and_no_keys_at_all(two_pass):
     q, k, v = torch.randn(20, 2, 64), torch.randn(9, 1, 64), torch.randn(9, 1, 64)
-    out, lse = _run_kernel(q, k, v, _ranges([[3, 7]], [[2, 9]], [0]), 0.0, (16, 16))
+    out, lse = _run_kernel(q, k, v, _ranges([[3, 7]], [[2, 9]], [0]), 0.0, (16, 16), two_pass=two_pass)
     assert torch.isneginf(lse[:3]).all() and torch.isneginf(lse[7:]).all() and torch.isfinite(lse[3:7]).all()
     assert (out[:3] == 0).all() and (out[7:] == 0).all()
-    out, lse = _run_kernel(q, k[:0], v[:0], _ranges(np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0)), 0.0, (16, 16))
+    out, lse = _run_kernel(q, k[:0], v[:0], _ranges(np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0)), 0.0, (16, 16),
+                           two_pass=two_pass)
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
@@ -197,7 +214,9 @@ def test_op_backends_agree_and_reject_bad_input():
 
 
 def test_shipped_configs_are_registered(monkeypatch):
-    """Every config the launcher picks on sm_89/sm_90 is registered for the AOT check (PV MMA class, 0 spills)."""
+    """Every config the launcher picks on sm_89/sm_90 is registered for the AOT check (PV MMA class, 0 spills):
+    one attention pass on sm_89, the Q quantization and the FULL (TMA, warp-specialized) and PARTIAL passes on
+    sm_90, all at the quantize kernel's tile."""
     monkeypatch.setattr(kern, "triton_interpreting", lambda: False)  # select as on a GPU
     keys = {c.key for c in registered_configs()}
     for arch in kern.ARCHS:
@@ -205,11 +224,34 @@ def test_shipped_configs_are_registered(monkeypatch):
             for cap in (False, True):
                 for dtype in kern.IN_DTYPES:
                     for pv in PV_PRECISIONS:
-                        cs, cq, cf = kern.select_configs(dtype, d, cap, arch, pv)
-                        assert cf.mma == {"e4m3": "fp8", "fp16": "f16"}[pv] and cf.archs == (arch,)
-                        assert not cf.constexprs["EXACT_E4M3"] and cf.constexprs["PV_FP16"] == (pv == "fp16")
-                        assert cq.constexprs["BLOCK_N"] == cf.constexprs["BLOCK_N"]
-                        assert {cs.key, cq.key, cf.key} <= keys
+                        cfgs = kern.select_configs(dtype, d, cap, arch, pv)
+                        cq = cfgs[1]
+                        passes = [c for c in cfgs if "PASS" in c.constexprs]
+                        assert [c.constexprs["PASS"] for c in passes] == ([1, 2] if arch == 90 else [0])
+                        for cf in passes:
+                            assert cf.mma == {"e4m3": "fp8", "fp16": "f16"}[pv] and cf.archs == (arch,)
+                            assert not cf.constexprs["EXACT_E4M3"] and cf.constexprs["PV_FP16"] == (pv == "fp16")
+                            assert cq.constexprs["BLOCK_N"] == cf.constexprs["BLOCK_N"]
+                            assert cf.constexprs["BLOCK_M"] == passes[0].constexprs["BLOCK_M"]
+                        assert {c.key for c in cfgs} <= keys
+
+
+def test_config_arguments_are_checked():
+    with pytest.raises(ValueError, match="needs tma=True"):
+        kern.make_config("fwd_partial", torch.float16, 64, False, 16, 16, 4, 1)
+    with pytest.raises(ValueError, match="tma=True"):
+        kern.make_config("quant", torch.float16, 64, False, 16, 16, 4, 1, tma=True)
+    with pytest.raises(ValueError, match="partial_step must divide"):
+        kern.make_config("fwd_partial", torch.float16, 64, False, 16, 32, 4, 1, tma=True, partial_step=24)
+    q, k, v = torch.randn(8, 1, 64), torch.randn(8, 1, 64), torch.randn(8, 1, 64)
+    a = make_args(q, k, v, *_ranges([[0, 8]], [[0, 8]], [0]), None, 0.0, False)
+    cfgs = (kern.make_config("stats", q.dtype, 64, False, STATS_CHUNK, STATS_STEP),
+            kern.make_config("quant", q.dtype, 64, False, 16, 32, 4, 1, exact_e4m3=True),
+            kern.make_config("fwd", q.dtype, 64, False, 16, 16, 4, 1, exact_e4m3=True))
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        kern.launch_fwd(a, torch.empty_like(q), torch.empty(8, 1), "e4m3", cfgs)
+    with pytest.raises(ValueError, match="configs must be"):
+        kern.launch_fwd(a, torch.empty_like(q), torch.empty(8, 1), "e4m3", cfgs[:2])
 
 
 def test_tiny_dit_attention_precision_fp8():

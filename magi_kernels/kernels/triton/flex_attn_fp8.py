@@ -13,7 +13,15 @@ Design (docs/fp8_attention.md explains the accuracy side and the measurements be
     ``v8 = pv(v / sv)`` transposed [Hk, D, Nt*BLOCK_N] so both PV operands are K-major (fp8 wgmma needs it).
   Every K tile's codes need the mean over all keys and V's need the amax over all tokens, so the
   statistics pass must finish before any tile is quantized: that is the second read.
-  - the attention kernel quantizes its Q tile in the prologue, one int8 scale per query row.
+  - sm_89: the attention kernel (PASS 0) quantizes its Q tile in the prologue, one int8 scale per query row, and
+    walks FULL then PARTIAL tiles with pointer loads.
+  - sm_90: the 16-bit forward's two passes (magi_kernels/kernels/triton/flex_attn.py). ``_q_quantize_kernel``
+    writes Q's int8 codes and per-row factors; PASS 1 walks the FULL tiles in a warp-specialized loop whose loads
+    are all tensor-descriptor boxes (Q codes, row factors, K codes, V^T, key scales: a producer warp copies, two
+    consumer warpgroups compute) and saves the fp32 softmax state of the q tiles that have PARTIAL entries;
+    PASS 2 resumes those from the state over their PARTIAL tiles. Triton 3.9's Hopper warp specialization
+    cannot split a reduction that feeds the loop (the row amax and q . mean_k of an in-kernel Q quantization:
+    "Unexpected op" in WSDataPartition.cpp), hence the separate Q kernel (docs/fp8_attention.md).
 * int8 rather than e4m3 for Q and K: per-row / per-key int8 has 7 bits of resolution against the row's
   largest element where e4m3 has 3 mantissa bits, and the score error is what peaked (outlier) softmaxes
   amplify. The int8 dot is exact in the int32 accumulator; ``(dot * sk_j) * (sq_i * mul)`` is its scale.
@@ -47,9 +55,23 @@ import triton
 import triton.language as tl
 
 from magi_kernels.kernels.triton import triton_interpreting
-from magi_kernels.kernels.triton._io import check_i32
-from magi_kernels.kernels.triton.aot import AotConfig, KernelLaunch, kernel_parameters, register_aot
-from magi_kernels.kernels.triton.flex_attn import HEAD_DIMS, PLAN_ARGS, _plan_args, _scalars, _slice_mask, _tanh
+from magi_kernels.kernels.triton._io import check_i32, dummy
+from magi_kernels.kernels.triton.aot import (
+    AotConfig,
+    KernelLaunch,
+    kernel_parameters,
+    register_aot,
+)
+from magi_kernels.kernels.triton.flex_attn import (
+    HEAD_DIMS,
+    PLAN_ARGS,
+    STATE_BYTES_MAX,
+    _ensure_descriptor_allocator,
+    _plan_args,
+    _scalars,
+    _slice_mask,
+    _tanh,
+)
 from magi_kernels.kernels.triton.fp8_quantize import _e4m3_code
 from magi_kernels.reference.flex_attn_fp8 import INT8_MAX, PV_PRECISIONS
 from magi_kernels.reference.fp8 import AMAX_FLOOR, E4M3_MAX
@@ -136,19 +158,118 @@ def _kv_quantize_kernel(k_ptr, v_ptr, k_mean_ptr, v_scale_ptr, k8_ptr, v8t_ptr, 
              _to_pv(y, PV_FP16, EXACT_E4M3))
 
 
+@triton.jit(do_not_specialize=["total_q", "groups", "q_tiles"])
+def _q_quantize_kernel(q_ptr, k_mean_ptr, q8_ptr, q_rows_ptr, stride_qt, stride_qh, total_q, q_tiles, groups,
+                       qk_mul: tl.float32, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Q tile m of q head h for the sm_90 passes: int8 codes [Hq, padded_q, D] and per row (score_mul, qm, 0, 0)
+    [Hq, padded_q, 4] fp32 (the attention prologue's quantities, module docstring of the forward kernel)."""
+    m = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows64 = offs_m.to(tl.int64)
+    q = tl.load(q_ptr + rows64[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=(offs_m < total_q)[:, None], other=0.0).to(tl.float32)
+    q8, score_mul, qm = _quantize_q_tile(q, k_mean_ptr, h // groups, qk_mul, HEAD_DIM)
+    out_rows = h * (q_tiles * BLOCK_M) + rows64
+    tl.store(q8_ptr + out_rows[:, None] * HEAD_DIM + offs_d[None, :], q8.to(tl.uint8, bitcast=True))
+    offs_c = tl.arange(0, 4)[None, :]
+    packed = tl.where(offs_c == 0, score_mul[:, None], tl.where(offs_c == 1, qm[:, None], 0.0))
+    tl.store(q_rows_ptr + out_rows[:, None] * 4 + offs_c, packed)
+
+
 # --------------------------------------------------------------------------------------------------
 # Attention forward (one program per (q tile, q head))
 
 
 @triton.jit
-def _fp8_fwd_tile(acc, m_i, l_i, q8, qm, score_mul, k8_ptr, v8t_ptr, k_scale_ptr, n, offs_m, offs_d, kh, padded,
-                  slices_ptr, mask_slices_ptr, j0, j1, cap_out, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr):
-    """One online-softmax step over k tile n in the log2 domain, with 448-scaled P (module docstring)."""
-    cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k8 = tl.load(k8_ptr + (kh * padded + cols)[:, None] * HEAD_DIM + offs_d[None, :]).to(tl.int8, bitcast=True)
-    v8t = tl.load(v8t_ptr + (kh * HEAD_DIM + offs_d)[:, None] * padded + cols[None, :])
-    sk = tl.load(k_scale_ptr + kh * padded + cols)
+def _head_row(ptr, kh, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+    """Row kh of a [k heads, D] fp32 table (K's mean, V's scale). TMA: through a [1, D] descriptor box, since one
+    plain tensor load anywhere in the kernel makes Triton 3.9's Hopper warp specialization fail."""
+    if TMA:
+        src = tl.make_tensor_descriptor(ptr + kh * HEAD_DIM, shape=[1, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                        block_shape=[1, HEAD_DIM])
+        return tl.reshape(src.load([0, 0]), [HEAD_DIM])
+    else:
+        return tl.load(ptr + kh * HEAD_DIM + tl.arange(0, HEAD_DIM))
+
+
+@triton.jit
+def _quantize_q_tile(q, k_mean_ptr, kh, qk_mul, HEAD_DIM: tl.constexpr):
+    """(int8 codes, score_mul, qm) of an fp32 Q tile: one int8 scale per row, and K smoothing's add-back term
+    q . mean_k (fp32, unquantized q), both times qk_mul."""
+    qm = tl.sum(q * tl.load(k_mean_ptr + kh * HEAD_DIM + tl.arange(0, HEAD_DIM))[None, :], 1) * qk_mul
+    q8, sq = _quantize_rows_int8(q)
+    return q8, sq * qk_mul, qm
+
+
+@triton.jit
+def _quantized_q(q8_ptr, q_rows_ptr, h, m, q_tiles, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 TMA: tl.constexpr):
+    """Q tile m of q head h as _q_quantize_kernel wrote it: (int8 codes, score_mul, qm). With TMA both come
+    through descriptors, and the two row vectors are taken out of the [BLOCK_M, 4] box by reshapes and splits:
+    Triton 3.9's Hopper warp specialization cannot split a reduction (or a plain load) that feeds its loop over
+    the consumer warpgroups, which is why the sm_90 passes do not quantize Q themselves."""
+    row0 = h * (q_tiles * BLOCK_M) + m * BLOCK_M
+    if TMA:
+        q8_src = tl.make_tensor_descriptor(q8_ptr, shape=[row0 + BLOCK_M, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        rows_src = tl.make_tensor_descriptor(q_rows_ptr, shape=[row0 + BLOCK_M, 4], strides=[4, 1],
+                                             block_shape=[BLOCK_M, 4])
+        q8 = q8_src.load([row0, 0])
+        cols02, cols13 = tl.split(tl.reshape(rows_src.load([row0, 0]), [BLOCK_M, 2, 2]))
+        score_mul, _ = tl.split(cols02)
+        qm, _ = tl.split(cols13)
+    else:
+        rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        q8 = tl.load(q8_ptr + rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :])
+        score_mul = tl.load(q_rows_ptr + rows * 4)
+        qm = tl.load(q_rows_ptr + rows * 4 + 1)
+    return q8.to(tl.int8, bitcast=True), score_mul, qm
+
+
+@triton.jit
+def _fp8_kv_sources(k8_ptr, v8t_ptr, k_scale_ptr, kh, padded, BOX_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    TMA: tl.constexpr):
+    """Where kv head kh's quantized K [padded, D], transposed V [D, padded] and key scales [padded] live: tensor
+    descriptors with TMA (the buffers are padded to whole k tiles, so no box crosses a head), else pointers."""
+    if TMA:
+        k8_src = tl.make_tensor_descriptor(k8_ptr + kh * padded * HEAD_DIM, shape=[padded, HEAD_DIM],
+                                           strides=[HEAD_DIM, 1], block_shape=[BOX_N, HEAD_DIM])
+        v8t_src = tl.make_tensor_descriptor(v8t_ptr + kh * HEAD_DIM * padded, shape=[HEAD_DIM, padded],
+                                            strides=[padded, 1], block_shape=[HEAD_DIM, BOX_N])
+        sk_src = tl.make_tensor_descriptor(k_scale_ptr + kh * padded, shape=[1, padded], strides=[padded, 1],
+                                           block_shape=[1, BOX_N])
+    else:
+        k8_src = k8_ptr + kh * padded * HEAD_DIM
+        v8t_src = v8t_ptr + kh * HEAD_DIM * padded
+        sk_src = k_scale_ptr + kh * padded
+    return k8_src, v8t_src, sk_src
+
+
+@triton.jit
+def _fp8_load_tile(k8_src, v8t_src, sk_src, col0, padded, COLS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   TMA: tl.constexpr):
+    """Keys [col0, col0 + COLS): int8 K [COLS, D], V^T [D, COLS] (PV operand dtype) and the key scales [COLS]."""
+    if TMA:
+        k8 = k8_src.load([col0, 0])
+        v8t = v8t_src.load([0, col0])
+        sk = tl.reshape(sk_src.load([0, col0]), [COLS])
+    else:
+        cols = col0 + tl.arange(0, COLS)
+        offs_d = tl.arange(0, HEAD_DIM)
+        k8 = tl.load(k8_src + cols[:, None] * HEAD_DIM + offs_d[None, :])
+        v8t = tl.load(v8t_src + offs_d[:, None] * padded + cols[None, :])
+        sk = tl.load(sk_src + cols)
+    return k8.to(tl.int8, bitcast=True), v8t, sk
+
+
+@triton.jit
+def _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, offs_m, slices_ptr, mask_slices_ptr, j0, j1,
+                  cap_out, COLS: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PV_FP16: tl.constexpr,
+                  EXACT_E4M3: tl.constexpr):
+    """One online-softmax step over keys [col0, col0 + COLS) in the log2 domain, with 448-scaled P (module
+    docstring)."""
     # score_mul [BLOCK_M] = sq_i * (scale * log2 e) without softcap, sq_i * (scale / c) with it; > 0. qm is
     # q . mean_k times the same factor. Without softcap qm is constant along the row, so the softmax runs on the
     # smoothed scores (m, P and l do not change under a per-row shift) and qm enters only the lse. There the
@@ -159,6 +280,7 @@ def _fp8_fwd_tile(acc, m_i, l_i, q8, qm, score_mul, k8_ptr, v8t_ptr, k_scale_ptr
     if SOFTCAP:
         s = _tanh(s * mul + qm[:, None]) * cap_out
     if MASKED:
+        cols = col0 + tl.arange(0, COLS)
         vis = _slice_mask(slices_ptr, mask_slices_ptr, j0, j1, offs_m[:, None], cols[None, :])
         s = tl.where(vis, s, float("-inf"))
     if SOFTCAP:
@@ -180,59 +302,111 @@ def _fp8_fwd_tile(acc, m_i, l_i, q8, qm, score_mul, k8_ptr, v8t_ptr, k_scale_ptr
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["total_q", "groups", "q_heads", "k_tiles"])
-def _flex_attn_fp8_fwd_kernel(q_ptr, k8_ptr, v8t_ptr, k_scale_ptr, v_scale_ptr, k_mean_ptr, out_ptr, lse_ptr,
-                              q_start_ptr, q_nfull_ptr, q_kidx_ptr, q_pstart_ptr, p_mstart_ptr, mask_slices_ptr,
-                              slices_ptr, stride_qt, stride_qh, stride_ot, stride_oh, q_heads, total_q, k_tiles,
-                              groups, qk_mul: tl.float32, cap_out: tl.float32, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr,
-                              PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr):
-    m = tl.program_id(0)
-    h = tl.program_id(1)
+@triton.jit(do_not_specialize=["total_q", "groups", "q_heads", "k_tiles", "q_tiles", "head_base", "state_heads"])
+def _flex_attn_fp8_fwd_kernel(q_ptr, q8_ptr, q_rows_ptr, k8_ptr, v8t_ptr, k_scale_ptr, v_scale_ptr, k_mean_ptr,
+                              out_ptr, lse_ptr, q_start_ptr, q_nfull_ptr, q_kidx_ptr, q_pstart_ptr, p_mstart_ptr,
+                              mask_slices_ptr, slices_ptr, q_partial_ptr, q_slot_ptr, state_acc_ptr, state_m_ptr,
+                              state_l_ptr, stride_qt, stride_qh, stride_ot, stride_oh, q_heads, total_q, k_tiles,
+                              q_tiles, groups, head_base, state_heads, qk_mul: tl.float32, cap_out: tl.float32,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              SOFTCAP: tl.constexpr, PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr,
+                              PASS: tl.constexpr, PARTIAL_STEP: tl.constexpr):
+    """One (q tile, q head) per program. PASS, as in the 16-bit forward (magi_kernels/kernels/triton/flex_attn.py):
+
+    0: FULL then PARTIAL tiles in one program, pointer loads (sm_89).
+    1: FULL tiles only, in a warp-specialized loop fed by tensor descriptors (sm_90). A q tile with PARTIAL entries
+       saves its raw softmax state (acc, m, l; fp32) in slot q_slot[m] of state_*; the others write out and lse.
+    2: PARTIAL tiles of the q tiles in q_partial, resuming from their slot's state (sm_90).
+    PARTIAL tiles are walked PARTIAL_STEP keys at a time (a divisor of BLOCK_N): the masked step holds more
+    registers than the FULL one, and the sm_90 PARTIAL pass spills at 128 keys per step.
+    """
+    TMA: tl.constexpr = PASS != 0
+    if PASS == 2:
+        slot = tl.program_id(0)
+        m = tl.load(q_partial_ptr + slot)
+    else:
+        m = tl.program_id(0)
+    # A launch covers q heads [head_base, head_base + grid[1]); the state holds state_heads of them per row.
+    h = head_base + tl.program_id(1)
     kh = h // groups
     padded = k_tiles * BLOCK_N
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < total_q
     rows64 = offs_m.to(tl.int64)
-    q = tl.load(q_ptr + rows64[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None],
-                other=0.0).to(tl.float32)
-    # K smoothing's add-back term (fp32, unquantized q) and the Q tile's int8 quantization (one scale per row).
-    qm = tl.sum(q * tl.load(k_mean_ptr + kh * HEAD_DIM + offs_d)[None, :], 1) * qk_mul
-    q8, sq = _quantize_rows_int8(q)
-    score_mul = sq * qk_mul
+    if PASS == 0:
+        q = tl.load(q_ptr + rows64[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None],
+                    other=0.0).to(tl.float32)
+        q8, score_mul, qm = _quantize_q_tile(q, k_mean_ptr, kh, qk_mul, HEAD_DIM)
+    else:
+        # Both sm_90 passes read the Q codes and row factors _q_quantize_kernel wrote, so they agree bit for bit.
+        q8, score_mul, qm = _quantized_q(q8_ptr, q_rows_ptr, h, m, q_tiles, BLOCK_M, HEAD_DIM, TMA)
+    # Descriptor boxes are as wide as one step: BLOCK_N keys in the FULL pass, PARTIAL_STEP in the PARTIAL one.
+    BOX_N: tl.constexpr = PARTIAL_STEP if PASS == 2 else BLOCK_N
+    k8_src, v8t_src, sk_src = _fp8_kv_sources(k8_ptr, v8t_ptr, k_scale_ptr, kh, padded, BOX_N, HEAD_DIM, TMA)
 
     e0 = tl.load(q_start_ptr + m)
     e1 = tl.load(q_start_ptr + m + 1)
     e_mid = e0 + tl.load(q_nfull_ptr + m)  # [e0, e_mid) FULL, [e_mid, e1) PARTIAL
     p0 = tl.load(q_pstart_ptr + m) - e_mid
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for e in range(e0, e_mid):
-        n = tl.load(q_kidx_ptr + e)
-        acc, m_i, l_i = _fp8_fwd_tile(acc, m_i, l_i, q8, qm, score_mul, k8_ptr, v8t_ptr, k_scale_ptr, n, offs_m,
-                                      offs_d, kh, padded, slices_ptr, mask_slices_ptr, 0, 0, cap_out, BLOCK_N,
-                                      HEAD_DIM, False, SOFTCAP, PV_FP16, EXACT_E4M3)
-    for e in range(e_mid, e1):
-        n = tl.load(q_kidx_ptr + e)
-        j0 = tl.load(p_mstart_ptr + p0 + e)
-        j1 = tl.load(p_mstart_ptr + p0 + e + 1)
-        acc, m_i, l_i = _fp8_fwd_tile(acc, m_i, l_i, q8, qm, score_mul, k8_ptr, v8t_ptr, k_scale_ptr, n, offs_m,
-                                      offs_d, kh, padded, slices_ptr, mask_slices_ptr, j0, j1, cap_out, BLOCK_N,
-                                      HEAD_DIM, True, SOFTCAP, PV_FP16, EXACT_E4M3)
+    if PASS == 2:
+        srow = (slot * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * state_heads + tl.program_id(1)
+        m_i = tl.load(state_m_ptr + srow)
+        l_i = tl.load(state_l_ptr + srow)
+        acc = tl.load(state_acc_ptr + srow[:, None] * HEAD_DIM + offs_d[None, :])
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if PASS == 1:
+        # The flat loop the 16-bit FULL pass uses: its only loads are the plan's tile index and the three
+        # descriptor boxes, which go to the producer warp.
+        for e in tl.range(e0, e_mid, warp_specialize=True):
+            col0 = tl.load(q_kidx_ptr + e) * BLOCK_N
+            k8, v8t, sk = _fp8_load_tile(k8_src, v8t_src, sk_src, col0, padded, BLOCK_N, HEAD_DIM, TMA)
+            acc, m_i, l_i = _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, offs_m, slices_ptr,
+                                          mask_slices_ptr, 0, 0, cap_out, BLOCK_N, False, SOFTCAP, PV_FP16,
+                                          EXACT_E4M3)
+    elif PASS == 0:
+        for e in range(e0, e_mid):
+            col0 = tl.load(q_kidx_ptr + e) * BLOCK_N
+            k8, v8t, sk = _fp8_load_tile(k8_src, v8t_src, sk_src, col0, padded, BLOCK_N, HEAD_DIM, TMA)
+            acc, m_i, l_i = _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, offs_m, slices_ptr,
+                                          mask_slices_ptr, 0, 0, cap_out, BLOCK_N, False, SOFTCAP, PV_FP16,
+                                          EXACT_E4M3)
+    if PASS != 1:
+        for e in range(e_mid, e1):
+            n = tl.load(q_kidx_ptr + e)
+            j0 = tl.load(p_mstart_ptr + p0 + e)
+            j1 = tl.load(p_mstart_ptr + p0 + e + 1)
+            for part in tl.static_range(BLOCK_N // PARTIAL_STEP):
+                col0 = n * BLOCK_N + part * PARTIAL_STEP
+                k8, v8t, sk = _fp8_load_tile(k8_src, v8t_src, sk_src, col0, padded, PARTIAL_STEP, HEAD_DIM, TMA)
+                acc, m_i, l_i = _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, offs_m,
+                                              slices_ptr, mask_slices_ptr, j0, j1, cap_out, PARTIAL_STEP, True,
+                                              SOFTCAP, PV_FP16, EXACT_E4M3)
 
+    final = row_ok
+    if PASS == 1:
+        # Masked stores rather than a branch on the slot (the warp-specialized loop's results feed both).
+        slot = tl.load(q_slot_ptr + m)
+        srow = (tl.maximum(slot, 0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * state_heads
+        srow += tl.program_id(1)
+        to_state = (tl.zeros([BLOCK_M], tl.int32) + slot) >= 0  # broadcast first: the interpreter needs it
+        tl.store(state_m_ptr + srow, m_i, mask=to_state)
+        tl.store(state_l_ptr + srow, l_i, mask=to_state)
+        tl.store(state_acc_ptr + srow[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=to_state[:, None])
+        final = row_ok & ~to_state
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
-    sv = tl.load(v_scale_ptr + kh * HEAD_DIM + offs_d)
-    out = acc / l_safe[:, None] * sv[None, :]
+    out = acc / l_safe[:, None] * _head_row(v_scale_ptr, kh, HEAD_DIM, TMA)[None, :]
     if not SOFTCAP:
         m_i = m_i + qm  # the smoothing shift, back into the lse
     lse = tl.where(seen, (m_i + tl.log2(l_safe) - _LOG2_QMAX) * 0.6931471805599453, float("-inf"))
     tl.store(out_ptr + rows64[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
-    tl.store(lse_ptr + rows64 * q_heads + h, lse, mask=row_ok)
+             mask=final[:, None])
+    tl.store(lse_ptr + rows64 * q_heads + h, lse, mask=final)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,37 +414,55 @@ def _flex_attn_fp8_fwd_kernel(q_ptr, k8_ptr, v8t_ptr, k_scale_ptr, v_scale_ptr, 
 
 KERNELS = {  # kind -> (AOT name, "module:attr")
     "fwd": ("flex_attn_fp8_fwd", f"{__name__}:_flex_attn_fp8_fwd_kernel"),
+    "fwd_partial": ("flex_attn_fp8_fwd_partial", f"{__name__}:_flex_attn_fp8_fwd_kernel"),  # PASS 2 (sm_90)
     "quant": ("flex_attn_fp8_kv_quantize", f"{__name__}:_kv_quantize_kernel"),
     "stats": ("flex_attn_fp8_kv_statistics", f"{__name__}:_kv_statistics_kernel"),
+    "quant_q": ("flex_attn_fp8_q_quantize", f"{__name__}:_q_quantize_kernel"),  # sm_90 only
 }
 ARCHS = (89, 90)  # int8 QK: IMMA (sm_89) / IGMMA (sm_90); e4m3 PV: QMMA / QGMMA; fp16 PV: HMMA / HGMMA
 
 # (arch, head_dim, pv_precision) -> (BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention kernel; the
 # quantize kernel uses the same BLOCK_N (its buffers are padded to whole attention k tiles). The largest tiles
-# that compile with 0 spills (aot_check); BLOCK_N=128 spilled on sm_90.
+# that compile with 0 spills (aot_check). sm_90 (TMA_ARCHS) runs two passes like the 16-bit forward: these are the
+# warp-specialized FULL pass's (4 warps given; the compiler adds a producer warp and splits the rows over two
+# consumer warpgroups), PARTIAL_LAUNCH the PARTIAL pass's warps and stages at the same tiles (both read one plan).
 TILES = {
-    (90, 64, "e4m3"): (128, 64, 8, 3), (90, 128, "e4m3"): (128, 64, 8, 3),
+    (90, 64, "e4m3"): (128, 128, 4, 3), (90, 128, "e4m3"): (128, 128, 4, 2),
     (89, 64, "e4m3"): (128, 64, 8, 2), (89, 128, "e4m3"): (128, 32, 8, 2),
-    (90, 64, "fp16"): (128, 64, 8, 3), (90, 128, "fp16"): (128, 64, 8, 3),
+    (90, 64, "fp16"): (128, 128, 4, 3), (90, 128, "fp16"): (128, 128, 4, 2),
     (89, 64, "fp16"): (128, 64, 8, 2), (89, 128, "fp16"): (128, 32, 8, 2),
 }
+TMA_ARCHS = (90,)
+# (arch, head_dim) -> (num_warps, num_stages, keys per masked step) of the PARTIAL pass
+PARTIAL_LAUNCH = {(90, 64): (8, 2, 64), (90, 128): (8, 2, 64)}
 STATS_BLOCK_T = 32  # tokens per load step of the statistics kernel
-_FP32_ARGS = ("lse_ptr", "k_scale_ptr", "v_scale_ptr", "k_mean_ptr", "k_sum_ptr", "v_amax_ptr")
+_FP32_ARGS = ("lse_ptr", "k_scale_ptr", "v_scale_ptr", "k_mean_ptr", "k_sum_ptr", "v_amax_ptr", "state_acc_ptr",
+              "state_m_ptr", "state_l_ptr")
 _DIVISIBLE_BY_16 = ("*_ptr", "stride_*")
-_KERNEL_FNS = {"fwd": _flex_attn_fp8_fwd_kernel, "quant": _kv_quantize_kernel, "stats": _kv_statistics_kernel}
+_KERNEL_FNS = {"fwd": _flex_attn_fp8_fwd_kernel, "fwd_partial": _flex_attn_fp8_fwd_kernel,
+               "quant": _kv_quantize_kernel, "stats": _kv_statistics_kernel, "quant_q": _q_quantize_kernel}
 
 
 def _pointer_dtypes(kind: str, dt: str, pv_precision: str) -> dict[str, str]:
     ptrs = [n for n, t in kernel_parameters(_KERNEL_FNS[kind]) if t == "ptr"]
-    special = {"k8_ptr": "u8", "v8t_ptr": _PV_TRITON_DTYPE[pv_precision]}
+    special = {"k8_ptr": "u8", "q8_ptr": "u8", "q_rows_ptr": "fp32", "v8t_ptr": _PV_TRITON_DTYPE[pv_precision]}
     return {n: "i32" if n in PLAN_ARGS else "fp32" if n in _FP32_ARGS else special.get(n, dt) for n in ptrs}
 
 
 def make_config(kind: str, dtype: torch.dtype, head_dim: int, softcap: bool, block_m: int, block_n: int,
                 num_warps: int = 4, num_stages: int = 2, archs: tuple[int, ...] = ARCHS, exact_e4m3: bool = False,
-                pv_precision: str = "e4m3") -> AotConfig:
+                pv_precision: str = "e4m3", tma: bool = False, partial_step: int | None = None) -> AotConfig:
     """A config for one kernel (shipped ones from TILES; interpreter runs set exact_e4m3 and small tiles).
-    For "stats", block_n is the token step (STATS_BLOCK_T) and block_m the chunk (STATS_CHUNK)."""
+    For "stats", block_n is the token step (STATS_BLOCK_T) and block_m the chunk (STATS_CHUNK).
+
+    ``tma`` selects the attention forward's two-pass shape: kind "fwd" is then its warp-specialized FULL pass
+    (PASS 1) and kind "fwd_partial", which exists only in that shape, its PARTIAL pass (PASS 2).
+    ``partial_step``: keys per masked softmax step (a divisor of block_n; default block_n).
+    """
+    if tma and kind not in ("fwd", "fwd_partial"):
+        raise ValueError(f"{OP}: tma=True is an attention forward option, got kind {kind!r}")
+    if kind == "fwd_partial" and not tma:
+        raise ValueError(f"{OP}: kind 'fwd_partial' is the PARTIAL pass of the two-pass forward and needs tma=True")
     name, kernel = KERNELS[kind]
     dt = _TRITON_DTYPE[dtype]
     arch = "/".join(f"sm{a}" for a in archs)
@@ -278,45 +470,63 @@ def make_config(kind: str, dtype: torch.dtype, head_dim: int, softcap: bool, blo
     if kind == "stats":
         consts = {"CHUNK": block_m, "BLOCK_T": block_n, "HEAD_DIM": head_dim}
         label = f"{arch} {dt} D={head_dim} chunk={block_m} step={block_n} w{num_warps}"
+    elif kind == "quant_q":
+        consts = {"BLOCK_M": block_m, "HEAD_DIM": head_dim}
+        label = f"{arch} {dt} D={head_dim} BM={block_m} w{num_warps}"
     else:
         consts = {"BLOCK_N": block_n, "HEAD_DIM": head_dim, "PV_FP16": pv16, "EXACT_E4M3": exact_e4m3}
         label = f"{arch} {dt} D={head_dim} BN={block_n} pv={pv_precision} w{num_warps}"
-    if kind == "fwd":
-        consts.update(BLOCK_M=block_m, SOFTCAP=softcap)
+    if kind in ("fwd", "fwd_partial"):
+        step = partial_step or block_n
+        if block_n % step:
+            raise ValueError(f"{OP}: partial_step must divide block_n, got {step} and {block_n}")
+        consts.update(BLOCK_M=block_m, SOFTCAP=softcap, PASS=2 if kind == "fwd_partial" else 1 if tma else 0,
+                      PARTIAL_STEP=step)
         label = (f"{arch} {dt} D={head_dim} BM={block_m} BN={block_n} pv={pv_precision} w{num_warps} s{num_stages}"
-                 + (" softcap" if softcap else ""))
+                 + (f" step{step}" if step != block_n else "") + (" softcap" if softcap else "")
+                 + (" tma" if tma else "") + (" ws" if tma and kind == "fwd" else ""))
     # The aot check verifies the PV MMA's class; the int8 QK MMA (IMMA / IGMMA) is counted by the benchmark's
     # --sass report and tests/harness/test_sass_budgets_fp8_attn.py.
-    mma = ("f16" if pv16 else "fp8") if kind == "fwd" else None
+    mma = ("f16" if pv16 else "fp8") if kind in ("fwd", "fwd_partial") else None
     return AotConfig(kernel=kernel, name=name, config=label, pointer_dtypes=_pointer_dtypes(kind, dt, pv_precision),
                      constexprs=consts, num_warps=num_warps, num_stages=num_stages, archs=tuple(archs), mma=mma,
                      divisible_by_16=_DIVISIBLE_BY_16)
 
 
+def _forward_configs(dtype: torch.dtype, head_dim: int, softcap: bool, arch: int, pv_precision: str,
+                     exact_e4m3: bool) -> tuple[AotConfig, ...]:
+    """(kv statistics, kv quantize, attention) on sm_89; (kv statistics, kv quantize, q quantize, FULL pass,
+    PARTIAL pass) on sm_90."""
+    bm, bn, w, s = TILES[(arch, head_dim, pv_precision)]
+    archs = (arch,)
+    cfgs = (make_config("stats", dtype, head_dim, False, STATS_CHUNK, STATS_BLOCK_T, 4, 1, archs),
+            make_config("quant", dtype, head_dim, False, bm, bn, 4, 1, archs, exact_e4m3, pv_precision))
+    if arch not in TMA_ARCHS:
+        return cfgs + (make_config("fwd", dtype, head_dim, softcap, bm, bn, w, s, archs, exact_e4m3, pv_precision),)
+    pw, ps, step = PARTIAL_LAUNCH[(arch, head_dim)]
+    return cfgs + (make_config("quant_q", dtype, head_dim, False, bm, bn, 4, 1, archs),
+                   make_config("fwd", dtype, head_dim, softcap, bm, bn, w, s, archs, exact_e4m3, pv_precision, True),
+                   make_config("fwd_partial", dtype, head_dim, softcap, bm, bn, pw, ps, archs, exact_e4m3,
+                               pv_precision, True, step))
+
+
 def _shipped() -> dict:
     cfgs = {}
-    for (arch, d, pv), (bm, bn, w, s) in TILES.items():
+    for (arch, d, pv) in TILES:
         for dtype in IN_DTYPES:
             for cap in (False, True):
-                cfgs[("fwd", arch, dtype, d, cap, pv)] = make_config("fwd", dtype, d, cap, bm, bn, w, s, (arch,),
-                                                                     pv_precision=pv)
-            cfgs[("quant", arch, dtype, d, False, pv)] = make_config("quant", dtype, d, False, bm, bn, 4, 1, (arch,),
-                                                                     pv_precision=pv)
-    for arch in ARCHS:
-        for d in HEAD_DIMS:
-            for dtype in IN_DTYPES:
-                cfgs[("stats", arch, dtype, d)] = make_config("stats", dtype, d, False, STATS_CHUNK, STATS_BLOCK_T, 4,
-                                                              1, (arch,))
+                cfgs[(arch, dtype, d, cap, pv)] = _forward_configs(dtype, d, cap, arch, pv, False)
     return cfgs
 
 
 _CONFIGS = _shipped()
-for _cfg in _CONFIGS.values():
+_UNIQUE = {c.key: c for cfgs in _CONFIGS.values() for c in cfgs}  # stats / quantize configs are shared
+for _cfg in _UNIQUE.values():
     register_aot(_cfg)
 
 
 def shipped_configs() -> list[AotConfig]:
-    return list(_CONFIGS.values())
+    return list(_UNIQUE.values())
 
 
 def arch_of(device: torch.device) -> int:
@@ -327,20 +537,16 @@ def arch_of(device: torch.device) -> int:
 
 
 def select_configs(dtype: torch.dtype, head_dim: int, softcap: bool, arch: int,
-                   pv_precision: str = "e4m3") -> tuple[AotConfig, AotConfig, AotConfig]:
-    """(statistics, quantize, attention) configs for a call. Under the interpreter: the same tiles with EXACT_E4M3
-    (and fp32 inputs allowed), configs that are never compiled for a GPU, so not registered."""
+                   pv_precision: str = "e4m3") -> tuple[AotConfig, ...]:
+    """The configs of a call in launch order (``_forward_configs``). Under the interpreter: the same tiles with
+    EXACT_E4M3 (and fp32 inputs allowed), configs that are never compiled for a GPU, so not registered."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"{OP}: the Triton kernels support head_dim in {HEAD_DIMS}, got {head_dim}")
     if pv_precision not in PV_PRECISIONS:
         raise ValueError(f"{OP}: pv_precision must be one of {PV_PRECISIONS}, got {pv_precision!r}")
     if triton_interpreting():
-        bm, bn, w, s = TILES[(arch, head_dim, pv_precision)]
-        return (make_config("stats", dtype, head_dim, False, STATS_CHUNK, STATS_BLOCK_T, 4, 1, (arch,)),
-                make_config("quant", dtype, head_dim, False, bm, bn, 4, 1, (arch,), True, pv_precision),
-                make_config("fwd", dtype, head_dim, softcap, bm, bn, w, s, (arch,), True, pv_precision))
-    return (_CONFIGS[("stats", arch, dtype, head_dim)], _CONFIGS[("quant", arch, dtype, head_dim, False, pv_precision)],
-            _CONFIGS[("fwd", arch, dtype, head_dim, bool(softcap), pv_precision)])
+        return _forward_configs(dtype, head_dim, softcap, arch, pv_precision, True)
+    return _CONFIGS[(arch, dtype, head_dim, bool(softcap), pv_precision)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -371,9 +577,10 @@ def kv_statistics(a, cfg: AotConfig) -> tuple[torch.Tensor, torch.Tensor]:
     v_amax = torch.empty_like(k_sum)
     k, v = a.k, a.v
     check_i32(OP, total_k=tk, k_stride=k.stride(0), v_stride=v.stride(0))
-    KernelLaunch(cfg, (chunks, hk), dict(
-        k_ptr=k, v_ptr=v, k_sum_ptr=k_sum, v_amax_ptr=v_amax, stride_kt=k.stride(0), stride_kh=k.stride(1),
-        stride_vt=v.stride(0), stride_vh=v.stride(1), total_k=tk, k_heads=hk)).run()
+    KernelLaunch(cfg, (chunks, hk), {
+        "k_ptr": k, "v_ptr": v, "k_sum_ptr": k_sum, "v_amax_ptr": v_amax, "stride_kt": k.stride(0),
+        "stride_kh": k.stride(1), "stride_vt": v.stride(0), "stride_vh": v.stride(1), "total_k": tk,
+        "k_heads": hk}).run()
     mean = k_sum.sum(0) / max(tk, 1)
     return mean, v_amax.amax(0).clamp_min(AMAX_FLOOR) / E4M3_MAX
 
@@ -391,10 +598,10 @@ def quantize_kv(a, cfg: AotConfig, mean_k: torch.Tensor, v_scale: torch.Tensor):
     k_scale = torch.empty(hk, padded, dtype=torch.float32, device=dev)
     k, v = a.k, a.v
     check_i32(OP, total_k=tk, padded_k=hk * padded * d, k_stride=k.stride(0), v_stride=v.stride(0))
-    KernelLaunch(cfg, (padded // bn, hk), dict(
-        k_ptr=k, v_ptr=v, k_mean_ptr=mean_k, v_scale_ptr=v_scale, k8_ptr=k8, v8t_ptr=v8t, k_scale_ptr=k_scale,
-        stride_kt=k.stride(0), stride_kh=k.stride(1), stride_vt=v.stride(0), stride_vh=v.stride(1), total_k=tk,
-        k_tiles=padded // bn)).run()
+    KernelLaunch(cfg, (padded // bn, hk), {
+        "k_ptr": k, "v_ptr": v, "k_mean_ptr": mean_k, "v_scale_ptr": v_scale, "k8_ptr": k8, "v8t_ptr": v8t,
+        "k_scale_ptr": k_scale, "stride_kt": k.stride(0), "stride_kh": k.stride(1), "stride_vt": v.stride(0),
+        "stride_vh": v.stride(1), "total_k": tk, "k_tiles": padded // bn}).run()
     return k8, v8t, k_scale
 
 
@@ -403,18 +610,48 @@ def _aligned_input(t: torch.Tensor) -> torch.Tensor:
     return t if ok else t.contiguous().clone()
 
 
+def _quantize_q(a, cfg: AotConfig, q: torch.Tensor, mean_k: torch.Tensor, qk_mul: float):
+    """(q8 [Hq, Mt*BM, D] int8 codes as bytes, rows [Hq, Mt*BM, 4] fp32 (score_mul, qm, 0, 0)) for the sm_90 passes."""
+    tq, hq, d = q.shape
+    bm = cfg.constexprs["BLOCK_M"]
+    q_tiles = triton.cdiv(tq, bm)
+    q8 = torch.empty(hq, q_tiles * bm, d, dtype=torch.uint8, device=q.device)
+    rows = torch.empty(hq, q_tiles * bm, 4, dtype=torch.float32, device=q.device)
+    check_i32(OP, padded_q=hq * q_tiles * bm * d)
+    KernelLaunch(cfg, (q_tiles, hq), {
+        "q_ptr": q, "k_mean_ptr": mean_k, "q8_ptr": q8, "q_rows_ptr": rows, "stride_qt": q.stride(0),
+        "stride_qh": q.stride(1), "total_q": tq, "q_tiles": q_tiles, "groups": a.groups, "qk_mul": qk_mul}).run()
+    return q8, rows
+
+
 def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, pv_precision: str = "e4m3",
-               configs: tuple[AotConfig, AotConfig, AotConfig] | None = None) -> None:
-    """Write out [Tq, Hq, D] (q's dtype) and lse [Tq, Hq] (fp32, natural log) for FlexAttnArgs ``a``."""
+               configs: tuple[AotConfig, ...] | None = None) -> None:
+    """Write out [Tq, Hq, D] (q's dtype) and lse [Tq, Hq] (fp32, natural log) for FlexAttnArgs ``a``.
+
+    ``configs``: (statistics, kv quantize, attention PASS 0) or (statistics, kv quantize, q quantize, attention
+    PASS 1, attention PASS 2) with the same tiles; default :func:`select_configs` for the device.
+    """
     tq, hq, d = a.q.shape
     if tq == 0:
         return
-    cs, cq, cf = configs or select_configs(a.q.dtype, d, a.softcap > 0, arch_of(a.q.device), pv_precision)
+    cfgs = configs or select_configs(a.q.dtype, d, a.softcap > 0, arch_of(a.q.device), pv_precision)
+    kinds = tuple(c.name for c in cfgs)
+    one_pass, two_pass = tuple(KERNELS[k][0] for k in ("stats", "quant", "fwd")), tuple(
+        KERNELS[k][0] for k in ("stats", "quant", "quant_q", "fwd", "fwd_partial"))
+    if kinds not in (one_pass, two_pass) or cfgs[-1 if kinds == one_pass else -2].constexprs["PASS"] != (
+            0 if kinds == one_pass else 1):
+        raise ValueError(f"{OP}: configs must be (stats, quant, fwd PASS 0) or (stats, quant, quant_q, fwd PASS 1, "
+                         f"fwd_partial PASS 2), got {[c.key for c in cfgs]}")
+    cs, cq = cfgs[:2]
+    passes = cfgs[2:] if kinds == one_pass else cfgs[3:]
+    cf = passes[0]
     bm, bn = cf.constexprs["BLOCK_M"], cf.constexprs["BLOCK_N"]
-    if cq.constexprs["BLOCK_N"] != bn or cq.constexprs["PV_FP16"] != cf.constexprs["PV_FP16"]:
-        raise ValueError(f"{OP}: the quantize config (BLOCK_N {cq.constexprs['BLOCK_N']}, PV_FP16 "
-                         f"{cq.constexprs['PV_FP16']}) must match the attention config's ({bn}, "
-                         f"{cf.constexprs['PV_FP16']}): the quantized K/V buffers are laid out per attention k tile")
+    tile_of = [(c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"], c.constexprs["PV_FP16"]) for c in passes]
+    if (any(t != tile_of[0] for t in tile_of) or (cq.constexprs["BLOCK_N"], cq.constexprs["PV_FP16"]) != tile_of[0][1:]
+            or any(c.constexprs["BLOCK_M"] != bm for c in cfgs[2:3] if c.name == KERNELS["quant_q"][0])):
+        raise ValueError(f"{OP}: the quantize configs and the attention passes must share BLOCK_M, BLOCK_N and "
+                         f"PV_FP16 (the quantized buffers and the plan are laid out per attention tile), got "
+                         f"{[c.key for c in cfgs]}")
     if a.total_k == 0:  # no key anywhere: every row sees nothing
         out.zero_()
         lse.fill_(float("-inf"))
@@ -427,12 +664,36 @@ def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, pv_precision: str = "e4m
     lse_buf = lse if (lse.is_contiguous() and lse.data_ptr() % 16 == 0) else torch.empty(tq, hq, device=q.device)
     check_i32(OP, total_q=tq, q_stride=q.stride(0), o_stride=o_buf.stride(0))
     sc = _scalars(a)
-    qk_mul = sc["cap_in"] if a.softcap > 0 else sc["qk_scale"]
-    KernelLaunch(cf, (triton.cdiv(tq, bm), hq), dict(
-        q_ptr=q, k8_ptr=k8, v8t_ptr=v8t, k_scale_ptr=k_scale, v_scale_ptr=v_scale, k_mean_ptr=mean_k, out_ptr=o_buf,
-        lse_ptr=lse_buf, **_plan_args(a, cf), stride_qt=q.stride(0), stride_qh=q.stride(1),
-        stride_ot=o_buf.stride(0), stride_oh=o_buf.stride(1), q_heads=hq, total_q=tq, k_tiles=k8.shape[1] // bn,
-        groups=a.groups, qk_mul=float(qk_mul), cap_out=float(sc["cap_out"]))).run()
+    qk_mul = float(sc["cap_in"] if a.softcap > 0 else sc["qk_scale"])
+    q_tiles = triton.cdiv(tq, bm)
+    dev = q.device
+    if len(passes) == 2:
+        q8, q_rows = _quantize_q(a, cfgs[2], q, mean_k, qk_mul)
+        n_partial = a.plan(bm, bn).q_partial.numel()
+    else:
+        q8, q_rows, n_partial = dummy(dev, torch.uint8), dummy(dev), 0
+    # PASS 1 -> PASS 2 softmax state of the q tiles with PARTIAL entries: BLOCK_M rows x (D + 2) fp32 per q head
+    # and slot, at most STATE_BYTES_MAX per launch pair (more q heads run in further pairs).
+    per_head = n_partial * bm * (d + 2) * 4
+    heads = hq if per_head == 0 else max(1, min(hq, STATE_BYTES_MAX // per_head))
+    if n_partial:
+        state = {"state_acc_ptr": torch.empty(n_partial * bm, heads, d, dtype=torch.float32, device=dev),
+                     "state_m_ptr": torch.empty(n_partial * bm, heads, dtype=torch.float32, device=dev),
+                     "state_l_ptr": torch.empty(n_partial * bm, heads, dtype=torch.float32, device=dev)}
+    else:
+        state = {"state_acc_ptr": dummy(dev), "state_m_ptr": dummy(dev), "state_l_ptr": dummy(dev)}
+    if len(passes) == 2 and dev.type == "cuda":
+        _ensure_descriptor_allocator()
+    args = dict(q_ptr=q, q8_ptr=q8, q_rows_ptr=q_rows, k8_ptr=k8, v8t_ptr=v8t, k_scale_ptr=k_scale,
+                v_scale_ptr=v_scale, k_mean_ptr=mean_k, out_ptr=o_buf, lse_ptr=lse_buf, **_plan_args(a, cf), **state,
+                stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=o_buf.stride(0), stride_oh=o_buf.stride(1),
+                q_heads=hq, total_q=tq, k_tiles=k8.shape[1] // bn, q_tiles=q_tiles, groups=a.groups,
+                state_heads=heads, qk_mul=qk_mul, cap_out=float(sc["cap_out"]))
+    for head_base in range(0, hq, heads):
+        n_heads = min(heads, hq - head_base)
+        KernelLaunch(cf, (q_tiles, n_heads), dict(args, head_base=head_base)).run()
+        if n_partial:
+            KernelLaunch(passes[1], (n_partial, n_heads), dict(args, head_base=head_base)).run()
     if o_buf is not out:
         out.copy_(o_buf)
     if lse_buf is not lse:
