@@ -236,6 +236,28 @@ def test_shipped_configs_are_registered(monkeypatch):
                         assert {c.key for c in cfgs} <= keys
 
 
+def test_two_pass_state_in_head_groups(monkeypatch):
+    """A state budget smaller than all q heads: the sm_90 passes run over groups of heads (a launch pair per group,
+    head_base offsets), GQA across the group boundary included; kernel == emulation."""
+    tq, tk, hq, hk, d = 40, 48, 4, 2, 64
+    q, k, v = torch.randn(tq, hq, d), torch.randn(tk, hk, d) + 2.0, torch.randn(tk, hk, d)
+    rng = _ranges([[0, 40], [8, 40]], [[0, 20], [16, 48]], [1, 2])  # CAUSAL + INV_CAUSAL: PARTIAL tiles
+    monkeypatch.setattr(kern, "STATE_BYTES_MAX", 1)  # less than one head's state: one q head per launch pair
+    launches = []
+    real_launch = kern.KernelLaunch
+
+    def recording_launch(cfg, grid, args):
+        launches.append(grid)
+        return real_launch(cfg, grid, args)
+
+    monkeypatch.setattr(kern, "KernelLaunch", recording_launch)
+    out, lse = _run_kernel(q, k, v, rng, 0.0, (16, 16), two_pass=True)
+    assert sum(1 for grid in launches if grid[1] == 1) >= 2 * hq  # FULL + PARTIAL pass per head
+    ro, rl = flex_attn_fp8_ref(q, k, v, *rng, block_m=16, block_n=16)
+    torch.testing.assert_close(lse, rl, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out, ro.float(), atol=2e-3, rtol=2e-3)
+
+
 def test_config_arguments_are_checked():
     with pytest.raises(ValueError, match="needs tma=True"):
         kern.make_config("fwd_partial", torch.float16, 64, False, 16, 16, 4, 1)
