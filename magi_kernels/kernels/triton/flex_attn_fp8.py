@@ -184,8 +184,8 @@ def _q_quantize_kernel(q_ptr, k_mean_ptr, q8_ptr, q_rows_ptr, stride_qt, stride_
 
 @triton.jit
 def _head_row(ptr, kh, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
-    """Row kh of a [k heads, D] fp32 table (K's mean, V's scale). TMA: through a [1, D] descriptor box, since one
-    plain tensor load anywhere in the kernel makes Triton 3.9's Hopper warp specialization fail."""
+    """Row kh of a [k heads, D] fp32 table (V's scale). TMA: through a [1, D] descriptor box, since one plain
+    tensor load anywhere in the kernel makes Triton 3.9's Hopper warp specialization fail."""
     if TMA:
         src = tl.make_tensor_descriptor(ptr + kh * HEAD_DIM, shape=[1, HEAD_DIM], strides=[HEAD_DIM, 1],
                                         block_shape=[1, HEAD_DIM])
@@ -304,10 +304,10 @@ def _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, offs_m, s
 
 @triton.jit(do_not_specialize=["total_q", "groups", "q_heads", "k_tiles", "q_tiles", "head_base", "state_heads"])
 def _flex_attn_fp8_fwd_kernel(q_ptr, q8_ptr, q_rows_ptr, k8_ptr, v8t_ptr, k_scale_ptr, v_scale_ptr, k_mean_ptr,
-                              out_ptr, lse_ptr, q_start_ptr, q_nfull_ptr, q_kidx_ptr, q_pstart_ptr, p_mstart_ptr,
-                              mask_slices_ptr, slices_ptr, q_partial_ptr, q_slot_ptr, state_acc_ptr, state_m_ptr,
-                              state_l_ptr, stride_qt, stride_qh, stride_ot, stride_oh, q_heads, total_q, k_tiles,
-                              q_tiles, groups, head_base, state_heads, qk_mul: tl.float32, cap_out: tl.float32,
+                              out_ptr, lse_ptr, q_order_ptr, q_start_ptr, q_nfull_ptr, q_kidx_ptr, q_pstart_ptr,
+                              p_mstart_ptr, mask_slices_ptr, slices_ptr, q_partial_ptr, q_slot_ptr, state_acc_ptr,
+                              state_m_ptr, state_l_ptr, stride_qt, stride_qh, stride_ot, stride_oh, q_heads, total_q,
+                              k_tiles, q_tiles, groups, head_base, state_heads, qk_mul: tl.float32, cap_out: tl.float32,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                               SOFTCAP: tl.constexpr, PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr,
                               PASS: tl.constexpr, PARTIAL_STEP: tl.constexpr):
@@ -316,16 +316,17 @@ def _flex_attn_fp8_fwd_kernel(q_ptr, q8_ptr, q_rows_ptr, k8_ptr, v8t_ptr, k_scal
     0: FULL then PARTIAL tiles in one program, pointer loads (sm_89).
     1: FULL tiles only, in a warp-specialized loop fed by tensor descriptors (sm_90). A q tile with PARTIAL entries
        saves its raw softmax state (acc, m, l; fp32) in slot q_slot[m] of state_*; the others write out and lse.
-    2: PARTIAL tiles of the q tiles in q_partial, resuming from their slot's state (sm_90).
-    PARTIAL tiles are walked PARTIAL_STEP keys at a time (a divisor of BLOCK_N): the masked step holds more
-    registers than the FULL one, and the sm_90 PARTIAL pass spills at 128 keys per step.
+    2: PARTIAL tiles of the q tiles in q_partial, by tensor descriptors, resuming from their slot's state (sm_90).
+    PASS 0 and 1 take their q tile from the plan's heaviest-first launch order (q_order), PASS 2 from q_partial
+    (most PARTIAL entries first). PARTIAL tiles are walked PARTIAL_STEP keys at a time (a divisor of BLOCK_N): the
+    masked step holds more registers than the FULL one, and the sm_90 PARTIAL pass spills at 128 keys per step.
     """
     TMA: tl.constexpr = PASS != 0
     if PASS == 2:
         slot = tl.program_id(0)
         m = tl.load(q_partial_ptr + slot)
     else:
-        m = tl.program_id(0)
+        m = tl.load(q_order_ptr + tl.program_id(0))
     # A launch covers q heads [head_base, head_base + grid[1]); the state holds state_heads of them per row.
     h = head_base + tl.program_id(1)
     kh = h // groups
