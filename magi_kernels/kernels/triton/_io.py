@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernels: dtype-erased loads/stores and launch-argument checks.
+"""Helpers shared by the Triton kernels: dtype-erased loads/stores, launch-argument checks, and the
+scratch allocator that device-side tensor descriptors need.
 
 The fused norm kernels take every tensor as a uint8 pointer plus a runtime dtype code (0 fp32,
 1 fp16, 2 bf16) and reinterpret it in the kernel. That keeps the compiled-config set to tile shapes
@@ -84,3 +85,29 @@ def check_i32(op: str, **vals: int) -> None:
         if not -INT32_MAX - 1 <= v <= INT32_MAX:
             raise ValueError(f"{op}: {name} = {v} does not fit in int32, which the Triton kernel's shipped "
                              f"signature uses")
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the tensor descriptors a kernel builds on the device (128 B per descriptor)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+_installed_allocator = False
+
+
+def ensure_descriptor_allocator() -> None:
+    """Install a scratch allocator for ``tl.make_tensor_descriptor`` unless the caller already set one.
+
+    Triton keeps the allocator in a context variable and offers no public getter; when its private
+    home moves, we fall back to installing ours once per process.
+    """
+    global _installed_allocator
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+    except ImportError:
+        if not _installed_allocator:
+            triton.set_allocator(_descriptor_scratch)
+            _installed_allocator = True
+        return
+    if isinstance(_allocator.get(), NullAllocator):
+        triton.set_allocator(_descriptor_scratch)

@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 
 from magi_kernels.kernels.triton import triton_interpreting
-from magi_kernels.kernels.triton._io import check_i32, dummy
+from magi_kernels.kernels.triton._io import check_i32, dummy, ensure_descriptor_allocator
 from magi_kernels.kernels.triton.aot import AotConfig, KernelLaunch, kernel_parameters, register_aot
 
 OP = "flex_attn"
@@ -776,19 +776,6 @@ def _check_sizes(a, *ts: torch.Tensor) -> None:
 STATE_BYTES_MAX = 256 << 20
 
 
-def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for the tensor descriptors a kernel builds on the device (128 B per descriptor)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_descriptor_allocator() -> None:
-    """Kernels that call tl.make_tensor_descriptor need Triton's allocator; install ours unless one is set."""
-    from triton.runtime._allocation import NullAllocator, _allocator
-
-    if isinstance(_allocator.get(), NullAllocator):
-        triton.set_allocator(_descriptor_scratch)
-
-
 def forward_configs(dtype: torch.dtype, head_dim: int, softcap: bool, arch: int) -> tuple[AotConfig, ...]:
     """The forward's launches in order: (single pass,) on sm_80/89, (FULL pass, PARTIAL pass) on sm_90."""
     full = select_config("fwd", dtype, head_dim, softcap, arch)
@@ -843,7 +830,7 @@ def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, configs: tuple[AotConfig
     else:
         state = dict(state_acc_ptr=dummy(q.device), state_m_ptr=dummy(q.device), state_l_ptr=dummy(q.device))
     if len(cfgs) == 2 and q.device.type == "cuda":
-        _ensure_descriptor_allocator()
+        ensure_descriptor_allocator()
     # lse [Tq, Hq] is contiguous here, so its row stride is the number of q heads.
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=o_buf, lse_ptr=lse_buf, **plan_args, **state,
                 **_strides(q=q, k=k, v=v, o=o_buf), q_heads=hq, total_q=a.total_q, total_k=a.total_k,

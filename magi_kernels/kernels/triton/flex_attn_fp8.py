@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from magi_kernels.kernels.triton import triton_interpreting
-from magi_kernels.kernels.triton._io import check_i32, dummy
+from magi_kernels.kernels.triton._io import check_i32, dummy, ensure_descriptor_allocator
 from magi_kernels.kernels.triton.aot import (
     AotConfig,
     KernelLaunch,
@@ -66,7 +66,6 @@ from magi_kernels.kernels.triton.flex_attn import (
     HEAD_DIMS,
     PLAN_ARGS,
     STATE_BYTES_MAX,
-    _ensure_descriptor_allocator,
     _plan_args,
     _scalars,
     _slice_mask,
@@ -684,7 +683,7 @@ def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, pv_precision: str = "e4m
     else:
         state = {"state_acc_ptr": dummy(dev), "state_m_ptr": dummy(dev), "state_l_ptr": dummy(dev)}
     if len(passes) == 2 and dev.type == "cuda":
-        _ensure_descriptor_allocator()
+        ensure_descriptor_allocator()
     args = dict(q_ptr=q, q8_ptr=q8, q_rows_ptr=q_rows, k8_ptr=k8, v8t_ptr=v8t, k_scale_ptr=k_scale,
                 v_scale_ptr=v_scale, k_mean_ptr=mean_k, out_ptr=o_buf, lse_ptr=lse_buf, **_plan_args(a, cf), **state,
                 stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=o_buf.stride(0), stride_oh=o_buf.stride(1),

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from magi_kernels.utils import device as _device
-from magi_kernels.kernels.triton._io import round_to_bf16_grid
+from magi_kernels.kernels.triton._io import ensure_descriptor_allocator, round_to_bf16_grid
 from magi_kernels.kernels.triton.aot import AotConfig, KernelLaunch, register_aot
 
 MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (sm_89) and Hopper (sm_90)
@@ -454,17 +454,6 @@ def supports(a) -> str | None:
     return None
 
 
-def _ensure_tma_allocator() -> None:
-    # Device-side tensor descriptors need a small global scratch buffer per program, from this allocator.
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
-
-
-_ALLOCATOR_SET = False
-
-
 def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or t.data_ptr() % 16 == 0:
         return t
@@ -525,7 +514,7 @@ def launch(args, out: torch.Tensor, *, promote: bool = True, config: TileConfig 
             tma_ok = k % 16 == 0 and a.stride(0) % 16 == 0 and b.stride(0) % 16 == 0
             config = pick_config(torch.cuda.get_device_capability(a.device), m, glu, tma_ok)
     if config.use_tma and not interpreting:
-        _ensure_tma_allocator()
+        ensure_descriptor_allocator()
     if promote and 128 % config.block_k:
         raise ValueError(f"fp8_gemm: BLOCK_K={config.block_k} must divide the 128-wide promotion interval")
     if not promote and (args.a_mode == "block" or args.b_mode == "block"):
