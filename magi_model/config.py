@@ -10,8 +10,10 @@ hand-written configs work) but reject omitted fields whose default is ``None`` a
 downstream needs (sizes, dtype, ``cfg_number``, video size), and reject unknown fields (a typo in
 a config key would otherwise be silently ignored). ``strict=True`` restores MAGI-1's every-field rule.
 
-Presets: the six official example configs (MAGI-1's ``example/{24B,4.5B}/*_config.json``) and ``tiny`` / ``tiny_distill`` (random-weight
-demo sizes, same structure) via :func:`preset` / :func:`preset_dict`.
+Presets: the six official example configs (MAGI-1's ``example/{24B,4.5B}/*_config.json``), ``tiny`` (the
+small model trained on procedural videos, its weights shipped in the package: docs/tiny_model.md) and
+``tiny_random`` / ``tiny_distill`` / ``tiny_distill_quant`` (random-weight demo sizes, same structure) via
+:func:`preset` / :func:`preset_dict`.
 """
 
 from __future__ import annotations
@@ -511,8 +513,9 @@ def _official(size: str, variant: str) -> dict:
     return {"model_config": dict(model), "runtime_config": runtime, "engine_config": engine}
 
 
-# Presets with trained weights shipped in the package (the others named tiny* are random-weight demos).
-TRAINED_PRESETS = ("tiny_trained",)
+# Presets with trained weights shipped in the package (the others named tiny* are random-weight demos;
+# tiny_random is the random-weight configuration tiny had before, kept for the tests).
+TRAINED_PRESETS = ("tiny",)
 PRESETS = ("4.5B_base", "4.5B_distill", "4.5B_distill_quant", "24B_base", "24B_distill", "24B_distill_quant",
            *dict.fromkeys(TRAINED_PRESETS + ("tiny", "tiny_random", "tiny_distill", "tiny_distill_quant")))
 

@@ -2,11 +2,14 @@
 
     python -m magi_model.generate --config_file example/4.5B/4.5B_base_config.json --mode t2v \
         --prompt "Good Boy" --output_path out.mp4
-    python -m magi_model.generate --preset tiny --mode t2v --prompt "a red ball" --output_path tiny.mp4
+    python -m magi_model.generate --preset tiny --mode t2v \
+        --prompt "a big red circle moves right quickly on a black background" --output_path tiny.mp4
 
-``--preset tiny`` (also ``tiny_distill``, ``tiny_distill_quant``) runs the whole pipeline on seeded
-RANDOM weights (DiT, VAE and a hashing stand-in for T5): no downloads, minutes on a laptop CPU, and
-a video of structured noise -- it demonstrates the machinery, not the model.
+``--preset tiny`` runs a small model trained on procedural videos of one moving object, its weights
+shipped in the package (docs/tiny_model.md); its prompts use the procedural captions' words only.
+``tiny_random`` (also ``tiny_distill``, ``tiny_distill_quant``) runs the whole pipeline on seeded
+RANDOM weights (DiT, VAE and a hashing stand-in for T5): no downloads, any prompt, and a video of
+structured noise -- it demonstrates the machinery, not the model.
 
 Repeat ``--prompt`` for chunk-wise prompting (prompt i conditions chunk i of 24 frames; the last
 one continues). ``--text_embeddings FILE`` replaces T5 with precomputed features.

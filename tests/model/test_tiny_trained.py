@@ -166,8 +166,8 @@ def _generate(prompts, seed, *, mode="t2v", image=None, prefix_frames=None):
 
 
 def needs_weights(test):
-    """The evaluation of shipped trained weights. Opt-in (``python -m pytest -m trained_weights``) while no
-    weights ship: run against a missing asset folder it fails, it never skips."""
+    """The evaluation of the shipped trained weights (marker ``trained_weights``: ``-m trained_weights``
+    runs just these). Against a missing asset folder it fails, it never skips."""
     @functools.wraps(test)
     def run():
         assert _assets_present(), ("magi_model/assets/tiny/ holds no trained weights: "
@@ -222,14 +222,16 @@ def test_i2v_continues_the_given_first_frame():
 @needs_weights
 def test_v2v_continues_the_prefix_clip():
     spec = P.ObjectSpec("red", "square", "big", "slowly", "gray")
-    clip = P.make_clip(np.random.default_rng(5), num_chunks=2, spec=spec, directions=["down", "down"])
-    prefix = clip.frames[:32]
+    # A 32-frame prefix moving down from near the top (room for the continuation to keep going).
+    step = np.array(P.DIRECTIONS["down"]) * P.SPEEDS[spec.speed]
+    centres = np.array([12.0, 8.0]) + np.arange(33)[:, None] * step
+    prefix = np.stack([P.render_frame(spec, c, 32) for c in centres[:32]])
     frames = _generate([P.caption(spec, "down")], 11, mode="v2v", prefix_frames=prefix)
     det = P.detect(frames, "gray")
     assert det.colour == "red"
     # The continuation starts where the prefix ended (its frame 32) and keeps moving down.
     c0 = det.centroids[:4][np.isfinite(det.centroids[:4]).all(axis=1)].mean(axis=0)
-    assert np.abs(c0 - clip.centres[32]).max() < 4.0, (c0, clip.centres[32])
+    assert np.abs(c0 - centres[32]).max() < 4.0, (c0, centres[32])
     assert P.motion_direction(det.centroids[:16]) == "down"
 
 
