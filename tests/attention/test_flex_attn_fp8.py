@@ -300,7 +300,7 @@ def test_tiny_dit_attention_precision_fp8():
 def test_generate_cli_attention_precision_flag():
     from magi_model.generate import parse_args
 
-    base = ["--preset", "tiny", "--prompt", "a cat", "--output_path", "out.mp4"]
+    base = ["--preset", "tiny_random", "--prompt", "a cat", "--output_path", "out.mp4"]
     assert parse_args(base).attention_precision is None  # the model's default ("default") stays
     assert parse_args(base + ["--attention_precision", "fp8"]).attention_precision == "fp8"
     with pytest.raises(SystemExit):
