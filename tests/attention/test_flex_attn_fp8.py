@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from magi_kernels import flex_attn_fp8_func, merge_attn_states, registry
+from magi_kernels.kernels.triton import flex_attn as kern16
 from magi_kernels.kernels.triton import flex_attn_fp8 as kern
 from magi_kernels.kernels.triton.aot import registered_configs
 from magi_kernels.ops.flex_attn import make_args
@@ -242,7 +243,8 @@ def test_two_pass_state_in_head_groups(monkeypatch):
     tq, tk, hq, hk, d = 40, 48, 4, 2, 64
     q, k, v = torch.randn(tq, hq, d), torch.randn(tk, hk, d) + 2.0, torch.randn(tk, hk, d)
     rng = _ranges([[0, 40], [8, 40]], [[0, 20], [16, 48]], [1, 2])  # CAUSAL + INV_CAUSAL: PARTIAL tiles
-    monkeypatch.setattr(kern, "STATE_BYTES_MAX", 1)  # less than one head's state: one q head per launch pair
+    # less than one head's state: one q head per launch pair (the budget of both forwards' state buffers)
+    monkeypatch.setattr(kern16, "STATE_BYTES_MAX", 1)
     launches = []
     real_launch = kern.KernelLaunch
 

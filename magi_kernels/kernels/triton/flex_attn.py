@@ -192,6 +192,45 @@ def _fwd_partial_step(acc, m_i, l_i, q, k, v, col0, lo, hi, qk_scale, cap_in, ca
     return acc, m_new, l_i
 
 
+@triton.jit
+def _state_rows(slot, state_heads, BLOCK_M: tl.constexpr):
+    """This program's rows of the handed-over softmax state: slot's BLOCK_M rows, the launch's head (grid dim 1)."""
+    return (slot * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * state_heads + tl.program_id(1)
+
+
+@triton.jit
+def _softmax_state_start(state_acc_ptr, state_m_ptr, state_l_ptr, slot, state_heads, offs_d, BLOCK_M: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, RESUME: tl.constexpr):
+    """(acc, m, l) to start from: the saved state of ``slot`` (the PARTIAL pass) or empty (every other pass)."""
+    if RESUME:
+        srow = _state_rows(slot, state_heads, BLOCK_M)
+        m_i = tl.load(state_m_ptr + srow)
+        l_i = tl.load(state_l_ptr + srow)
+        acc = tl.load(state_acc_ptr + srow[:, None] * HEAD_DIM + offs_d[None, :])
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _softmax_state_save(state_acc_ptr, state_m_ptr, state_l_ptr, q_slot_ptr, m, state_heads, acc, m_i, l_i, offs_d,
+                        BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Save the FULL pass's raw (acc, m, l) if q tile m has a slot (PARTIAL entries follow); returns that row mask.
+
+    Masked stores rather than a branch on the slot: the warp-specialized loop's results feed both uses.
+    """
+    slot = tl.load(q_slot_ptr + m)
+    srow = _state_rows(tl.maximum(slot, 0), state_heads, BLOCK_M)
+    # (Broadcast before comparing: the interpreter rejects a mask that mixes a loaded scalar's bool in.)
+    to_state = (tl.zeros([BLOCK_M], tl.int32) + slot) >= 0
+    tl.store(state_m_ptr + srow, m_i, mask=to_state)
+    tl.store(state_l_ptr + srow, l_i, mask=to_state)
+    tl.store(state_acc_ptr + srow[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=to_state[:, None])
+    return to_state
+
+
 @triton.jit(do_not_specialize=["total_q", "total_k", "groups", "q_heads", "head_base", "state_heads"])
 def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_start_ptr, q_nfull_ptr, q_kidx_ptr,
                           q_rstart_ptr, run_lo_ptr, run_hi_ptr, q_bstart_ptr, bound_kidx_ptr, bound_rows_ptr,
@@ -241,16 +280,9 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_
     e0 = tl.load(q_start_ptr + m)
     e_mid = e0 + tl.load(q_nfull_ptr + m)  # FULL entries [e0, e_mid)
 
-    # State rows of this program's slot: [slot * BLOCK_M, (slot + 1) * BLOCK_M) x the launch's state_heads.
-    if PASS == 2:
-        srow = (slot * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * state_heads + tl.program_id(1)
-        m_i = tl.load(state_m_ptr + srow)
-        l_i = tl.load(state_l_ptr + srow)
-        acc = tl.load(state_acc_ptr + srow[:, None] * HEAD_DIM + offs_d[None, :])
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # (In PASS 2 the slot is the program id.)
+    acc, m_i, l_i = _softmax_state_start(state_acc_ptr, state_m_ptr, state_l_ptr, tl.program_id(0), state_heads,
+                                         offs_d, BLOCK_M, HEAD_DIM, PASS == 2)
     if PASS == 1:
         # One flat loop over the FULL entries. The warp-specialization pass fails on a loop nested in another that
         # carries the accumulator (the runs of PASS 0) and on any loop after it that does (the PARTIAL loop, hence
@@ -282,15 +314,8 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_
 
     final = row_ok
     if PASS == 1:
-        # Masked stores rather than a branch on the slot (the warp-specialized loop's results feed both).
-        slot = tl.load(q_slot_ptr + m)
-        srow = (tl.maximum(slot, 0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * state_heads
-        srow += tl.program_id(1)
-        # (Broadcast before comparing: the interpreter rejects a mask that mixes a loaded scalar's bool in.)
-        to_state = (tl.zeros([BLOCK_M], tl.int32) + slot) >= 0
-        tl.store(state_m_ptr + srow, m_i, mask=to_state)
-        tl.store(state_l_ptr + srow, l_i, mask=to_state)
-        tl.store(state_acc_ptr + srow[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=to_state[:, None])
+        to_state = _softmax_state_save(state_acc_ptr, state_m_ptr, state_l_ptr, q_slot_ptr, m, state_heads, acc, m_i,
+                                       l_i, offs_d, BLOCK_M, HEAD_DIM)
         final = row_ok & ~to_state
     # Rows that saw no key (l = 0; acc is 0 there too): out 0, lse -inf.
     seen = l_i > 0
@@ -776,6 +801,23 @@ def _check_sizes(a, *ts: torch.Tensor) -> None:
 STATE_BYTES_MAX = 256 << 20
 
 
+def softmax_state_buffers(n_partial_tiles: int, block_m: int, q_heads: int, head_dim: int,
+                          device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
+    """The PASS 1 -> PASS 2 softmax state (kernel arguments) and how many q heads one launch pair covers.
+
+    BLOCK_M rows x (D + 2) fp32 per q head and slot (one slot per q tile with PARTIAL entries); the passes run over
+    groups of q heads so that the state stays within STATE_BYTES_MAX.
+    """
+    per_head = n_partial_tiles * block_m * (head_dim + 2) * 4
+    heads = q_heads if per_head == 0 else max(1, min(q_heads, STATE_BYTES_MAX // per_head))
+    if not n_partial_tiles:
+        return dict(state_acc_ptr=dummy(device), state_m_ptr=dummy(device), state_l_ptr=dummy(device)), heads
+    rows = n_partial_tiles * block_m
+    return dict(state_acc_ptr=torch.empty(rows, heads, head_dim, dtype=torch.float32, device=device),
+                state_m_ptr=torch.empty(rows, heads, dtype=torch.float32, device=device),
+                state_l_ptr=torch.empty(rows, heads, dtype=torch.float32, device=device)), heads
+
+
 def forward_configs(dtype: torch.dtype, head_dim: int, softcap: bool, arch: int) -> tuple[AotConfig, ...]:
     """The forward's launches in order: (single pass,) on sm_80/89, (FULL pass, PARTIAL pass) on sm_90."""
     full = select_config("fwd", dtype, head_dim, softcap, arch)
@@ -818,17 +860,7 @@ def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, configs: tuple[AotConfig
     plan_args = _plan_args(a, cfgs[0])
     check_i32(OP, bound_rows=plan_args["bound_rows_ptr"].numel())
     n_partial_tiles = a.plan(bm, bn).q_partial.numel() if len(cfgs) == 2 else 0
-    # PASS 1 -> PASS 2 softmax state of the q tiles with PARTIAL entries: BLOCK_M rows x (D + 2) fp32 per q head
-    # and slot. The passes run over groups of q heads so that it stays within STATE_BYTES_MAX.
-    per_head = n_partial_tiles * bm * (d + 2) * 4
-    heads = hq if per_head == 0 else max(1, min(hq, STATE_BYTES_MAX // per_head))
-    if n_partial_tiles:
-        rows = n_partial_tiles * bm
-        state = dict(state_acc_ptr=torch.empty(rows, heads, d, dtype=torch.float32, device=q.device),
-                     state_m_ptr=torch.empty(rows, heads, dtype=torch.float32, device=q.device),
-                     state_l_ptr=torch.empty(rows, heads, dtype=torch.float32, device=q.device))
-    else:
-        state = dict(state_acc_ptr=dummy(q.device), state_m_ptr=dummy(q.device), state_l_ptr=dummy(q.device))
+    state, heads = softmax_state_buffers(n_partial_tiles, bm, hq, d, q.device)
     if len(cfgs) == 2 and q.device.type == "cuda":
         ensure_descriptor_allocator()
     # lse [Tq, Hq] is contiguous here, so its row stride is the number of q heads.

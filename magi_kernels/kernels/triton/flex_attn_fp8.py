@@ -65,11 +65,13 @@ from magi_kernels.kernels.triton.aot import (
 from magi_kernels.kernels.triton.flex_attn import (
     HEAD_DIMS,
     PLAN_ARGS,
-    STATE_BYTES_MAX,
     _plan_args,
     _scalars,
     _slice_mask,
+    _softmax_state_save,
+    _softmax_state_start,
     _tanh,
+    softmax_state_buffers,
 )
 from magi_kernels.kernels.triton.fp8_quantize import _e4m3_code
 from magi_kernels.reference.flex_attn_fp8 import INT8_MAX, PV_PRECISIONS
@@ -350,15 +352,8 @@ def _flex_attn_fp8_fwd_kernel(q_ptr, q8_ptr, q_rows_ptr, k8_ptr, v8t_ptr, k_scal
     e_mid = e0 + tl.load(q_nfull_ptr + m)  # [e0, e_mid) FULL, [e_mid, e1) PARTIAL
     p0 = tl.load(q_pstart_ptr + m) - e_mid
 
-    if PASS == 2:
-        srow = (slot * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * state_heads + tl.program_id(1)
-        m_i = tl.load(state_m_ptr + srow)
-        l_i = tl.load(state_l_ptr + srow)
-        acc = tl.load(state_acc_ptr + srow[:, None] * HEAD_DIM + offs_d[None, :])
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc, m_i, l_i = _softmax_state_start(state_acc_ptr, state_m_ptr, state_l_ptr, tl.program_id(0), state_heads,
+                                         offs_d, BLOCK_M, HEAD_DIM, PASS == 2)
     if PASS == 1:
         # The flat loop the 16-bit FULL pass uses: its only loads are the plan's tile index and the three
         # descriptor boxes, which go to the producer warp.
@@ -389,14 +384,8 @@ def _flex_attn_fp8_fwd_kernel(q_ptr, q8_ptr, q_rows_ptr, k8_ptr, v8t_ptr, k_scal
 
     final = row_ok
     if PASS == 1:
-        # Masked stores rather than a branch on the slot (the warp-specialized loop's results feed both).
-        slot = tl.load(q_slot_ptr + m)
-        srow = (tl.maximum(slot, 0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64) * state_heads
-        srow += tl.program_id(1)
-        to_state = (tl.zeros([BLOCK_M], tl.int32) + slot) >= 0  # broadcast first: the interpreter needs it
-        tl.store(state_m_ptr + srow, m_i, mask=to_state)
-        tl.store(state_l_ptr + srow, l_i, mask=to_state)
-        tl.store(state_acc_ptr + srow[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=to_state[:, None])
+        to_state = _softmax_state_save(state_acc_ptr, state_m_ptr, state_l_ptr, q_slot_ptr, m, state_heads, acc, m_i,
+                                       l_i, offs_d, BLOCK_M, HEAD_DIM)
         final = row_ok & ~to_state
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -672,16 +661,7 @@ def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, pv_precision: str = "e4m
         n_partial = a.plan(bm, bn).q_partial.numel()
     else:
         q8, q_rows, n_partial = dummy(dev, torch.uint8), dummy(dev), 0
-    # PASS 1 -> PASS 2 softmax state of the q tiles with PARTIAL entries: BLOCK_M rows x (D + 2) fp32 per q head
-    # and slot, at most STATE_BYTES_MAX per launch pair (more q heads run in further pairs).
-    per_head = n_partial * bm * (d + 2) * 4
-    heads = hq if per_head == 0 else max(1, min(hq, STATE_BYTES_MAX // per_head))
-    if n_partial:
-        state = {"state_acc_ptr": torch.empty(n_partial * bm, heads, d, dtype=torch.float32, device=dev),
-                     "state_m_ptr": torch.empty(n_partial * bm, heads, dtype=torch.float32, device=dev),
-                     "state_l_ptr": torch.empty(n_partial * bm, heads, dtype=torch.float32, device=dev)}
-    else:
-        state = {"state_acc_ptr": dummy(dev), "state_m_ptr": dummy(dev), "state_l_ptr": dummy(dev)}
+    state, heads = softmax_state_buffers(n_partial, bm, hq, d, dev)
     if len(passes) == 2 and dev.type == "cuda":
         ensure_descriptor_allocator()
     args = dict(q_ptr=q, q8_ptr=q8, q_rows_ptr=q_rows, k8_ptr=k8, v8t_ptr=v8t, k_scale_ptr=k_scale,
