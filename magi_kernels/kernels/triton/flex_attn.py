@@ -124,7 +124,7 @@ def _slice_mask(slices_ptr, mask_slices_ptr, j0, j1, r, c):
 
 
 @triton.jit
-def _fwd_load_kv(k_src, v_src, row0, offs_d, stride_kt, stride_vt, total_k, ROWS: tl.constexpr, MASKED: tl.constexpr,
+def _load_kv_tile(k_src, v_src, row0, offs_d, stride_kt, stride_vt, total_k, ROWS: tl.constexpr, MASKED: tl.constexpr,
                  TMA: tl.constexpr):
     """K and V rows [row0, row0 + ROWS) of one kv head. With TMA, k_src/v_src are tensor descriptors of the head's
     [total_k, D] rows (the copy engine zero-fills rows past total_k); otherwise pointers to the head's first row."""
@@ -289,7 +289,7 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_
         # PASS 2). The k tile index it loads from the plan goes to the producer warp with the copies, so the
         # consumer loop has no load at all.
         for e in tl.range(e0, e_mid, warp_specialize=True):
-            k, v = _fwd_load_kv(k_src, v_src, tl.load(q_kidx_ptr + e) * BLOCK_N, offs_d, stride_kt, stride_vt,
+            k, v = _load_kv_tile(k_src, v_src, tl.load(q_kidx_ptr + e) * BLOCK_N, offs_d, stride_kt, stride_vt,
                                 total_k, BLOCK_N, False, TMA)
             acc, m_i, l_i = _fwd_full_step(acc, m_i, l_i, q, k, v, qk_scale, cap_in, cap_out, SOFTCAP)
     elif PASS == 0:
@@ -297,7 +297,7 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_
         # deeper than an index loaded from the plan. Same tiles, same order as the entry list.
         for r in range(tl.load(q_rstart_ptr + m), tl.load(q_rstart_ptr + m + 1)):
             for n in range(tl.load(run_lo_ptr + r), tl.load(run_hi_ptr + r)):
-                k, v = _fwd_load_kv(k_src, v_src, n * BLOCK_N, offs_d, stride_kt, stride_vt, total_k, BLOCK_N, False,
+                k, v = _load_kv_tile(k_src, v_src, n * BLOCK_N, offs_d, stride_kt, stride_vt, total_k, BLOCK_N, False,
                                     TMA)
                 acc, m_i, l_i = _fwd_full_step(acc, m_i, l_i, q, k, v, qk_scale, cap_in, cap_out, SOFTCAP)
     if PASS != 1:
@@ -308,7 +308,7 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_
             rows_b = bound_rows_ptr + b * (2 * BLOCK_M) + offs_r  # int32: the launcher checks the size
             lo = tl.load(rows_b)
             hi = tl.load(rows_b + BLOCK_M)
-            k, v = _fwd_load_kv(k_src, v_src, n * BLOCK_N, offs_d, stride_kt, stride_vt, total_k, BLOCK_N, True, TMA)
+            k, v = _load_kv_tile(k_src, v_src, n * BLOCK_N, offs_d, stride_kt, stride_vt, total_k, BLOCK_N, True, TMA)
             acc, m_i, l_i = _fwd_partial_step(acc, m_i, l_i, q, k, v, n * BLOCK_N, lo, hi, qk_scale, cap_in, cap_out,
                                               BLOCK_N, SOFTCAP)
 
@@ -337,15 +337,8 @@ def _kv_tile_scores(q, k_ptr, v_ptr, n, offs_m, offs_d, stride_kt, stride_kh, st
                     MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
     """K and V of k tile n, and the (masked) log2-domain scores of q against it."""
     cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
-    koff = cols.to(tl.int64)[:, None] * stride_kt + kh * stride_kh + offs_d[None, :]
-    voff = cols.to(tl.int64)[:, None] * stride_vt + kh * stride_vh + offs_d[None, :]
-    if MASKED:
-        col_ok = (cols < total_k)[:, None]
-        k = tl.load(k_ptr + koff, mask=col_ok, other=0.0)
-        v = tl.load(v_ptr + voff, mask=col_ok, other=0.0)
-    else:
-        k = tl.load(k_ptr + koff)
-        v = tl.load(v_ptr + voff)
+    k, v = _load_kv_tile(k_ptr + kh * stride_kh, v_ptr + kh * stride_vh, n * BLOCK_N, offs_d, stride_kt, stride_vt,
+                         total_k, BLOCK_N, MASKED, False)
     s2, th = _scores_log2(q, tl.trans(k), qk_scale, cap_in, cap_out, SOFTCAP)
     if MASKED:
         vis = _slice_mask(slices_ptr, mask_slices_ptr, j0, j1, offs_m[:, None], cols[None, :])
