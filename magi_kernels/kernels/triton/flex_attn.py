@@ -76,9 +76,13 @@ _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 
 @triton.jit
 def _tanh(x):
-    """tanh via exp2 of -2|x| (in (0, 1], never overflows); odd symmetry restores the sign."""
+    """tanh via exp2 of -2|x| (in (0, 1], never overflows); odd symmetry restores the sign.
+
+    The denominator lies in [1, 2], so the approximate division (2 ulp at most there) is as good as an IEEE one for
+    a soft cap and avoids its slow-path sequence in every score of the loop.
+    """
     e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|) = 2^(-2 log2(e) |x|)
-    t = (1.0 - e) / (1.0 + e)
+    t = tl.fdiv(1.0 - e, 1.0 + e, approx=True)
     return tl.where(x < 0, -t, t)
 
 
