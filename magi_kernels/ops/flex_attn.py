@@ -287,6 +287,17 @@ def _backward(c: FlexAttnCall, outs, dout, dlse) -> dict:
 register_backward(_flex_attn_op, FlexAttnCall, _backward, save_outputs=True)
 
 
+def resolve_mask(op: str, q: torch.Tensor, k: torch.Tensor, q_ranges, k_ranges, attn_type_map):
+    """The three range tensors, from either the tensors themselves or a typed mask passed as ``q_ranges``."""
+    if not isinstance(q_ranges, _MaskBase):
+        return q_ranges, k_ranges, attn_type_map
+    if k_ranges is not None or attn_type_map is not None:
+        fail(op, "k_ranges", "must be None (attn_type_map too) when q_ranges is a mask object")
+    check_tensor(op, "q", q, ndim=3)
+    check_tensor(op, "k", k, ndim=3)
+    return q_ranges.range_tensors(q.device, total_q=q.shape[0], total_k=k.shape[0], op=op)
+
+
 def flex_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges, k_ranges: Optional[torch.Tensor] = None,
                    attn_type_map: Optional[torch.Tensor] = None, *, softmax_scale: Optional[float] = None,
                    softcap: float = 0.0, deterministic: bool = False,
@@ -306,13 +317,7 @@ def flex_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges, 
     Returns:
         (out [total_q, Hq, D] in q's dtype, lse fp32 [total_q, Hq], natural log; -inf for rows that see no key).
     """
-    if isinstance(q_ranges, _MaskBase):  # a typed mask in place of the three range tensors
-        if k_ranges is not None or attn_type_map is not None:
-            fail(OP, "k_ranges", "must be None (attn_type_map too) when q_ranges is a mask object")
-        check_tensor(OP, "q", q, ndim=3)
-        check_tensor(OP, "k", k, ndim=3)
-        q_ranges, k_ranges, attn_type_map = q_ranges.range_tensors(q.device, total_q=q.shape[0],
-                                                                   total_k=k.shape[0], op=OP)
+    q_ranges, k_ranges, attn_type_map = resolve_mask(OP, q, k, q_ranges, k_ranges, attn_type_map)
     # Metadata checks run here (also under torch.compile tracing); range values are checked inside the op.
     c = FlexAttnCall(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, deterministic, backend)
     check(c)

@@ -22,11 +22,11 @@ import torch
 
 from magi_kernels import registry
 from magi_kernels.ops._spec import define_op, values
-from magi_kernels.ops.flex_attn import FlexAttnArgs, FlexAttnCall, build_args, check_qkv, check_scalars
-from magi_kernels.ranges.masks import _MaskBase
+from magi_kernels.ops.flex_attn import (FlexAttnArgs, FlexAttnCall, build_args, check_qkv, check_scalars,
+                                        resolve_mask)
 from magi_kernels.ranges.validate import check_ranges_meta
 from magi_kernels.reference.flex_attn_fp8 import PV_PRECISIONS, flex_attn_fp8_ref
-from magi_kernels.utils.checks import check_tensor, fail
+from magi_kernels.utils.checks import fail
 
 OP = "flex_attn_fp8"
 # The torch path emulates the Triton kernel's tiles of the arch it would run on; on CPU, sm_90's.
@@ -115,13 +115,7 @@ def flex_attn_fp8_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_rang
 
     pv_precision: "e4m3" (default) rounds P and V to e4m3 (8-bit PV MMA); "fp16" keeps them 16-bit (fp16 PV
     MMA, QK still int8): more accurate, more issued instructions (docs/fp8_attention.md)."""
-    if isinstance(q_ranges, _MaskBase):
-        if k_ranges is not None or attn_type_map is not None:
-            fail(OP, "k_ranges", "must be None (attn_type_map too) when q_ranges is a mask object")
-        check_tensor(OP, "q", q, ndim=3)
-        check_tensor(OP, "k", k, ndim=3)
-        q_ranges, k_ranges, attn_type_map = q_ranges.range_tensors(q.device, total_q=q.shape[0],
-                                                                   total_k=k.shape[0], op=OP)
+    q_ranges, k_ranges, attn_type_map = resolve_mask(OP, q, k, q_ranges, k_ranges, attn_type_map)
     c = FlexAttnFp8Call(q, k, v, q_ranges, k_ranges, attn_type_map, softmax_scale, softcap, pv_precision, backend)
     check(c)
     c.softmax_scale = None if softmax_scale is None else float(softmax_scale)
