@@ -21,7 +21,7 @@ FORBIDDEN = [
         "magi1" + "-spec", "magiattention" + ".md", "kernel" + "-anchors", "ecosystem" + ".md",
         "style" + "-review", "stop" + " note", "shared" + "/docs", "issue" + " text")), re.IGNORECASE)),
     ("path above the repository", re.compile(re.escape("../" + "shared") + "|" + re.escape("/work" + "/"))),
-    # "issue 3", "issues #12"; not the verb ("issues 1.8x the instructions").
+    # a tracker number ("issue" or "issues" followed by a number or #number); not the verb "issues" before a count.
     ("issue number", re.compile(r"\bissues?\s+(?:#\d+|\d+(?![.,]?\d|\s*x\b|x))", re.IGNORECASE)),
 ]
 # Tests may load Triton's tutorial kernels from a configurable location whose default lies next to the

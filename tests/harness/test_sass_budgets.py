@@ -142,10 +142,14 @@ def test_hot_loop_instructions_per_mma_flop_within_budget(report):
     assert not over, "\n".join(over)
 
 
-@pytest.mark.skipif(not (ANCHORS and os.path.isdir(ANCHORS)),
-                    reason="MAGI_ANCHORS_DIR is not set to a directory holding Triton's tutorials "
-                           "03-matrix-multiplication.py, 06-fused-attention.py and 09-persistent-matmul.py")
 def test_ratio_against_tutorial_kernels_within_budget(report):
+    if not (ANCHORS and os.path.isdir(ANCHORS)):
+        why = ("Triton's tutorials 03-matrix-multiplication.py, 06-fused-attention.py and 09-persistent-matmul.py "
+               f"are not in {ANCHORS!r} (set MAGI_ANCHORS_DIR)")
+        # CI lays the tutorials out next to the checkout, so there a missing directory is a failure, not a skip.
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
     anchors = {r["kernel"]: r for r in report.values() if r["kernel"][:3] in ("03 ", "06 ", "09 ")}
     assert all("Error" not in k for k in anchors), f"an anchor failed to compile: {list(anchors)}"
     ws_attn = [r for k, r in anchors.items() if k.startswith("06 ") and r["arch"] == "sm_90"]
