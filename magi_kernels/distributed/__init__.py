@@ -8,6 +8,7 @@ autograd, and returns ``(out, lse)`` for the rank's tokens.
 - :func:`ring_attention`: K/V shards around a ring, empty steps skipped, transfer overlapped.
 - :func:`usp_attention`: Ulysses inside one mesh dimension, ring across the other.
 - :func:`dispatch` / :func:`undispatch`: load-balanced chunk placement for ring attention.
+- :func:`permute_mask`: a mask rewritten for any reordering of its tokens (one's own shard placement).
 - :func:`seq_to_heads` / :func:`heads_to_seq`: the differentiable all-to-all under Ulysses, for callers that
   keep heads sharded across several attention calls (e.g. a KV cache that holds only this rank's heads).
 - :func:`scalar_device`: where small bookkeeping tensors live for a group's backend.
@@ -19,6 +20,7 @@ from magi_kernels.distributed._comm import even_shard_sizes, heads_to_seq, scala
 from magi_kernels.distributed.dispatch import (
            DispatchMeta,
            dispatch,
+           permute_mask,
            plan_dispatch,
            undispatch,
 )
@@ -31,6 +33,7 @@ __all__ = [
            "dispatch",
            "even_shard_sizes",
            "heads_to_seq",
+           "permute_mask",
            "plan_dispatch",
            "ring_attention",
            "scalar_device",

@@ -146,6 +146,38 @@ def plan_dispatch(ranges_or_mask, world: int, chunk_size: int, *, total_q: int |
     return DispatchMeta(world, chunk_size, tq, tk, tuple(owner), q_perm, k_perm, q_sizes, k_sizes, areas, qr, kr, ty)
 
 
+def _check_segments(arg: str, segments) -> tuple[tuple[int, int], ...]:
+    """``(original_start, length)`` runs that together reorder tokens ``[0, total)``: each token exactly once."""
+    try:
+        segs = tuple((int(a), int(n)) for a, n in segments)
+    except (TypeError, ValueError):
+        fail("permute_mask", arg, "must be a sequence of (original_start, length) pairs of ints")
+    if any(n < 0 or a < 0 for a, n in segs):
+        fail("permute_mask", arg, "must have non-negative starts and lengths")
+    covered, end = sorted((a, a + n) for a, n in segs if n), 0
+    for a, b in covered:
+        if a != end:
+            rule = "overlaps another" if a < end else f"leaves tokens [{end}, {a}) out"
+            fail("permute_mask", arg, f"must cover [0, total) exactly once: the run starting at {a} {rule}")
+        end = b
+    return segs
+
+
+def permute_mask(q_ranges, k_ranges, attn_type_map, *, q_segments, k_segments):
+    """The mask ``(q_ranges, k_ranges, attn_type_map)`` rewritten for reordered tokens.
+
+    ``q_segments`` / ``k_segments``: ``(original_start, length)`` runs of query rows / keys in their new
+    order; each side must be a permutation of its tokens (every token exactly once). Returns int32 CPU
+    tensors ``(q_ranges, k_ranges, attn_type_map)`` describing exactly the same (row, key) cells in the new
+    coordinates, ready for ``flex_attn_func`` or the distributed attention functions. Dispatch uses the
+    same rewrite; a caller with its own token placement (e.g. rank-major pieces of every chunk) uses this.
+    """
+    q_segs, k_segs = _check_segments("q_segments", q_segments), _check_segments("k_segments", k_segments)
+    total_q, total_k = sum(n for _, n in q_segs), sum(n for _, n in k_segs)
+    sl = validate_ranges(q_ranges, k_ranges, attn_type_map, total_q=total_q, total_k=total_k, op="permute_mask")
+    return ranges_tensors(permute_slices(tuple(np.asarray(x, np.int64) for x in sl), q_segs, k_segs))
+
+
 def _local_index(meta: DispatchMeta, side: str, rank: int) -> torch.Tensor:
     sizes = meta.sizes(side)
     start = sum(sizes[:rank])
@@ -241,4 +273,4 @@ def undispatch(x_local: torch.Tensor, meta: DispatchMeta, *, group=None, side: s
     return _Undispatch.apply(x_local, meta, side, pg, rank)
 
 
-__all__ = ["DispatchMeta", "dispatch", "plan_dispatch", "undispatch"]
+__all__ = ["DispatchMeta", "dispatch", "permute_mask", "plan_dispatch", "undispatch"]

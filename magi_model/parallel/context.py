@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from magi_kernels.distributed import even_shard_sizes, heads_to_seq, ring_attention, seq_to_heads
-from magi_kernels.distributed._args import ranges_tensors
-from magi_kernels.distributed._slices import permute_slices
+from magi_kernels.distributed import even_shard_sizes, heads_to_seq, permute_mask, ring_attention, seq_to_heads
 from magi_kernels.distributed.ulysses import kv_heads_for_group
 from magi_model.dit import local_self_attention
 
@@ -113,11 +110,12 @@ def ring_attention_fn(layout: TokenLayout, rank: int, world: int, group, geom: d
     # Per batch element: the window's slices with keys in [cache | current] buffer coordinates, rewritten
     # for the rank-major order of pieces (rank r: its piece of every query chunk / key chunk, chunk order).
     sl = [(qs, qe, ks - geom["shift"], ke - geom["shift"]) for qs, qe, ks, ke in geom["window_slices"]]
-    base = (np.array([[a, b] for a, b, _, _ in sl], np.int64).reshape(-1, 2),
-            np.array([[c, d] for _, _, c, d in sl], np.int64).reshape(-1, 2), np.zeros(len(sl), np.int64))
+    q_ranges = torch.tensor([[a, b] for a, b, _, _ in sl], dtype=torch.int32).reshape(-1, 2)
+    k_ranges = torch.tensor([[c, d] for _, _, c, d in sl], dtype=torch.int32).reshape(-1, 2)
     q_segs = [(j * n + offs[r], n_r[r]) for r in range(world) for j in range(R)]
     k_segs = [(c * n + offs[r], n_r[r]) for r in range(world) for c in range(key_chunks)]
-    qr, kr, ty = ranges_tensors(permute_slices(base, q_segs, k_segs))
+    qr, kr, ty = permute_mask(q_ranges, k_ranges, torch.zeros(len(sl), dtype=torch.int32), q_segments=q_segs,
+                              k_segments=k_segs)
     # every rank's shard lengths are known here: no length exchange inside ring_attention, per layer
     shard_sizes = ([R * n_r[r] for r in range(world)], [key_chunks * n_r[r] for r in range(world)])
     cache = ctx.kv_cache

@@ -1,11 +1,12 @@
-"""Host-side pieces of magi_kernels.distributed: slice clipping and the dispatch solver (no processes)."""
+"""Host-side pieces of magi_kernels.distributed: slice clipping, mask permutation and the dispatch solver
+(no processes)."""
 
 import numpy as np
 import pytest
 import torch
 
 from magi_kernels import BlockCausal, Magi1WindowMask, VarlenCausal
-from magi_kernels.distributed import even_shard_sizes, plan_dispatch
+from magi_kernels.distributed import even_shard_sizes, permute_mask, plan_dispatch
 from magi_kernels.distributed._slices import clip_slices
 from magi_kernels.ranges.types import row_bounds
 from magi_kernels.utils.checks import MagiArgumentError
@@ -88,3 +89,44 @@ def test_dispatch_rejects_bad_arguments():
 def test_even_shard_sizes_follow_magi1():
     assert even_shard_sizes(10, 4) == [3, 3, 2, 2]
     assert even_shard_sizes(3, 4) == [1, 1, 1, 0]
+
+
+def _random_runs(rng, total):
+    """A random reordering of [0, total) as (original_start, length) runs, zero-length runs included."""
+    cuts = np.unique(np.concatenate([[0, total], rng.integers(0, total + 1, int(rng.integers(0, 6)))]))
+    runs = [(int(a), int(b - a)) for a, b in zip(cuts[:-1], cuts[1:])] + [(int(rng.integers(0, total + 1)), 0)]
+    return [runs[i] for i in rng.permutation(len(runs))]
+
+
+def _perm(runs):
+    return np.concatenate([np.arange(a, a + n) for a, n in runs]).astype(np.int64)
+
+
+def test_permute_mask_matches_the_permuted_dense_mask():
+    rng = np.random.default_rng(int(torch.initial_seed() % 2**31))
+    for _ in range(200):
+        tq, tk = (int(x) for x in rng.integers(1, 20, 2))
+        n = int(rng.integers(0, 5))
+        qr = np.sort(rng.integers(0, tq + 1, (n, 2)), axis=1)
+        kr = np.sort(rng.integers(0, tk + 1, (n, 2)), axis=1)
+        ty = rng.integers(0, 4, n)
+        q_runs, k_runs = _random_runs(rng, tq), _random_runs(rng, tk)
+        t = [torch.tensor(x, dtype=torch.int32).reshape(-1, 2) for x in (qr, kr)]
+        got = permute_mask(t[0], t[1], torch.tensor(ty, dtype=torch.int32), q_segments=q_runs, k_segments=k_runs)
+        assert all(x.dtype == torch.int32 for x in got)
+        want = dense(qr, kr, ty, tq, tk)[_perm(q_runs)][:, _perm(k_runs)]
+        assert (dense(*got, tq, tk) == want).all()
+
+
+@pytest.mark.parametrize("segments,rule", [
+    ([(0, 3), (2, 4)], "run starting at 2 overlaps another"),
+    ([(0, 3), (4, 2)], r"leaves tokens \[3, 4\) out"),
+    ([(0, -1)], "non-negative"),
+    ([(0,)], "pairs of ints"),
+])
+def test_permute_mask_rejects_segments_that_are_not_a_permutation(segments, rule):
+    qr = torch.tensor([[0, 2]], dtype=torch.int32)
+    with pytest.raises(MagiArgumentError, match=f"'q_segments' .*{rule}"):
+        permute_mask(qr, qr, None, q_segments=segments, k_segments=[(0, 6)])
+    with pytest.raises(MagiArgumentError, match="'k_ranges'.*inside"):  # ranges checked against the runs' total
+        permute_mask(qr, torch.tensor([[0, 9]], dtype=torch.int32), None, q_segments=[(0, 6)], k_segments=[(0, 6)])
