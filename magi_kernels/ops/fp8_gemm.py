@@ -14,8 +14,12 @@ Epilogue (fp32, in this order): bias [N] -> activation ("gelu" exact erf | "swig
 y[:, N/2:]) -> * gate ([M, N_out] or [N_out], any float dtype), then cast to out_dtype. Pass
 epilogue="gelu", "swiglu", "gate", "gelu+gate" or "swiglu+gate"; "gate" needs gate=.
 
-Numerics: the Triton kernel promotes the tensor-core accumulator into fp32 every <= 128 of K (see
-kernels/triton/fp8_gemm.py). NaN in a or in a scale propagates to the affected outputs; e4m3 has no inf, so
+Numerics: by default the Triton kernel promotes the tensor-core accumulator into fp32 every <= 128 of K (see
+kernels/triton/fp8_gemm.py). ``fast_accum=True`` keeps one tensor-core accumulation chain over all of K and
+applies every scale in the epilogue (cuBLASLt's "fast accumulation", what MAGI-1's released fp8 checkpoints
+were run with); it takes per-tensor and per-row/column scales only, since block scales change every 128 of K.
+The torch backend computes in exact fp32 either way: the two modes differ only in the tensor core's
+accumulator register, which a CPU does not have (docs/fp8.md#fast-accumulation). NaN in a or in a scale propagates to the affected outputs; e4m3 has no inf, so
 overflow can only come from scales / bias / epilogue in fp32 and then saturates to inf in out_dtype.
 """
 
@@ -50,6 +54,7 @@ class Fp8GemmCall:
     gate: Optional[torch.Tensor]
     out_dtype: torch.dtype = torch.bfloat16
     backend: Optional[str] = None
+    fast_accum: bool = False
 
     @property
     def act(self) -> Optional[str]:
@@ -76,6 +81,7 @@ class Fp8GemmArgs:
     act: Optional[str]
     gate: Optional[torch.Tensor]
     out_dtype: torch.dtype = torch.bfloat16
+    fast_accum: bool = False  # one unpromoted tensor-core chain over K, every scale in the epilogue
 
     @property
     def n_out(self) -> int:
@@ -141,8 +147,13 @@ def check(c: Fp8GemmCall) -> None:
             fail(OP, name, f"must be on a's device {a.device}, got {t.device}")
     _scale_tensor("a_scale", c.a_scale)
     _scale_tensor("b_scale", c.b_scale)
-    classify_a_scale(c.a_scale, m, k)
-    classify_b_scale(c.b_scale, n, k)
+    a_mode, b_mode = classify_a_scale(c.a_scale, m, k), classify_b_scale(c.b_scale, n, k)
+    if not isinstance(c.fast_accum, bool):
+        fail(OP, "fast_accum", f"must be a bool, got {type(c.fast_accum).__name__}")
+    if c.fast_accum and "block" in (a_mode, b_mode):
+        fail(OP, "fast_accum", "must be False with block scales (1x128 / 128x128): a block scale changes every 128 "
+                               "of K, so each 128-wide partial sum is scaled and promoted on its own; fast "
+                               "accumulation takes per-tensor and per-row/column scales only")
     if c.act == "swiglu" and n % 2:
         fail(OP, "b", f"must have an even N for epilogue 'swiglu' (paired halves), got N={n}")
     n_out = c.n_out
@@ -184,7 +195,7 @@ def build_args(c: Fp8GemmCall) -> Fp8GemmArgs:
     return Fp8GemmArgs(a=a2, b=c.b, a_scale=c.a_scale.reshape(a_scale).contiguous(),
                        b_scale=c.b_scale.reshape(b_scale).contiguous(), a_mode=a_mode, b_mode=b_mode,
                        bias=None if c.bias is None else c.bias.contiguous(), act=c.act, gate=gate,
-                       out_dtype=c.out_dtype)
+                       out_dtype=c.out_dtype, fast_accum=c.fast_accum)
 
 
 def make_args(*args, **kwargs) -> Fp8GemmArgs:
@@ -195,8 +206,9 @@ def make_args(*args, **kwargs) -> Fp8GemmArgs:
 
 
 # --------------------------------------------------------------------------------------------------
-# Backends: each writes out [M, N_out]. "scaled_mm" is torch._scaled_mm with use_fast_accum=False (promoted
-# accumulation, like our kernel); kernels/vendor/scaled_mm.py lists the layouts it takes.
+# Backends: each writes out [M, N_out] and honours ``fast_accum``: the Triton kernel drops its promotion,
+# "scaled_mm" passes it as torch._scaled_mm's use_fast_accum (kernels/vendor/scaled_mm.py lists the layouts it
+# takes), the torch reference is exact fp32 in both modes.
 
 # Triton first: it fuses every epilogue and block scales; torch._scaled_mm covers tensor- and row-wise scales.
 registry.register_op(OP, preference=("triton", "scaled_mm", "torch"))
@@ -257,7 +269,8 @@ register_backward(_op, Fp8GemmCall, _backward)
 
 def fp8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, *,
              bias: torch.Tensor | None = None, epilogue: str | None = None, gate: torch.Tensor | None = None,
-             out_dtype: torch.dtype = torch.bfloat16, backend: str | None = None) -> torch.Tensor:
+             out_dtype: torch.dtype = torch.bfloat16, backend: str | None = None,
+             fast_accum: bool = False) -> torch.Tensor:
     """Scaled fp8 GEMM ``epilogue(dq(a) @ dq(b).T + bias)``; see the module docstring for layouts and rules.
 
     Args:
@@ -266,8 +279,12 @@ def fp8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: t
         bias: [N] (applied before the activation). epilogue: None | "gelu" | "swiglu" | "gate" |
         "gelu+gate" | "swiglu+gate". gate: [..., N_out] or [N_out]. out_dtype: bf16 | fp16 | fp32.
         backend: "triton" | "scaled_mm" | "torch" | None (auto).
+        fast_accum: accumulate all of K in the tensor core's own accumulator (no fp32 promotion every 128 of
+            K; the scales are applied once, in the epilogue), as cuBLASLt's fast accumulation and
+            ``torch._scaled_mm(..., use_fast_accum=True)`` do. Faster; loses low bits on long K. Not with
+            block scales.
     Autograd: gradients flow to bias, gate and the scales; the e4m3 operands get none (see ``fp8_linear``).
     """
-    c = Fp8GemmCall(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype, backend)
+    c = Fp8GemmCall(a, b, a_scale, b_scale, bias, epilogue, gate, out_dtype, backend, fast_accum)
     check(c)
     return _op(*values(c))

@@ -163,7 +163,8 @@ def test_opcheck():
     a = torch.randn(6, 64).to(E4M3)
     b = torch.randn(16, 64).to(E4M3)
     torch.library.opcheck(torch.ops.magi_kernels.fp8_gemm.default,
-                          (a, b, torch.ones(6), torch.ones(16), torch.randn(16), "swiglu", None, torch.float32, None),
+                          (a, b, torch.ones(6), torch.ones(16), torch.randn(16), "swiglu", None, torch.float32, None,
+                           True),
                           test_utils=utils)
     torch.library.opcheck(torch.ops.magi_kernels.fp8_quantize.default,
                           (torch.randn(6, 200), "block1x128", None, False, None), test_utils=utils)
@@ -187,6 +188,8 @@ ONE = torch.ones(1)
     (lambda: fp8_gemm(A, B, ONE, ONE, epilogue="relu"), "'epilogue'", "one of"),
     (lambda: fp8_gemm(A, B, ONE, ONE, bias=torch.ones(8)), "'bias'", "N=16"),
     (lambda: fp8_gemm(A, B, ONE, ONE, out_dtype=torch.int8), "'out_dtype'", "one of"),
+    (lambda: fp8_gemm(A[:, :1].expand(8, 200).contiguous(), B[:, :1].expand(16, 200).contiguous(), ONE,
+                      torch.ones(1, 2), fast_accum=True), "'fast_accum'", "must be False with block scales"),
 ])
 def test_bad_inputs_name_argument_and_rule(bad):
     fn, arg, rule = bad

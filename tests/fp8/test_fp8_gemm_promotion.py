@@ -93,8 +93,8 @@ def test_promotion_bounds_the_limited_accumulator_error():
     assert errs[True] < errs[False] / 30
 
     one = torch.ones(1)
-    args = make_args(a, b, one, one, None, None, None, torch.float32)
-    for promote in (False, True):
+    for fast_accum in (False, True):
+        args = make_args(a, b, one, one, None, None, None, torch.float32, fast_accum=fast_accum)
         exact = poison_like(torch.empty(m, n))
-        kern.launch(args, exact, promote=promote, config=kern.TileConfig(16, 16, 128, 4, 1, 1))
-        assert rel(exact) < 1e-6, promote
+        kern.launch(args, exact, config=kern.TileConfig(16, 16, 128, 4, 1, 1))
+        assert rel(exact) < 1e-6, fast_accum

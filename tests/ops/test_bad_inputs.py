@@ -98,6 +98,10 @@ CASES = [
                                                   torch.zeros(4, 16, dtype=torch.float8_e4m3fn), torch.ones(1),
                                                   torch.ones(1), out_dtype="bf16"),
      MagiArgumentError, "fp8_gemm: argument 'out_dtype' must be a torch.dtype"),
+    ("fp8_gemm fast_accum with block scales", lambda: mk.fp8_gemm(
+        torch.zeros(2, 200, dtype=torch.float8_e4m3fn), torch.zeros(4, 200, dtype=torch.float8_e4m3fn),
+        torch.ones(2, 2), torch.ones(1), fast_accum=True),
+     MagiArgumentError, "fp8_gemm: argument 'fast_accum' must be False with block scales"),
     # masks
     ("BlockCausal chunk_size=4.5", lambda: mk.BlockCausal(chunk_size=4.5, num_chunks=2), MagiArgumentError,
      "BlockCausal: argument 'chunk_size' must be an int, got float 4.5"),

@@ -1,13 +1,16 @@
 """Triton fp8 (e4m3) GEMM: C = epilogue(dequant(A @ B^T) + bias), A [M, K] and B [N, K] both K-major.
 
 Accumulation: tensor-core fp8 MMAs accumulate in a limited-precision register (Hopper keeps ~22 bits,
-"fp22"; long K loses digits: MAGI-1's fc2 has K = 16,384). With ``PROMOTE`` every K step (BLOCK_K <= 128)
+"fp22"; long K loses digits: MAGI-1's fc2 has K = 16,384). With ``PROMOTE`` (the default) every K step (BLOCK_K <= 128)
 runs into a fresh tensor-core partial sum that ``_promote`` adds into a separate fp32 accumulator, so no
 tensor-core accumulation chain is longer than 128. Block scales (1x128 x 128x128) need exactly that
 structure anyway (the scale changes every 128 of K), so block scaling is always promoted; per-tensor and
 per-row/column scales are constant over K: A's rides along with each promotion, B's is applied once in
 the epilogue. (tests/fp8/test_fp8_gemm_promotion.py shows what promotion buys with a test-only kernel that
 emulates the limited accumulator on top of the same ``_load_k_step`` / ``_promote`` helpers.)
+Without ``PROMOTE`` (the op's ``fast_accum=True``, per-tensor and per-row/column scales only) the loop is one
+``acc = tl.dot(a, b, acc)`` chain over all of K, Triton's tutorial loop, and both scales are applied in the
+epilogue: cuBLASLt's fast accumulation, the numerics MAGI-1's fp8 checkpoints were run with.
 
 Structure: on sm_90 (aligned operands) the grid is persistent (about one program per SM walking tiles
 ``num_programs`` apart) and the tile loop is warp-specialized by Triton's Hopper pass: a producer issues
@@ -200,13 +203,14 @@ def _fp8_gemm_tile(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # A's per-tensor / per-row scale, constant over K: applied at every promotion (see _promote).
-    if A_MODE == 0:
-        a_s = tl.load(a_scale_ptr)
-    elif A_MODE == 1:
-        a_s = tl.load(a_scale_ptr + rows)[:, None]
-    else:
-        a_s = 1.0
+    # A's per-tensor / per-row scale, constant over K: applied at every promotion (see _promote); without
+    # promotion the epilogue applies it.
+    a_s = 1.0
+    if PROMOTE:
+        if A_MODE == 0:
+            a_s = tl.load(a_scale_ptr)
+        elif A_MODE == 1:
+            a_s = tl.load(a_scale_ptr + rows)[:, None]
     # Flat K loop, one tl.dot per BLOCK_K (<= 128) step. With PROMOTE each dot starts from a fresh
     # accumulator and is added into acc on CUDA cores, so no MMA chain spans more than BLOCK_K of K.
     # (A nested "128-group" loop around several dots spilled on sm_89; this flat form does not.)
@@ -246,7 +250,8 @@ def _fp8_gemm_tile(
             if IS_GLU:
                 acc2 = _promote(acc2, part2, a_k, b2_k, B_MODE)
         else:
-            # One accumulation chain over all of K (what cuBLAS "fast accum" does); tests/benchmarks only.
+            # Fast accumulation (the op's fast_accum=True): one tensor-core chain over all of K, as cuBLASLt's
+            # FAST_ACCUM; both operands' constant scales wait for the epilogue.
             tl.static_assert(not BLOCK_SCALES, "block scales need PROMOTE")
             acc = part
             acc2 = part2
@@ -489,8 +494,9 @@ def block_scale_layouts(args) -> tuple[torch.Tensor, int, torch.Tensor, int]:
 INTERPRET_PROGRAMS = 2
 
 
-def launch(args, out: torch.Tensor, *, promote: bool = True, config: TileConfig | None = None) -> None:
-    """Run the kernel on validated ``Fp8GemmArgs`` (see magi_kernels.ops.fp8_gemm); writes ``out`` [M, N_out]."""
+def launch(args, out: torch.Tensor, *, config: TileConfig | None = None) -> None:
+    """Run the kernel on validated ``Fp8GemmArgs`` (see magi_kernels.ops.fp8_gemm); writes ``out`` [M, N_out].
+    ``args.fast_accum`` selects the unpromoted K loop (PROMOTE=False)."""
     from magi_kernels.kernels.triton import triton_interpreting
 
     # Every pointer the kernel gets is 16-byte aligned (the AOT check compiles them so; a misaligned view,
@@ -499,7 +505,7 @@ def launch(args, out: torch.Tensor, *, promote: bool = True, config: TileConfig 
                                b_scale=_aligned(args.b_scale), bias=_aligned(args.bias), gate=_aligned(args.gate))
     if out.data_ptr() % 16:
         tmp = torch.empty_like(out, memory_format=torch.contiguous_format)
-        launch(args, tmp, promote=promote, config=config)
+        launch(args, tmp, config=config)
         out.copy_(tmp)
         return
     a, b = args.a, args.b
@@ -515,10 +521,9 @@ def launch(args, out: torch.Tensor, *, promote: bool = True, config: TileConfig 
             config = pick_config(torch.cuda.get_device_capability(a.device), m, glu, tma_ok)
     if config.use_tma and not interpreting:
         ensure_descriptor_allocator()
+    promote = not args.fast_accum  # the op's check already refused fast_accum with block scales
     if promote and 128 % config.block_k:
         raise ValueError(f"fp8_gemm: BLOCK_K={config.block_k} must divide the 128-wide promotion interval")
-    if not promote and (args.a_mode == "block" or args.b_mode == "block"):
-        raise ValueError("fp8_gemm: block scales are applied per 128-wide K group, so they need promote=True")
     a_scale, stride_a_scale_k, b_scale, stride_b_scale_n = block_scale_layouts(args)
     # Unused pointers still need a tensor; the constexpr flags keep the kernel from touching them.
     bias = args.bias if args.bias is not None else args.a_scale

@@ -8,7 +8,9 @@ Supported subset (everything else is declined with the reason, so the registry p
   rounds straight to bf16, so only out_dtype=bfloat16 with no bias and no epilogue, where that is exact;
 - 128-block scales: not supported here (use the Triton backend).
 
-``use_fast_accum=False`` keeps the accumulation promoted to fp32 (the same contract as our kernel).
+``use_fast_accum`` is the call's ``fast_accum``: False keeps the accumulation promoted to fp32 (the same
+contract as our kernel's default), True is cuBLASLt's unpromoted fast accumulation (oneDNN on a CPU computes
+the same exact fp32 result either way).
 On CUDA, cuBLASLt also needs K and N to be multiples of 16.
 """
 
@@ -53,9 +55,10 @@ def launch(a, out: torch.Tensor) -> None:
     b_t = a.b.t()  # [K, N] column-major view of the nn.Linear-layout weight: what _scaled_mm wants
     if a.a_mode == "tensor" and a.b_mode == "tensor":
         y = torch._scaled_mm(a.a, b_t, scale_a=a.a_scale.reshape(()), scale_b=a.b_scale.reshape(()),
-                             out_dtype=torch.float32, use_fast_accum=False)
+                             out_dtype=torch.float32, use_fast_accum=a.fast_accum)
         out.copy_(apply_epilogue_ref(y, a.bias, a.act, a.gate))
         return
     sa = a.a_scale.reshape(-1, 1).expand(m, 1).contiguous()
     sb = a.b_scale.reshape(1, -1).expand(1, n).contiguous()
-    out.copy_(torch._scaled_mm(a.a, b_t, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=False))
+    out.copy_(torch._scaled_mm(a.a, b_t, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
+                               use_fast_accum=a.fast_accum))
