@@ -3,6 +3,9 @@
 The modules are ``magi_kernels.modules.fp8_linear``'s ``PerTensorQuantizedFp8Linear`` (q, qx, k, v,
 linear_fc1) and ``PerChannelQuantizedFp8Linear`` (linear_proj, linear_fc2); their math (double
 rounding fp32 -> bf16 -> fp8, dequantization with ``input_scale[0] * weight_scale[0]``) lives there.
+They run the GEMM with ``fast_accum=True``: MAGI-1 runs these layers through flashinfer's ``bmm_fp8``,
+i.e. cuBLASLt with fast (unpromoted) accumulation, so that is the numerics the released checkpoints
+were produced with.
 This module only picks the class and checks it exposes exactly MAGI-1's checkpoint keys, which
 are the contract for strict loading.
 """
@@ -34,7 +37,7 @@ def make_fp8_linear(kind: str, in_features: int, out_features: int) -> nn.Module
     """An fp8 linear with MAGI-1's parameters (see LAYOUT), from magi_kernels."""
     if kind not in LAYOUT:
         raise ValueError(f"make_fp8_linear: argument 'kind' must be one of {list(LAYOUT)}, got {kind!r}")
-    mod = _CLASSES[kind](in_features, out_features)
+    mod = _CLASSES[kind](in_features, out_features, fast_accum=True)
     _check_layout(mod, kind, in_features, out_features)
     return mod
 

@@ -9,6 +9,8 @@ MAGI-1 (docs/fp8.md#magi-1-static-quantization), parameters exactly as in its ch
 - ``PerChannelQuantizedFp8Linear``: same, plus smooth_scale fp32 (1, in); input_scale is (1,). The activation
   is divided by smooth_scale; dequantization uses input_scale[0] * weight_scale[0].
 Output is bf16 (MAGI-1's bmm_fp8 dtype). MAGI-1's layers have no bias; ``bias=True`` adds an optional one.
+Both run the GEMM with ``fast_accum=True`` by default: MAGI-1 runs them through flashinfer's ``bmm_fp8``, i.e.
+cuBLASLt with fast (unpromoted) accumulation, so that is the numerics the checkpoints were calibrated with.
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ def check_input(layer: nn.Module, x) -> None:
 
 class _MagiQuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None,
-                 out_dtype: torch.dtype = torch.bfloat16, backend: str | None = None):
+                 out_dtype: torch.dtype = torch.bfloat16, backend: str | None = None, fast_accum: bool = True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.out_dtype, self.backend = out_dtype, backend
+        self.out_dtype, self.backend, self.fast_accum = out_dtype, backend, fast_accum
         self.weight = nn.Parameter(torch.zeros(1, out_features, in_features, dtype=E4M3, device=device),
                                    requires_grad=False)
         self.weight_scale = nn.Parameter(torch.ones(1, device=device), requires_grad=False)
@@ -51,10 +53,11 @@ class _MagiQuantLinear(nn.Module):
         check_input(self, x)
         return fp8_linear(x, self.weight[0], self.weight_scale, self.bias, x_granularity="channel", x_scale=divisor,
                           x_dequant_scale=input_scale0, bf16_round=True, out_dtype=self.out_dtype,
-                          backend=self.backend)
+                          backend=self.backend, fast_accum=self.fast_accum)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"fast_accum={self.fast_accum}")
 
 
 class PerTensorQuantizedFp8Linear(_MagiQuantLinear):
@@ -86,17 +89,23 @@ class Fp8Linear(nn.Module):
     recipe "tensor": weight per-tensor, activations per-token; "channel": weight per-output-channel,
     activations per-token; "block": weight 128x128 blocks, activations 1x128 blocks (DeepSeek-style).
     Output dtype = input dtype (fp32/fp16/bf16). Bias (if any) is kept in float and fused in the epilogue.
+    ``fast_accum=True`` runs the GEMM with unpromoted tensor-core accumulation (fp8_gemm's ``fast_accum``);
+    the "block" recipe's scales need the promoted loop.
     """
 
     _WEIGHT_GRAN = {"tensor": "tensor", "channel": "row", "block": "block128x128"}
     _ACT_GRAN = {"tensor": "row", "channel": "row", "block": "block1x128"}
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, recipe: str = "channel",
-                 device=None, backend: str | None = None):
+                 device=None, backend: str | None = None, fast_accum: bool = False):
         super().__init__()
         if recipe not in RECIPES:
             raise ValueError(f"Fp8Linear: argument 'recipe' must be one of {list(RECIPES)}, got {recipe!r}")
+        if fast_accum and recipe == "block":
+            raise MagiArgumentError("Fp8Linear: argument 'fast_accum' must be False with recipe 'block': block scales "
+                             "change every 128 of K, so each 128-wide partial sum is promoted on its own")
         self.in_features, self.out_features, self.recipe, self.backend = in_features, out_features, recipe, backend
+        self.fast_accum = fast_accum
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=E4M3, device=device),
                                    requires_grad=False)
         shape = scale_shape(self._WEIGHT_GRAN[recipe], out_features, in_features)
@@ -104,9 +113,10 @@ class Fp8Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, recipe: str = "channel", backend: str | None = None) -> "Fp8Linear":
+    def from_linear(cls, linear: nn.Linear, recipe: str = "channel", backend: str | None = None,
+                    fast_accum: bool = False) -> "Fp8Linear":
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, recipe, linear.weight.device,
-                backend)
+                backend, fast_accum)
         w = linear.weight.detach()
         q, s = fp8_quantize(w.contiguous(), cls._WEIGHT_GRAN[recipe], backend=backend)
         m.weight.data.copy_(q)
@@ -119,10 +129,11 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x)
         return fp8_linear(x, self.weight, self.weight_scale, self.bias, x_granularity=self._ACT_GRAN[self.recipe],
-                          backend=self.backend)
+                          backend=self.backend, fast_accum=self.fast_accum)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe!r}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe!r}, "
+                f"fast_accum={self.fast_accum}")
 
 
 @dataclasses.dataclass

@@ -46,6 +46,7 @@ class Fp8LinearCall:
     bf16_round: Optional[bool]
     out_dtype: Optional[torch.dtype] = None
     backend: Optional[str] = None
+    fast_accum: bool = False
 
 
 def check(c: Fp8LinearCall) -> None:
@@ -78,7 +79,7 @@ def _run(c: Fp8LinearCall) -> torch.Tensor:
     if c.x_dequant_scale is not None:
         xs = c.x_dequant_scale
     return fp8_gemm(xq, c.weight, xs, c.weight_scale, bias=c.bias, out_dtype=_out_dtype(c),
-                    backend=c.backend)
+                    backend=c.backend, fast_accum=c.fast_accum)
 
 
 _op = define_op(OP, Fp8LinearCall, returns=torch.Tensor, impl=_run, fake=_output)
@@ -113,7 +114,8 @@ register_backward(_op, Fp8LinearCall, _backward)
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
                *, x_granularity: str = "row", x_scale: torch.Tensor | None = None,
                x_dequant_scale: torch.Tensor | None = None, bf16_round: bool | None = None,
-               out_dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype | None = None, backend: str | None = None,
+               fast_accum: bool = False) -> torch.Tensor:
     """``x @ dequant(weight).T + bias`` with x quantized to e4m3 on the way; differentiable in x and bias.
 
     Args:
@@ -122,8 +124,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             "tensor", or "channel" with ``x_scale``). x_scale: static scale / divisor for x.
         x_dequant_scale: (1,) scale used instead of x's quantization scale when dequantizing (MAGI-1).
         bf16_round: see fp8_quantize. out_dtype: default x's dtype. backend: forwarded to both ops.
+        fast_accum: fp8_gemm's unpromoted tensor-core accumulation (not with block scales). The backward is
+            exact fp32 math either way.
     """
     c = Fp8LinearCall(x, weight, weight_scale, bias, x_granularity, x_scale, x_dequant_scale, bf16_round, out_dtype,
-                      backend)
+                      backend, fast_accum)
     check(c)
     return _op(*values(c))

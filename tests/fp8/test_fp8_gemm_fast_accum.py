@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import magi_kernels as mk
+from magi_kernels.modules import Fp8Linear, PerChannelQuantizedFp8Linear, PerTensorQuantizedFp8Linear
 from magi_kernels.ops.fp8_gemm import make_args
 from magi_kernels.reference.fp8 import apply_epilogue_ref, cdiv, emulate_limited_accumulation, fp8_gemm_ref
 from magi_kernels.utils.checks import MagiArgumentError
@@ -100,6 +101,23 @@ def test_fast_accum_refuses_block_scales(a_scale, b_scale):
         mk.fp8_gemm(a, b, a_scale, b_scale, fast_accum=True)
     with pytest.raises(MagiArgumentError, match="argument 'fast_accum' must be a bool"):
         mk.fp8_gemm(a, b, torch.ones(1), torch.ones(1), fast_accum=1)
+
+
+def test_fp8_linear_modules_carry_fast_accum(promote_flags):
+    """MAGI-1's layers default to fast accumulation (what their checkpoints were run with); Fp8Linear defaults to
+    promotion and refuses fast_accum with block scales."""
+    assert PerTensorQuantizedFp8Linear(32, 16).fast_accum and PerChannelQuantizedFp8Linear(32, 16).fast_accum
+    assert not Fp8Linear(32, 16).fast_accum
+    with pytest.raises(MagiArgumentError, match="argument 'fast_accum' must be False with recipe 'block'"):
+        Fp8Linear(32, 16, recipe="block", fast_accum=True)
+    need("fp8_gemm", "triton")
+    lin = torch.nn.Linear(96, 40)
+    x = torch.randn(5, 96)
+    fast = Fp8Linear.from_linear(lin, "channel", backend="triton", fast_accum=True)(x)
+    PerChannelQuantizedFp8Linear(96, 40, backend="triton")(x.bfloat16())
+    assert promote_flags == [False, False]
+    exact = Fp8Linear.from_linear(lin, "channel", backend="torch")(x)
+    torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("data", ["zero-mean", "positive"])
