@@ -36,15 +36,28 @@ MMA_OPS = ("HGMMA", "QGMMA", "IGMMA", "HMMA", "QMMA", "IMMA")
 TARGET_COS, TARGET_REL_L2 = 0.999, 0.03
 
 
-def hot_loop(sass: str) -> dict:
-    """The innermost loop holding tensor-core instructions (magi_kernels.tools.sass): issued instructions (NOP
-    excluded), tensor-core instructions by kind (int8 ones, IMMA / IGMMA, included), and issued instructions per
-    1000 MMA FLOPs of one warp (a wgmma's FLOPs are shared by the four warps of its warpgroup)."""
+def _last_mma_loop(instrs) -> tuple[int, int] | None:
+    """(first, last) instruction indices of the last innermost loop holding tensor-core instructions: the
+    PARTIAL-tile loop of a single-pass forward (it follows the FULL one), the only one of a PARTIAL pass."""
+    from magi_kernels.tools.sass import hot_loop as innermost
+
+    found, start = None, 0
+    while (span := innermost(instrs[start:])) is not None:  # no loop with an MMA ends after the last one found
+        found = (start + span[0], start + span[1])
+        start = found[1] + 1
+    return found
+
+
+def hot_loop(sass: str, last: bool = False) -> dict:
+    """The innermost loop holding tensor-core instructions (magi_kernels.tools.sass), or with ``last`` the last
+    such loop (``_last_mma_loop``): issued instructions (NOP excluded), tensor-core instructions by kind (int8
+    ones, IMMA / IGMMA, included), and issued instructions per 1000 MMA FLOPs of one warp (a wgmma's FLOPs are
+    shared by the four warps of its warpgroup)."""
     from magi_kernels.tools.sass import hot_loop as loop_span
     from magi_kernels.tools.sass import mma_flops_per_warp, parse_sass
 
     instrs = parse_sass(sass)
-    span = loop_span(instrs)
+    span = _last_mma_loop(instrs) if last else loop_span(instrs)
     if span is None:
         raise RuntimeError("no loop with tensor-core instructions found")
     body = [x for x in instrs[span[0]:span[1] + 1] if x.op != "NOP"]
@@ -77,11 +90,15 @@ def _compile(cfg, arch: int):
     return sass, k.asm["ttgir"]
 
 
-def _loop_of(cfg, arch: int) -> dict:
-    """hot_loop of a compiled config, plus its label and whether the kernel is warp-specialized (a
-    ttg.warp_specialize region in its TTGIR)."""
+def _loop_of(cfg, arch: int, last: bool = False) -> dict:
+    """hot_loop of a compiled config, plus its label, whether the kernel is warp-specialized (a
+    ttg.warp_specialize region in its TTGIR) and whether it spills (STL / LDL anywhere)."""
+    from magi_kernels.tools.sass import parse_sass
+
     sass, ttgir = _compile(cfg, arch)
-    return dict(hot_loop(sass), config=cfg.config, warp_specialized="ttg.warp_specialize" in ttgir)
+    spills = sum(x.op in ("STL", "LDL") for x in parse_sass(sass))
+    return dict(hot_loop(sass, last), config=cfg.config, warp_specialized="ttg.warp_specialize" in ttgir,
+                spills=spills)
 
 
 def fp8_loop(arch: int, d: int, pv: str) -> dict:
@@ -91,6 +108,16 @@ def fp8_loop(arch: int, d: int, pv: str) -> dict:
 
     full = next(c for c in fp8.select_configs(torch.bfloat16, d, False, arch, pv) if c.constexprs.get("PASS") in (0, 1))
     return _loop_of(full, arch)
+
+
+def partial_loop(arch: int, d: int, pv: str, softcap: bool = False) -> dict:
+    """The shipped forward's PARTIAL-tile loop (bf16 inputs) for (arch, head_dim, pv_precision): the loop of the
+    PARTIAL pass (PASS 2) on sm_90, the single pass's second loop on sm_89. One iteration is one bound entry
+    (a 128-key step on sm_90)."""
+    from magi_kernels.kernels.triton import flex_attn_fp8 as fp8
+
+    cfg = [c for c in fp8.select_configs(torch.bfloat16, d, softcap, arch, pv) if c.constexprs.get("PASS") is not None]
+    return _loop_of(cfg[-1], arch, last=True)
 
 
 def bf16_loop(arch: int, d: int) -> dict:
@@ -117,6 +144,10 @@ def sass_report(head_dims: tuple[int, ...] = (64, 128)) -> list[dict]:
         print(f"sm_{arch} D={d} pv={pv} [{f8['config']}]: loop {f8['instructions']} instr ({f8['mma_kind']}), "
               f"{f8['per_kflop']:.3f} instr/kFLOP; bf16 [{b16['config']}]: loop {b16['instructions']} instr "
               f"({b16['mma_kind']}), {b16['per_kflop']:.3f} instr/kFLOP; ratio {ratio:.2f} (target 0.60)", flush=True)
+        part = partial_loop(arch, d, pv)
+        rows[-1]["partial"] = part
+        print(f"    PARTIAL loop [{part['config']}]: {part['instructions']} instr per bound entry, "
+              f"{part['per_kflop']:.3f} instr/kFLOP, spilled instructions {part['spills']}", flush=True)
     return rows
 
 

@@ -19,8 +19,9 @@ rows, k tile n of ``block_n`` keys, q head h and its kv head kh:
 
 i8(y) = trunc(y + (0.5 if y >= 0 else -0.5)) in fp32 (round half away from zero; |y| <= 127 by the scale).
 The int8 dot product is exact (|q8 . k8| <= 127^2 * 128 < 2^24, so fp32 holds it). Then, over the visited k
-tiles of the q tile in the kernel's order (the plan's: FULL tiles, then PARTIAL ones), an online softmax whose
-P is rounded against its per-row bound 1 (scale 1/448):
+tiles of the q tile in the kernel's order (the plan's: FULL tiles, then PARTIAL ones, each PARTIAL tile once per
+key interval of its rows, as the plan's row bounds list them), an online softmax whose P is rounded against its
+per-row bound 1 (scale 1/448):
 
     m' = max(m, rowmax s2);  p = exp2(s2 - m' + log2 448);  l = l * 2^(m - m') + sum p
     acc = acc * 2^(m - m') + pv(p) . v8
@@ -100,6 +101,22 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, pad)
 
 
+def _steps(entries, vis: torch.Tensor, block_n: int):
+    """The softmax steps over one q tile's plan entries, as (k tile, visible [rows, block_n]): a FULL tile once;
+    a PARTIAL tile once per key interval of its rows, the j-th step holding every row's j-th maximal run of
+    visible keys (the plan's row bounds: one interval per row and step, so a tile whose rows see several
+    disjoint intervals is walked once per interval)."""
+    for e in entries:
+        tile = vis[:, e.k_tile * block_n:(e.k_tile + 1) * block_n]
+        if e.full:
+            yield e.k_tile, tile
+            continue
+        starts = tile & ~torch.nn.functional.pad(tile[:, :-1], (1, 0))  # first key of each run
+        run = torch.cumsum(starts.to(torch.int64), 1) - 1  # run index of every key (visible ones: >= 0)
+        for j in range(int(starts.sum(1).max())):
+            yield e.k_tile, tile & (run == j)
+
+
 def flex_attn_fp8_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges, k_ranges, attn_type_map=None, *,
                       softmax_scale: float | None = None, softcap: float = 0.0, block_m: int = 128,
                       block_n: int = 128, pv_precision: str = "e4m3",
@@ -144,13 +161,13 @@ def flex_attn_fp8_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_range
         m_i = torch.full(qm.shape, float("-inf"))
         l_i = torch.zeros(qm.shape)
         acc = torch.zeros(*qm.shape, d)
-        for e in plan.q_tile_entries(m):
-            keys = slice(e.k_tile * block_n, (e.k_tile + 1) * block_n)
+        for k_tile, tile_vis in _steps(plan.q_tile_entries(m), vis, block_n):
+            keys = slice(k_tile * block_n, (k_tile + 1) * block_n)
             kt, skt, vt = k8[kv_head, keys], sk[kv_head, keys], v8[kv_head, keys]
             s = (q8 @ kt.transpose(1, 2)) * skt[:, None, :]  # exact integer dot, then the key's scale
             if softcap > 0:
                 s = torch.tanh(s * score_mul + qm[..., None]) * cap_out
-            s = s.masked_fill(~vis[:, keys], float("-inf"))
+            s = s.masked_fill(~tile_vis, float("-inf"))
             tile_max = s.amax(-1) if softcap > 0 else s.amax(-1) * score_mul[..., 0]  # score_mul > 0
             m_new = torch.maximum(m_i, tile_max)
             m_use = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)

@@ -21,6 +21,7 @@ from magi_kernels.kernels.triton import flex_attn_fp8 as kern
 from magi_kernels.kernels.triton.aot import registered_configs
 from magi_kernels.ops.flex_attn import make_args
 from magi_kernels.reference.flex_attn import flex_attn_ref
+from magi_kernels.reference import flex_attn_fp8 as emulation
 from magi_kernels.reference.flex_attn_fp8 import (
     PV_PRECISIONS,
     flex_attn_fp8_ref,
@@ -28,7 +29,7 @@ from magi_kernels.reference.flex_attn_fp8 import (
     kv_statistics,
 )
 
-from ._helpers import slice_layouts
+from ._helpers import dense_attn, dense_mask, slice_layouts
 
 SMALL_TILES = [(16, 16), (16, 32), (32, 16)]
 
@@ -43,8 +44,7 @@ STATS_CHUNK, STATS_STEP = 24, 8
 
 def _run_kernel(q, k, v, rng, softcap, tiles, pv="e4m3", two_pass=False):
     """launch_fwd with small interpreter tiles; outputs poisoned with NaN first. two_pass: the sm_90 shape (Q
-    quantized by its own kernel, FULL pass on tensor descriptors, PARTIAL pass resuming from the saved state, in
-    half-tile steps where the tile allows it, as the shipped sm_90 PARTIAL pass walks them)."""
+    quantized by its own kernel, FULL pass on tensor descriptors, PARTIAL pass resuming from the saved state)."""
     a = make_args(q, k, v, *rng, None, softcap, False)
     bm, bn = tiles
     d = q.shape[-1]
@@ -55,7 +55,7 @@ def _run_kernel(q, k, v, rng, softcap, tiles, pv="e4m3", two_pass=False):
                  kern.make_config("fwd", q.dtype, d, softcap > 0, bm, bn, 4, 1, exact_e4m3=True, pv_precision=pv,
                                   tma=True),
                  kern.make_config("fwd_partial", q.dtype, d, softcap > 0, bm, bn, 4, 1, exact_e4m3=True,
-                                  pv_precision=pv, tma=True, partial_step=bn // 2 if bn >= 32 else bn))
+                                  pv_precision=pv, tma=True))
     else:
         cfgs += (kern.make_config("fwd", q.dtype, d, softcap > 0, bm, bn, 4, 1, exact_e4m3=True, pv_precision=pv),)
     out = torch.full_like(q, float("nan"))
@@ -124,6 +124,53 @@ def test_accuracy_against_float64(d, tiles, two_pass, pv):
     assert torch.equal(torch.isfinite(lse), fin)
     # lse carries the unsmoothed scores (q . mean_k added back): same convention as flex_attn
     assert (lse.double() - l64)[fin].abs().max() < 0.05 * l64[fin].abs().max().clamp_min(1.0)
+
+
+# 37 rows x 45 keys at 16x16 tiles: rows 0-29 see keys [0, 6) and [9, 13) (FULL slices) and, from row 4 on, a
+# causal band over [15, 45): k tile 0 holds three disjoint intervals in one row (three bound entries), the band
+# makes PARTIAL tiles with one interval per row, the last k tile is ragged (45 keys), rows 30-36 see nothing.
+MULTI_INTERVAL = ([[0, 30], [0, 30], [4, 30]], [[0, 6], [9, 13], [15, 45]], [0, 0, 1], 37, 45)
+
+
+def test_emulation_walks_the_plans_row_bounds():
+    """The emulation's PARTIAL steps are the plan's bound entries (same k tiles, same per-row intervals, same
+    order), so the kernel == emulation comparisons cover the interval split too."""
+    qr, kr, ty, tq, tk = MULTI_INTERVAL
+    bm = bn = 16
+    plan = make_args(torch.zeros(tq, 1, 64), torch.zeros(tk, 1, 64), torch.zeros(tk, 1, 64), *_ranges(qr, kr, ty),
+                     None, 0.0, False).plan(bm, bn)
+    mask = torch.nn.functional.pad(dense_mask(qr, kr, ty, tq, tk), (0, 3 * bn - tk))
+    most_copies = 0
+    for m in range(plan.num_q_tiles):
+        rows = slice(m * bm, min((m + 1) * bm, tq))
+        partial = list(emulation._steps([e for e in plan.q_tile_entries(m) if not e.full], mask[rows], bn))
+        b0, b1 = int(plan.q_bptr[m]), int(plan.q_bptr[m + 1])
+        k_tiles = plan.b_kidx[b0:b1].tolist()
+        assert [k for k, _ in partial] == k_tiles
+        for (k_tile, vis), b in zip(partial, range(b0, b1)):
+            lo, hi = plan.b_rows[b, 0, :vis.shape[0]], plan.b_rows[b, 1, :vis.shape[0]]
+            cols = k_tile * bn + torch.arange(bn)
+            assert torch.equal(vis, (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]))
+        most_copies = max([most_copies] + [k_tiles.count(n) for n in k_tiles])
+    assert most_copies == 3  # the layout does exercise a tile walked once per interval
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+@pytest.mark.parametrize("pv", PV_PRECISIONS)
+def test_partial_tiles_with_several_intervals_per_row(two_pass, pv):
+    """Row-bounds PARTIAL steps on MULTI_INTERVAL (GQA, odd sizes, empty rows; NaN-poisoned outputs): kernel ==
+    emulation to fp32 rounding, and both close to float64 attention."""
+    qr, kr, ty, tq, tk = MULTI_INTERVAL
+    q, k, v = torch.randn(tq, 2, 64), torch.randn(tk, 1, 64) + 3.0, torch.randn(tk, 1, 64)
+    rng = _ranges(qr, kr, ty)
+    out, lse = _run_kernel(q, k, v, rng, 0.0, (16, 16), pv, two_pass)
+    ro, rl = flex_attn_fp8_ref(q, k, v, *rng, block_m=16, block_n=16, pv_precision=pv)
+    torch.testing.assert_close(lse, rl, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out, ro, atol=2e-3, rtol=2e-3)
+    assert torch.isneginf(lse[30:]).all() and (out[30:] == 0).all() and torch.isfinite(lse[:30]).all()
+    o64, l64 = dense_attn(q, k, v, dense_mask(qr, kr, ty, tq, tk), 64 ** -0.5)
+    assert _cos(out[:30], o64[:30]) >= 0.999 and _rel_l2(out[:30], o64[:30]) <= ACCURACY_BOUNDS[pv][1]
+    assert (lse[:30].double() - l64[:30]).abs().max() < 0.05
 
 
 def test_lse_convention_merges_with_flex_attn():
@@ -265,8 +312,6 @@ def test_config_arguments_are_checked():
         kern.make_config("fwd_partial", torch.float16, 64, False, 16, 16, 4, 1)
     with pytest.raises(ValueError, match="tma=True"):
         kern.make_config("quant", torch.float16, 64, False, 16, 16, 4, 1, tma=True)
-    with pytest.raises(ValueError, match="partial_step must divide"):
-        kern.make_config("fwd_partial", torch.float16, 64, False, 16, 32, 4, 1, tma=True, partial_step=24)
     q, k, v = torch.randn(8, 1, 64), torch.randn(8, 1, 64), torch.randn(8, 1, 64)
     a = make_args(q, k, v, *_ranges([[0, 8]], [[0, 8]], [0]), None, 0.0, False)
     cfgs = (kern.make_config("stats", q.dtype, 64, False, STATS_CHUNK, STATS_STEP),

@@ -67,7 +67,6 @@ from magi_kernels.kernels.triton.flex_attn import (
     PLAN_ARGS,
     _plan_args,
     _scalars,
-    _slice_mask,
     _softmax_state_save,
     _softmax_state_start,
     _tanh,
@@ -230,17 +229,17 @@ def _quantized_q(q8_ptr, q_rows_ptr, h, m, q_tiles, BLOCK_M: tl.constexpr, HEAD_
 
 
 @triton.jit
-def _fp8_kv_sources(k8_ptr, v8t_ptr, k_scale_ptr, kh, padded, BOX_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _fp8_kv_sources(k8_ptr, v8t_ptr, k_scale_ptr, kh, padded, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                     TMA: tl.constexpr):
     """Where kv head kh's quantized K [padded, D], transposed V [D, padded] and key scales [padded] live: tensor
     descriptors with TMA (the buffers are padded to whole k tiles, so no box crosses a head), else pointers."""
     if TMA:
         k8_src = tl.make_tensor_descriptor(k8_ptr + kh * padded * HEAD_DIM, shape=[padded, HEAD_DIM],
-                                           strides=[HEAD_DIM, 1], block_shape=[BOX_N, HEAD_DIM])
+                                           strides=[HEAD_DIM, 1], block_shape=[BLOCK_N, HEAD_DIM])
         v8t_src = tl.make_tensor_descriptor(v8t_ptr + kh * HEAD_DIM * padded, shape=[HEAD_DIM, padded],
-                                            strides=[padded, 1], block_shape=[HEAD_DIM, BOX_N])
+                                            strides=[padded, 1], block_shape=[HEAD_DIM, BLOCK_N])
         sk_src = tl.make_tensor_descriptor(k_scale_ptr + kh * padded, shape=[1, padded], strides=[padded, 1],
-                                           block_shape=[1, BOX_N])
+                                           block_shape=[1, BLOCK_N])
     else:
         k8_src = k8_ptr + kh * padded * HEAD_DIM
         v8t_src = v8t_ptr + kh * HEAD_DIM * padded
@@ -266,11 +265,18 @@ def _fp8_load_tile(k8_src, v8t_src, sk_src, col0, padded, COLS: tl.constexpr, HE
 
 
 @triton.jit
-def _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, offs_m, slices_ptr, mask_slices_ptr, j0, j1,
-                  cap_out, COLS: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PV_FP16: tl.constexpr,
-                  EXACT_E4M3: tl.constexpr):
+def _row_bounds_mask(cols, lo, hi):
+    """[rows, cols] visibility lo[i] <= c < hi[i] (the plan's row bounds, empty rows lo = hi) as one unsigned
+    compare per key, (c - lo) <u (hi - lo): a subtract and a compare, no loop over slices."""
+    return (cols[None, :] - lo[:, None]).to(tl.uint32) < (hi - lo).to(tl.uint32)[:, None]
+
+
+@triton.jit
+def _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, lo, hi, cap_out, COLS: tl.constexpr,
+                  MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr):
     """One online-softmax step over keys [col0, col0 + COLS) in the log2 domain, with 448-scaled P (module
-    docstring)."""
+    docstring). MASKED: row i sees the keys in [lo[i], hi[i]) (a PARTIAL tile's row bounds); else lo and hi
+    are unused."""
     # score_mul [BLOCK_M] = sq_i * (scale * log2 e) without softcap, sq_i * (scale / c) with it; > 0. qm is
     # q . mean_k times the same factor. Without softcap qm is constant along the row, so the softmax runs on the
     # smoothed scores (m, P and l do not change under a per-row shift) and qm enters only the lse. There the
@@ -281,9 +287,7 @@ def _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, offs_m, s
     if SOFTCAP:
         s = _tanh(s * mul + qm[:, None]) * cap_out
     if MASKED:
-        cols = col0 + tl.arange(0, COLS)
-        vis = _slice_mask(slices_ptr, mask_slices_ptr, j0, j1, offs_m[:, None], cols[None, :])
-        s = tl.where(vis, s, float("-inf"))
+        s = tl.where(_row_bounds_mask(col0 + tl.arange(0, COLS), lo, hi), s, float("-inf"))
     if SOFTCAP:
         m_new = tl.maximum(m_i, tl.max(s, 1))
     else:
@@ -305,13 +309,13 @@ def _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, offs_m, s
 
 @triton.jit(do_not_specialize=["total_q", "groups", "q_heads", "k_tiles", "q_tiles", "head_base", "state_heads"])
 def _flex_attn_fp8_fwd_kernel(q_ptr, q8_ptr, q_rows_ptr, k8_ptr, v8t_ptr, k_scale_ptr, v_scale_ptr, k_mean_ptr,
-                              out_ptr, lse_ptr, q_order_ptr, q_start_ptr, q_nfull_ptr, q_kidx_ptr, q_pstart_ptr,
-                              p_mstart_ptr, mask_slices_ptr, slices_ptr, q_partial_ptr, q_slot_ptr, state_acc_ptr,
+                              out_ptr, lse_ptr, q_order_ptr, q_start_ptr, q_nfull_ptr, q_kidx_ptr, q_bstart_ptr,
+                              bound_kidx_ptr, bound_rows_ptr, q_partial_ptr, q_slot_ptr, state_acc_ptr,
                               state_m_ptr, state_l_ptr, stride_qt, stride_qh, stride_ot, stride_oh, q_heads, total_q,
                               k_tiles, q_tiles, groups, head_base, state_heads, qk_mul: tl.float32, cap_out: tl.float32,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                               SOFTCAP: tl.constexpr, PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr,
-                              PASS: tl.constexpr, PARTIAL_STEP: tl.constexpr):
+                              PASS: tl.constexpr):
     """One (q tile, q head) per program. PASS, as in the 16-bit forward (magi_kernels/kernels/triton/flex_attn.py):
 
     0: FULL then PARTIAL tiles in one program, pointer loads (sm_89).
@@ -319,8 +323,7 @@ def _flex_attn_fp8_fwd_kernel(q_ptr, q8_ptr, q_rows_ptr, k8_ptr, v8t_ptr, k_scal
        saves its raw softmax state (acc, m, l; fp32) in slot q_slot[m] of state_*; the others write out and lse.
     2: PARTIAL tiles of the q tiles in q_partial, by tensor descriptors, resuming from their slot's state (sm_90).
     PASS 0 and 1 take their q tile from the plan's heaviest-first launch order (q_order), PASS 2 from q_partial
-    (most PARTIAL entries first). PARTIAL tiles are walked PARTIAL_STEP keys at a time (a divisor of BLOCK_N): the
-    masked step holds more registers than the FULL one, and the sm_90 PARTIAL pass spills at 128 keys per step.
+    (most PARTIAL entries first). Every step, FULL or PARTIAL, covers a whole BLOCK_N-key tile.
     """
     TMA: tl.constexpr = PASS != 0
     if PASS == 2:
@@ -343,14 +346,10 @@ def _flex_attn_fp8_fwd_kernel(q_ptr, q8_ptr, q_rows_ptr, k8_ptr, v8t_ptr, k_scal
     else:
         # Both sm_90 passes read the Q codes and row factors _q_quantize_kernel wrote, so they agree bit for bit.
         q8, score_mul, qm = _quantized_q(q8_ptr, q_rows_ptr, h, m, q_tiles, BLOCK_M, HEAD_DIM, TMA)
-    # Descriptor boxes are as wide as one step: BLOCK_N keys in the FULL pass, PARTIAL_STEP in the PARTIAL one.
-    BOX_N: tl.constexpr = PARTIAL_STEP if PASS == 2 else BLOCK_N
-    k8_src, v8t_src, sk_src = _fp8_kv_sources(k8_ptr, v8t_ptr, k_scale_ptr, kh, padded, BOX_N, HEAD_DIM, TMA)
+    k8_src, v8t_src, sk_src = _fp8_kv_sources(k8_ptr, v8t_ptr, k_scale_ptr, kh, padded, BLOCK_N, HEAD_DIM, TMA)
 
     e0 = tl.load(q_start_ptr + m)
-    e1 = tl.load(q_start_ptr + m + 1)
-    e_mid = e0 + tl.load(q_nfull_ptr + m)  # [e0, e_mid) FULL, [e_mid, e1) PARTIAL
-    p0 = tl.load(q_pstart_ptr + m) - e_mid
+    e_mid = e0 + tl.load(q_nfull_ptr + m)  # FULL entries [e0, e_mid)
 
     acc, m_i, l_i = _softmax_state_start(state_acc_ptr, state_m_ptr, state_l_ptr, tl.program_id(0), state_heads,
                                          offs_d, BLOCK_M, HEAD_DIM, PASS == 2)
@@ -360,27 +359,26 @@ def _flex_attn_fp8_fwd_kernel(q_ptr, q8_ptr, q_rows_ptr, k8_ptr, v8t_ptr, k_scal
         for e in tl.range(e0, e_mid, warp_specialize=True):
             col0 = tl.load(q_kidx_ptr + e) * BLOCK_N
             k8, v8t, sk = _fp8_load_tile(k8_src, v8t_src, sk_src, col0, padded, BLOCK_N, HEAD_DIM, TMA)
-            acc, m_i, l_i = _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, offs_m, slices_ptr,
-                                          mask_slices_ptr, 0, 0, cap_out, BLOCK_N, False, SOFTCAP, PV_FP16,
-                                          EXACT_E4M3)
+            acc, m_i, l_i = _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, None, None,
+                                          cap_out, BLOCK_N, False, SOFTCAP, PV_FP16, EXACT_E4M3)
     elif PASS == 0:
         for e in range(e0, e_mid):
             col0 = tl.load(q_kidx_ptr + e) * BLOCK_N
             k8, v8t, sk = _fp8_load_tile(k8_src, v8t_src, sk_src, col0, padded, BLOCK_N, HEAD_DIM, TMA)
-            acc, m_i, l_i = _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, offs_m, slices_ptr,
-                                          mask_slices_ptr, 0, 0, cap_out, BLOCK_N, False, SOFTCAP, PV_FP16,
-                                          EXACT_E4M3)
+            acc, m_i, l_i = _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, None, None,
+                                          cap_out, BLOCK_N, False, SOFTCAP, PV_FP16, EXACT_E4M3)
     if PASS != 1:
-        for e in range(e_mid, e1):
-            n = tl.load(q_kidx_ptr + e)
-            j0 = tl.load(p_mstart_ptr + p0 + e)
-            j1 = tl.load(p_mstart_ptr + p0 + e + 1)
-            for part in tl.static_range(BLOCK_N // PARTIAL_STEP):
-                col0 = n * BLOCK_N + part * PARTIAL_STEP
-                k8, v8t, sk = _fp8_load_tile(k8_src, v8t_src, sk_src, col0, padded, PARTIAL_STEP, HEAD_DIM, TMA)
-                acc, m_i, l_i = _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, offs_m,
-                                              slices_ptr, mask_slices_ptr, j0, j1, cap_out, PARTIAL_STEP, True,
-                                              SOFTCAP, PV_FP16, EXACT_E4M3)
+        # PARTIAL tiles by the plan's row bounds (bound entries: a tile whose rows see several disjoint key
+        # intervals comes once per interval): two [BLOCK_M] vectors per entry and a loop-free mask.
+        offs_r = tl.arange(0, BLOCK_M)
+        for b in range(tl.load(q_bstart_ptr + m), tl.load(q_bstart_ptr + m + 1)):
+            n = tl.load(bound_kidx_ptr + b)
+            rows_b = bound_rows_ptr + b * (2 * BLOCK_M) + offs_r  # int32: the launcher checks the size
+            lo = tl.load(rows_b)
+            hi = tl.load(rows_b + BLOCK_M)
+            k8, v8t, sk = _fp8_load_tile(k8_src, v8t_src, sk_src, n * BLOCK_N, padded, BLOCK_N, HEAD_DIM, TMA)
+            acc, m_i, l_i = _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, n * BLOCK_N, lo, hi, cap_out,
+                                          BLOCK_N, True, SOFTCAP, PV_FP16, EXACT_E4M3)
 
     final = row_ok
     if PASS == 1:
@@ -422,8 +420,8 @@ TILES = {
     (89, 64, "fp16"): (128, 64, 8, 2), (89, 128, "fp16"): (128, 32, 8, 2),
 }
 TMA_ARCHS = (90,)
-# (arch, head_dim) -> (num_warps, num_stages, keys per masked step) of the PARTIAL pass
-PARTIAL_LAUNCH = {(90, 64): (8, 2, 64), (90, 128): (8, 2, 64)}
+# (arch, head_dim) -> (num_warps, num_stages) of the PARTIAL pass (whole 128-key tiles per step, 0 spills)
+PARTIAL_LAUNCH = {(90, 64): (8, 2), (90, 128): (8, 2)}
 STATS_BLOCK_T = 32  # tokens per load step of the statistics kernel
 _FP32_ARGS = ("lse_ptr", "k_scale_ptr", "v_scale_ptr", "k_mean_ptr", "k_sum_ptr", "v_amax_ptr", "state_acc_ptr",
               "state_m_ptr", "state_l_ptr")
@@ -440,13 +438,12 @@ def _pointer_dtypes(kind: str, dt: str, pv_precision: str) -> dict[str, str]:
 
 def make_config(kind: str, dtype: torch.dtype, head_dim: int, softcap: bool, block_m: int, block_n: int,
                 num_warps: int = 4, num_stages: int = 2, archs: tuple[int, ...] = ARCHS, exact_e4m3: bool = False,
-                pv_precision: str = "e4m3", tma: bool = False, partial_step: int | None = None) -> AotConfig:
+                pv_precision: str = "e4m3", tma: bool = False) -> AotConfig:
     """A config for one kernel (shipped ones from TILES; interpreter runs set exact_e4m3 and small tiles).
     For "stats", block_n is the token step (STATS_BLOCK_T) and block_m the chunk (STATS_CHUNK).
 
     ``tma`` selects the attention forward's two-pass shape: kind "fwd" is then its warp-specialized FULL pass
     (PASS 1) and kind "fwd_partial", which exists only in that shape, its PARTIAL pass (PASS 2).
-    ``partial_step``: keys per masked softmax step (a divisor of block_n; default block_n).
     """
     if tma and kind not in ("fwd", "fwd_partial"):
         raise ValueError(f"{OP}: tma=True is an attention forward option, got kind {kind!r}")
@@ -466,14 +463,9 @@ def make_config(kind: str, dtype: torch.dtype, head_dim: int, softcap: bool, blo
         consts = {"BLOCK_N": block_n, "HEAD_DIM": head_dim, "PV_FP16": pv16, "EXACT_E4M3": exact_e4m3}
         label = f"{arch} {dt} D={head_dim} BN={block_n} pv={pv_precision} w{num_warps}"
     if kind in ("fwd", "fwd_partial"):
-        step = partial_step or block_n
-        if block_n % step:
-            raise ValueError(f"{OP}: partial_step must divide block_n, got {step} and {block_n}")
-        consts.update(BLOCK_M=block_m, SOFTCAP=softcap, PASS=2 if kind == "fwd_partial" else 1 if tma else 0,
-                      PARTIAL_STEP=step)
+        consts.update(BLOCK_M=block_m, SOFTCAP=softcap, PASS=2 if kind == "fwd_partial" else 1 if tma else 0)
         label = (f"{arch} {dt} D={head_dim} BM={block_m} BN={block_n} pv={pv_precision} w{num_warps} s{num_stages}"
-                 + (f" step{step}" if step != block_n else "") + (" softcap" if softcap else "")
-                 + (" tma" if tma else "") + (" ws" if tma and kind == "fwd" else ""))
+                 + (" softcap" if softcap else "") + (" tma" if tma else "") + (" ws" if tma and kind == "fwd" else ""))
     # The aot check verifies the PV MMA's class; the int8 QK MMA (IMMA / IGMMA) is counted by the benchmark's
     # --sass report and tests/harness/test_sass_budgets_fp8_attn.py.
     mma = ("f16" if pv16 else "fp8") if kind in ("fwd", "fwd_partial") else None
@@ -492,11 +484,11 @@ def _forward_configs(dtype: torch.dtype, head_dim: int, softcap: bool, arch: int
             make_config("quant", dtype, head_dim, False, bm, bn, 4, 1, archs, exact_e4m3, pv_precision))
     if arch not in TMA_ARCHS:
         return cfgs + (make_config("fwd", dtype, head_dim, softcap, bm, bn, w, s, archs, exact_e4m3, pv_precision),)
-    pw, ps, step = PARTIAL_LAUNCH[(arch, head_dim)]
+    pw, ps = PARTIAL_LAUNCH[(arch, head_dim)]
     return cfgs + (make_config("quant_q", dtype, head_dim, False, bm, bn, 4, 1, archs),
                    make_config("fwd", dtype, head_dim, softcap, bm, bn, w, s, archs, exact_e4m3, pv_precision, True),
                    make_config("fwd_partial", dtype, head_dim, softcap, bm, bn, pw, ps, archs, exact_e4m3,
-                               pv_precision, True, step))
+                               pv_precision, True))
 
 
 def _shipped() -> dict:
@@ -651,7 +643,9 @@ def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, pv_precision: str = "e4m
     q = _aligned_input(a.q)
     o_buf = out if (out.is_contiguous() and out.data_ptr() % 16 == 0 and d % 16 == 0) else torch.empty_like(q)
     lse_buf = lse if (lse.is_contiguous() and lse.data_ptr() % 16 == 0) else torch.empty(tq, hq, device=q.device)
-    check_i32(OP, total_q=tq, q_stride=q.stride(0), o_stride=o_buf.stride(0))
+    plan_args = _plan_args(a, cf)
+    check_i32(OP, total_q=tq, q_stride=q.stride(0), o_stride=o_buf.stride(0),
+              bound_rows=plan_args["bound_rows_ptr"].numel())
     sc = _scalars(a)
     qk_mul = float(sc["cap_in"] if a.softcap > 0 else sc["qk_scale"])
     q_tiles = triton.cdiv(tq, bm)
@@ -665,7 +659,7 @@ def launch_fwd(a, out: torch.Tensor, lse: torch.Tensor, pv_precision: str = "e4m
     if len(passes) == 2 and dev.type == "cuda":
         ensure_descriptor_allocator()
     args = dict(q_ptr=q, q8_ptr=q8, q_rows_ptr=q_rows, k8_ptr=k8, v8t_ptr=v8t, k_scale_ptr=k_scale,
-                v_scale_ptr=v_scale, k_mean_ptr=mean_k, out_ptr=o_buf, lse_ptr=lse_buf, **_plan_args(a, cf), **state,
+                v_scale_ptr=v_scale, k_mean_ptr=mean_k, out_ptr=o_buf, lse_ptr=lse_buf, **plan_args, **state,
                 stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=o_buf.stride(0), stride_oh=o_buf.stride(1),
                 q_heads=hq, total_q=tq, k_tiles=k8.shape[1] // bn, q_tiles=q_tiles, groups=a.groups,
                 state_heads=heads, qk_mul=qk_mul, cap_out=float(sc["cap_out"]))
