@@ -41,6 +41,8 @@ BUDGETS = {
     "fp8_gemm[sm90 large 128x128x128 w4 s3 tma ws tensor div16 out=bf16]": (0.25, 2.12),
     "fp8_gemm[sm90 large 128x128x128 w4 s3 tma ws block div16 out=bf16]": (0.41, 3.45),
     "fp8_gemm[sm89 large 128x128x128 w8 s3 tensor div16 out=bf16]": (0.98, 1.17),
+    "fp8_gemm[sm90 large 128x128x128 w4 s3 tma ws tensor fast div16 out=bf16]": (0.12, 1.02),
+    "fp8_gemm[sm89 large 128x128x128 w8 s3 tensor fast div16 out=bf16]": (0.87, 1.04),
 }
 
 # Tiles in flight a loop must keep (sm_90 FULL pass: two K/V buffers fill the shared memory beside Q at
@@ -57,13 +59,17 @@ WARP_SPECIALIZED = ("flex_attn_fwd[sm90 bf16 D=128 BM=128 BN=128 w4 s2 tma ws]",
 # fp8_gemm's structure (docs/kernel_structure.md#fp8_gemm-promotion-warp-specialization-and-the-tutorial-ratio):
 # on sm_90 a warp-specialized consumer loop without CTA-wide barriers (tensor scales: no load at all, a producer
 # issues the TMA copies; block scales: TMA boxes), one 128-wide K step (4 QGMMA) per iteration; on sm_89 one
-# 128-wide K step too (64 QMMA).
+# 128-wide K step too (64 QMMA). The fast-accumulation loops (fast_accum=True, no promotion) have the same
+# structure; Triton 3.9's warp-specialized consumer waits for each wgmma group (wait 0) as tutorial 09's does.
 FP8_STRUCTURE = {
     "fp8_gemm[sm90 large 128x128x128 w4 s3 tma ws tensor div16 out=bf16]": {"ws": True, "CTA bars": 0, "loads": "-",
                                                                            "mma/iter": 4},
     "fp8_gemm[sm90 large 128x128x128 w4 s3 tma ws block div16 out=bf16]": {"ws": True, "CTA bars": 0, "loads": "TMA",
                                                                           "mma/iter": 4},
     "fp8_gemm[sm89 large 128x128x128 w8 s3 tensor div16 out=bf16]": {"mma/iter": 64},
+    "fp8_gemm[sm90 large 128x128x128 w4 s3 tma ws tensor fast div16 out=bf16]": {
+        "ws": True, "CTA bars": 0, "loads": "-", "mma/iter": 4, "wgmma wait": 0},
+    "fp8_gemm[sm89 large 128x128x128 w8 s3 tensor fast div16 out=bf16]": {"mma/iter": 64, "loads": "cp.async"},
 }
 # Loops that must not load through registers (a plain LDG in the loop is a load the pipeliner did not hide; the
 # FULL runs removed the plan-index LDG from these, the k-major runs from the dK/dV loop).

@@ -422,14 +422,22 @@ _AOT_GLU_VARIANTS = (
 )
 
 
+def _fast_accum(variant: tuple) -> tuple:
+    """The fast-accumulation form of a non-block variant (label "... fast"): PROMOTE=False."""
+    label, am, bm, *rest = variant
+    return (f"{label} fast", am, bm, *rest)
+
+
 def _register_aot() -> None:
     def reg(arch, bucket, cfg, label, am, bm, bias, act, gate, *, even_k=True, out="bf16"):
         tags = "div16" + ("" if even_k else " raggedK") + f" out={out}"
-        register_aot(make_config(cfg, am, bm, bias, act, gate, even_k=even_k, out=out, archs=(arch,),
-                                 label=f"sm{arch} {bucket} {cfg.label} {label} {tags}"))
+        register_aot(make_config(cfg, am, bm, bias, act, gate, promote=not label.endswith(" fast"), even_k=even_k,
+                                 out=out, archs=(arch,), label=f"sm{arch} {bucket} {cfg.label} {label} {tags}"))
 
     for (arch, bucket, glu, _), cfg in CONFIGS.items():
         variants = _AOT_GLU_VARIANTS if glu else _AOT_VARIANTS
+        # fast_accum=True takes per-tensor and per-row/column scales only.
+        variants += tuple(_fast_accum(v) for v in variants if v[1] != 2 and v[2] != 2)
         for v in variants:
             reg(arch, bucket, cfg, *v)
         # The row- and block-scaled variants with every epilogue on: the most live registers of each family.
