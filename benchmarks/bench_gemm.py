@@ -5,7 +5,9 @@
     python benchmarks/bench_gemm.py --shapes square --m 4096
 
 On a GPU each case is timed with triton.testing.do_bench (median ms): magi fp8_gemm (Triton) per scale recipe,
-torch bf16 matmul, and torch._scaled_mm (cuBLASLt, per-tensor and row-wise) where the installed torch has it.
+promoted and, for the tensor and row recipes, with fast_accum=True (column "fast_accum"), torch bf16 matmul, and
+torch._scaled_mm (cuBLASLt, per-tensor and row-wise; per-tensor also with use_fast_accum=True, MAGI-1's own
+GEMM) where the installed torch has it.
 On CPU only the torch reference path runs, at small M (--cpu-m), and every row is labelled device=cpu;
 nothing is extrapolated. Rows that could not run say so in "note" and carry no timing.
 TFLOPS = 2*M*N*K / t (SwiGLU cases count the full 2N-wide GEMM).
@@ -79,8 +81,8 @@ def run(case, device, timer, recipes, baselines):
     rows = []
     backend = "triton" if device == "cuda" else "torch"
 
-    def record(impl, fn, note=""):
-        row = dict(case, device=device, impl=impl, ms=None, tflops=None, note=note)
+    def record(impl, fn, note="", fast_accum=None):
+        row = dict(case, device=device, impl=impl, fast_accum=fast_accum, ms=None, tflops=None, note=note)
         if fn is not None:
             try:
                 ms = timer(fn)
@@ -94,8 +96,10 @@ def run(case, device, timer, recipes, baselines):
         xq, xs = fp8_quantize(x, ga)
         wq, ws = fp8_quantize(w, gw)
         ws = ws.view(-1) if name == "row" else ws
-        record(f"magi-fp8-{name}-{backend}",
-               lambda: fp8_gemm(xq, wq, xs, ws, epilogue=epi, out_dtype=torch.bfloat16, backend=backend))
+        for fast in (False, True) if name != "block" else (False,):  # block scales need the promoted loop
+            record(f"magi-fp8-{name}{'-fast' if fast else ''}-{backend}",
+                   lambda: fp8_gemm(xq, wq, xs, ws, epilogue=epi, out_dtype=torch.bfloat16, backend=backend,
+                                    fast_accum=fast), fast_accum=fast)
     if "bf16" in baselines:
         record("torch-bf16-matmul", lambda: x @ w.t())
     if "scaled_mm" in baselines:
@@ -105,11 +109,14 @@ def run(case, device, timer, recipes, baselines):
             xq, _ = fp8_quantize(x, "tensor")
             wq, _ = fp8_quantize(w, "tensor")
             one = torch.ones((), device=device)
-            record("torch._scaled_mm-tensor", lambda: torch._scaled_mm(xq, wq.t(), one, one, out_dtype=torch.bfloat16))
+            for fast in (False, True):
+                record(f"torch._scaled_mm-tensor{'-fast' if fast else ''}",
+                       lambda: torch._scaled_mm(xq, wq.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=fast),
+                       fast_accum=fast)
             xr, xs = fp8_quantize(x, "row")
             wr, ws = fp8_quantize(w, "row")
             record("torch._scaled_mm-row", lambda: torch._scaled_mm(xr, wr.t(), xs, ws.view(1, -1),
-                                                                    out_dtype=torch.bfloat16))
+                                                                    out_dtype=torch.bfloat16), fast_accum=False)
     return rows
 
 
@@ -135,14 +142,15 @@ def main(argv=None):
         if device == "cpu":
             c["m"] = a.cpu_m
             if c["n"] * c["k"] > a.cpu_max_nk:
-                rows.append(dict(c, device=device, impl="-", ms=None, tflops=None, note="skipped on CPU (size)"))
+                rows.append(dict(c, device=device, impl="-", fast_accum=None, ms=None, tflops=None,
+                                 note="skipped on CPU (size)"))
                 continue
-        rows.extend(run(c, device, timer, a.recipes, a.baselines))
-        for r in rows[-(len(a.recipes) + 3):]:
-            if r["suite"] == c["suite"] and r["layer"] == c["layer"] and r["m"] == c["m"]:
-                t = "-" if r["tflops"] is None else f"{r['tflops']:.4g} TFLOPS ({r['ms']:.3f} ms)"
-                print(f"[{device}] {r['suite']:10s} {r['layer']:12s} M={r['m']:6d} N={r['n']:6d} K={r['k']:6d} "
-                      f"{r['impl']:28s} {t} {r['note']}", flush=True)
+        case_rows = run(c, device, timer, a.recipes, a.baselines)
+        rows.extend(case_rows)
+        for r in case_rows:
+            t = "-" if r["tflops"] is None else f"{r['tflops']:.4g} TFLOPS ({r['ms']:.3f} ms)"
+            print(f"[{device}] {r['suite']:10s} {r['layer']:12s} M={r['m']:6d} N={r['n']:6d} K={r['k']:6d} "
+                  f"{r['impl']:28s} {t} {r['note']}", flush=True)
     if a.csv:
         with open(a.csv, "w", newline="") as f:
             wr = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -152,8 +160,8 @@ def main(argv=None):
         meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
                     gpu=gpu_description())
         out = dict(meta=meta, rows=rows)
-        # Planner calibration (GPU runs only): MAGI-1 layer shapes, our per-tensor fp8 path (best backend per
-        # shape) and the bf16 matmul baseline.
+        # Planner calibration (GPU runs only): MAGI-1 layer shapes, our per-tensor fp8 path (best of the promoted
+        # and fast-accumulation rows per shape: MAGI-1's layers run with fast_accum) and the bf16 matmul baseline.
         best_fp8: dict = {}
         for r in rows:
             if r["suite"].startswith("magi") and r["impl"].startswith("magi-fp8-tensor") and r["tflops"]:
