@@ -11,7 +11,7 @@ import torch
 import magi_kernels as mk
 from magi_kernels.modules import Fp8Linear, PerChannelQuantizedFp8Linear, PerTensorQuantizedFp8Linear
 from magi_kernels.ops.fp8_gemm import make_args
-from magi_kernels.reference.fp8 import apply_epilogue_ref, cdiv, emulate_limited_accumulation, fp8_gemm_ref
+from magi_kernels.reference.fp8 import apply_epilogue_ref, emulate_limited_accumulation, fp8_gemm_ref
 from magi_kernels.utils.checks import MagiArgumentError
 
 from ..conftest import poison_like
