@@ -190,6 +190,24 @@ def test_two_pass_forward_over_head_groups(monkeypatch, state_bytes):
     torch.testing.assert_close(lse.double(), lse64, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32)])
+def test_two_pass_forward_writes_only_its_rows_of_a_strided_output(tiles):
+    """The FULL pass stores out and the state as a view of the accumulator's register layout: every row and column
+    of a q tile lands where a plain [rows, D] store puts it, and nothing past the last row or outside the heads."""
+    # q tiles with PARTIAL entries, FULL-only ones, and a last one that sees nothing and ends past row 77.
+    qr, kr, ty = [[0, 32], [32, 64]], [[20, 52], [0, 64]], [1, 0]
+    q, k, v = _qkv(77, 64, 2, 1, 128, torch.float32)
+    a = make_args(q, k, v, *_ranges(qr, kr, ty), None, 0.0, False)
+    # out is a window of a bigger buffer: token stride (3 heads) * 128, a spare head and 16 spare rows after it.
+    big = torch.full((77 + 16, 3, 128), 7.0)
+    out, lse = big[:77, :2], torch.full((77, 2), float("nan"))
+    kern.launch_fwd(a, out, lse, _fwd_configs(torch.float32, 128, False, *tiles, True))
+    assert (big[77:] == 7.0).all() and (big[:, 2] == 7.0).all()
+    o64, lse64, _ = _ref(q, k, v, dense_mask(qr, kr, ty, 77, 64), a.softmax_scale, 0.0, torch.randn_like(q))
+    torch.testing.assert_close(out.double(), o64, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), lse64, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("tma", [False, True], ids=["one_pass", "tma_two_pass"])
 @pytest.mark.parametrize("softcap", [0.0, 2.0])
 def test_forward_with_negative_and_zero_scale(tma, softcap):

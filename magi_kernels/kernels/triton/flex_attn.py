@@ -219,6 +219,32 @@ def _softmax_state_start(state_acc_ptr, state_m_ptr, state_l_ptr, slot, state_he
 
 
 @triton.jit
+def _store_rows(ptr, row_stride, n_rows, x, WIDTH: tl.constexpr):
+    """Store the first n_rows rows of x [R, WIDTH] (an MMA accumulator) at ptr + r * row_stride + c.
+
+    A plain [R, WIDTH] store makes Triton move the accumulator into a row-coalesced layout through shared memory: a
+    tile of scratch per consumer warpgroup, which kept the sm_90 FULL pass at two K/V buffers. Here the tile goes
+    out as a 5-D view whose dimensions follow the bits of the Hopper accumulator layout, row r = 16 r54 + 8 r3 + r210
+    and column c = 8 chi + 2 c21 + c0 (a warp owns 16 rows; its lanes hold rows r210 and column pairs c21, each
+    thread a column pair c0 for both r3): [(r3, chi), r54, r210, c21, c0]. The coalesced layout Triton picks for
+    that view fills the contiguous c0 pair first (the vector), then lanes over c21 and r210 and warps over r54,
+    which is the accumulator's own, so the conversion moves no data. r54 stays in dimension 0 or 1 throughout:
+    the warp-specialization pass splits the rows over the consumer warpgroups and accepts no other dimension.
+    """
+    R: tl.constexpr = x.shape[0]
+    tl.static_assert(R % 16 == 0 and WIDTH % 8 == 0)
+    xv = tl.reshape(x, [R // 16, 2, 8, WIDTH // 8, 4, 2])  # [r54, r3, r210, chi, c21, c0]
+    xv = tl.reshape(tl.permute(xv, [0, 1, 3, 2, 4, 5]), [R // 16, WIDTH // 4, 8, 4, 2])  # [r54, (r3, chi), ...]
+    xv = tl.permute(xv, [1, 0, 2, 3, 4])  # [(r3, chi), r54, r210, c21, c0]
+    hi = tl.arange(0, WIDTH // 4)
+    rows = (((hi // (WIDTH // 8)) * 8)[:, None, None, None, None]
+            + (tl.arange(0, R // 16) * 16)[None, :, None, None, None] + tl.arange(0, 8)[None, None, :, None, None])
+    cols = (((hi % (WIDTH // 8)) * 8)[:, None, None, None, None] + (tl.arange(0, 4) * 2)[None, None, None, :, None]
+            + tl.arange(0, 2)[None, None, None, None, :])
+    tl.store(ptr + rows.to(tl.int64) * row_stride + cols, xv, mask=rows < n_rows)
+
+
+@triton.jit
 def _softmax_state_save(state_acc_ptr, state_m_ptr, state_l_ptr, q_slot_ptr, m, state_heads, acc, m_i, l_i, offs_d,
                         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Save the FULL pass's raw (acc, m, l) if q tile m has a slot (PARTIAL entries follow); returns that row mask.
@@ -231,7 +257,9 @@ def _softmax_state_save(state_acc_ptr, state_m_ptr, state_l_ptr, q_slot_ptr, m, 
     to_state = (tl.zeros([BLOCK_M], tl.int32) + slot) >= 0
     tl.store(state_m_ptr + srow, m_i, mask=to_state)
     tl.store(state_l_ptr + srow, l_i, mask=to_state)
-    tl.store(state_acc_ptr + srow[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=to_state[:, None])
+    # The slot's rows are state_heads * HEAD_DIM apart; none is written without a slot.
+    slot_base = ((tl.maximum(slot, 0) * BLOCK_M).to(tl.int64) * state_heads + tl.program_id(1)) * HEAD_DIM
+    _store_rows(state_acc_ptr + slot_base, state_heads * HEAD_DIM, tl.where(slot >= 0, BLOCK_M, 0), acc, HEAD_DIM)
     return to_state
 
 
@@ -326,8 +354,14 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # log2 -> natural log
-    tl.store(out_ptr + rows64[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=final[:, None])
+    if PASS == 1:
+        # Rows past the end, and every row of a q tile the PARTIAL pass finishes, are not written.
+        n_out = tl.where(tl.load(q_slot_ptr + m) >= 0, 0, total_q - m * BLOCK_M)
+        _store_rows(out_ptr + h * stride_oh + (m * BLOCK_M).to(tl.int64) * stride_ot, stride_ot, n_out,
+                    out.to(out_ptr.dtype.element_ty), HEAD_DIM)
+    else:  # (the shared-memory scratch of a plain store overlaps the dead pipeline buffers of these passes)
+        tl.store(out_ptr + rows64[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=final[:, None])
     tl.store(lse_ptr + rows64 * q_heads + h, lse, mask=final)
 
 
@@ -586,9 +620,10 @@ ARCHS = (80, 89, 90)
 # and BLOCK_N the key tile (for dK/dV the program owns BLOCK_N keys and walks q tiles of BLOCK_M rows).
 # Chosen so that every config compiles with 0 spills (aot_check), the largest tiles that do:
 # * fwd sm_90 (TMA_ARCHS): the FULL pass is warp-specialized, 4 warps given; the compiler adds a producer warp and
-#   splits the 128 rows over two consumer warpgroups of 64 (the wgmma M atom). d128 keeps 2 K/V buffers: a third
-#   does not fit in 227 KB of shared memory beside Q. The PARTIAL pass (fwd_partial) must use the same tiles (both
-#   passes read one plan) and takes 8 warps: it holds the scores and the accumulator in registers at once.
+#   splits the 128 rows over two consumer warpgroups of 64 (the wgmma M atom). d128 holds 3 K/V buffers beside Q
+#   (224 KB of the 227 KB) since its epilogue stores need no shared-memory scratch (_store_rows). The PARTIAL pass
+#   (fwd_partial) must use the same tiles (both passes read one plan) and takes 8 warps: it holds the scores and the
+#   accumulator in registers at once.
 #   sm_80 d128 needs BN=32 to stay spill-free at 3 stages; sm_89 (101 KB smem) runs 2 stages, and 8 warps at d64
 #   too (4 spill a register).
 # * bwd dQ holds q, dO and the dq accumulator for the whole walk: d128 takes 32-key steps.
@@ -597,7 +632,7 @@ ARCHS = (80, 89, 90)
 #   in use (3 buffers on sm_90); sm_89 d128 stays at 2 stages: a third 64x128 Q/dO stage needs 107.5 KB of shared
 #   memory, over its 99 KB.
 TILES = {
-    ("fwd", 90, 64): (128, 128, 4, 3), ("fwd", 90, 128): (128, 128, 4, 2),
+    ("fwd", 90, 64): (128, 128, 4, 3), ("fwd", 90, 128): (128, 128, 4, 3),
     ("fwd_partial", 90, 64): (128, 128, 8, 3), ("fwd_partial", 90, 128): (128, 128, 8, 2),
     ("fwd", 80, 64): (128, 64, 4, 3), ("fwd", 80, 128): (128, 32, 8, 3),
     ("fwd", 89, 64): (128, 64, 8, 2), ("fwd", 89, 128): (128, 64, 8, 2),
