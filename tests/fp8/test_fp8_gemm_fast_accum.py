@@ -76,6 +76,26 @@ def test_fast_accum_matches_float64(path, m, n, k, modes, epilogue, promote_flag
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 if epilogue else 0)
 
 
+@pytest.mark.parametrize("capability", [(9, 0), (8, 9)], ids=["sm90", "sm89"])
+def test_shipped_tiles_run_fast_accum_in_the_interpreter(capability, promote_flags):
+    """The shipped 128x128x128 configs themselves (sm_90: persistent, warp-specialized, TMA; sm_89: pointer
+    tiles), the kernel bodies the AOT check compiles with PROMOTE=False, on a shape with ragged M, N and K."""
+    need("fp8_gemm", "triton")
+    from magi_kernels.kernels.triton import fp8_gemm as kern
+
+    cfg = kern.pick_config(capability, 200, False, True)
+    assert cfg.block_k == 128 and cfg.use_tma == (capability == (9, 0))
+    m, n, k = 200, 300, 400
+    a, b = e4m3_exact(m, k, lo=0, hi=2).to(E4M3), e4m3_exact(n, k, lo=0, hi=2).to(E4M3)
+    sa, sb = _scales("row", "col", m, n)
+    args = make_args(a, b, sa, sb, None, None, None, torch.float32, fast_accum=True)
+    out = poison_like(torch.empty(m, n))
+    kern.launch(args, out, config=cfg)
+    assert promote_flags == [False]
+    ref = fp8_gemm_ref(a, b, sa, sb, "row", "col", out_dtype=torch.float64, compute_dtype=torch.float64)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=0)
+
+
 def test_public_op_routes_fast_accum_to_every_backend(promote_flags):
     """fp8_gemm(fast_accum=True) reaches the Triton kernel as PROMOTE=False; the scaled_mm (oneDNN here) and torch
     backends compute the same exact fp32 result, bf16 output."""
