@@ -52,8 +52,11 @@ def define_op(name: str, call_cls: type, *, returns: Any, impl: Callable, fake: 
     """
     call_cls.op_fields = field_names(call_cls)
     hints = typing.get_type_hints(call_cls)
-    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[n])
-              for n in call_cls.op_fields]
+    # Defaults go into the schema too, so a caller of the raw op (torch.ops.magi_kernels.<name>, opcheck) may
+    # leave trailing options out exactly as with the Python wrapper.
+    params = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[f.name],
+                                default=inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default)
+              for f in dataclasses.fields(call_cls)]
 
     def run(*args):
         return impl(call_cls(*args))
