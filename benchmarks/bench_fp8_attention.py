@@ -10,7 +10,9 @@ velocity error. Both PV precisions are reported: "fp8" (int8 QK, e4m3 P/V, the d
 (``pv_precision="fp16"``). Metrics against float64 attention: cosine similarity and relative L2 of the output,
 with the targets (cosine >= 0.999, rel L2 <= 3%); the bf16 and fp32 paths' numbers are printed alongside. The
 error budget line of each case reruns the emulation with a single operand rounded (``exact=`` everything
-else), so each term is that quantization's error alone. On a CPU the quantized numbers come from the torch
+else), so each term is that quantization's error alone; the line after it is the emulation with one K scale per
+k tile instead of per key (``k_scale="block"``, the alternative docs/fp8_attention.md weighs). On a CPU the
+quantized numbers come from the torch
 emulation (magi_kernels/reference/flex_attn_fp8.py), which the test suite checks equals the Triton kernels run
 in the interpreter; timings are taken only on a CUDA device (otherwise none are printed).
 
@@ -199,6 +201,15 @@ def _compare(name: str, q, k, v, qr, kr, ty=None) -> dict:
     res["budget"] = budget
     print(f"{'':34s} error budget (rel L2, one quantization alone, vs float64 on the bf16 inputs): "
           + ", ".join(f"{t} {e * 100:.2f}%" for t, e in budget.items()), flush=True)
+    # The alternative K granularity (one scale per k tile, folded into the row factor), output rounded to the
+    # input dtype like the op's, against the same float64 reference as the shipped rows above.
+    res["k_block"] = {pv: _metrics(flex_attn_fp8_ref(*bf, qr, kr, ty, block_m=TORCH_TILE[0], block_n=TORCH_TILE[1],
+                                                     pv_precision=pv, k_scale="block")[0].to(torch.bfloat16),
+                                   o64.cpu())
+                      for pv in ("e4m3", "fp16")}
+    print(f"{'':34s} per-k-tile K scale (not shipped): "
+          + "  ".join(f"{lbl}: cos {c:.6f} relL2 {e * 100:6.3f}%"
+                      for lbl, (c, e) in zip(("fp8", "fp8/pv16"), res["k_block"].values())), flush=True)
     return res
 
 

@@ -51,6 +51,7 @@ LOG2_QMAX = math.log2(E4M3_MAX)
 INT8_MAX = 127.0
 PV_PRECISIONS = ("e4m3", "fp16")
 OPERANDS = ("q", "k", "p", "v")
+K_SCALES = ("key", "block")
 
 
 def e4m3_round(x: torch.Tensor) -> torch.Tensor:
@@ -119,12 +120,18 @@ def _steps(entries, vis: torch.Tensor, block_n: int):
 
 def flex_attn_fp8_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges, k_ranges, attn_type_map=None, *,
                       softmax_scale: float | None = None, softcap: float = 0.0, block_m: int = 128,
-                      block_n: int = 128, pv_precision: str = "e4m3",
-                      exact: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [Tq, Hq, D] fp32, lse [Tq, Hq] fp32) by the definition above, for the kernel's tile shape."""
+                      block_n: int = 128, pv_precision: str = "e4m3", exact: tuple[str, ...] = (),
+                      k_scale: str = "key") -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [Tq, Hq, D] fp32, lse [Tq, Hq] fp32) by the definition above, for the kernel's tile shape.
+
+    ``k_scale="block"`` evaluates the alternative K granularity docs/fp8_attention.md weighs against the shipped
+    per-key one: one scale per (k tile, kv head), ``skb = max_j sk_j`` over the tile, folded into the row's
+    factor (``s = (q8 . k8_j) * (sq_i * mul * skb)``)."""
     from magi_kernels.plan.planner import plan_attention
 
     check_quantization_args("flex_attn_fp8_ref", pv_precision, exact)
+    if k_scale not in K_SCALES:
+        raise ValueError(f"flex_attn_fp8_ref: k_scale must be one of {K_SCALES}, got {k_scale!r}")
     tq, hq, d = q.shape
     tk, hk, _ = k.shape
     groups = hq // hk
@@ -146,8 +153,13 @@ def flex_attn_fp8_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_range
                           total_k=tk, block_m=block_m, block_n=block_n)
     mean_k, sv = kv_statistics(k, v)
     nt = -(-tk // block_n)
-    k8, sk = row_quantize_int8((k.float() - mean_k).transpose(0, 1), "k" in exact)  # [Hk, Tk, D], [Hk, Tk, 1]
-    k8, sk = _pad_rows(k8, nt * block_n), _pad_rows(sk, nt * block_n)[..., 0]  # padded keys: code 0
+    kc = _pad_rows((k.float() - mean_k).transpose(0, 1), nt * block_n)  # [Hk, Nt*bn, D]; padded keys: code 0
+    k8, sk = row_quantize_int8(kc, "k" in exact)
+    sk = sk[..., 0]  # [Hk, Nt*bn]
+    if k_scale == "block":
+        sk = sk.view(hk, nt, block_n).amax(-1)  # [Hk, Nt]
+        y = kc / sk.repeat_interleave(block_n, 1)[..., None]
+        k8 = y if "k" in exact else int8_round(y)
     v8 = _pad_rows(pv(v.float() / sv, "v").transpose(0, 1), nt * block_n)  # [Hk, Nt*bn, D]
     kv_head = torch.arange(hq) // groups
     mean_q = mean_k[kv_head][:, None, :]  # [Hq, 1, D]
@@ -163,15 +175,19 @@ def flex_attn_fp8_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_range
         acc = torch.zeros(*qm.shape, d)
         for k_tile, tile_vis in _steps(plan.q_tile_entries(m), vis, block_n):
             keys = slice(k_tile * block_n, (k_tile + 1) * block_n)
-            kt, skt, vt = k8[kv_head, keys], sk[kv_head, keys], v8[kv_head, keys]
-            s = (q8 @ kt.transpose(1, 2)) * skt[:, None, :]  # exact integer dot, then the key's scale
+            kt, vt = k8[kv_head, keys], v8[kv_head, keys]
+            s = q8 @ kt.transpose(1, 2)  # exact integer dot
+            if k_scale == "key":
+                s, row_mul = s * sk[kv_head, keys][:, None, :], score_mul  # then the key's scale
+            else:
+                row_mul = score_mul * sk[kv_head, k_tile][:, None, None]  # the tile's scale joins the row's
             if softcap > 0:
-                s = torch.tanh(s * score_mul + qm[..., None]) * cap_out
+                s = torch.tanh(s * row_mul + qm[..., None]) * cap_out
             s = s.masked_fill(~tile_vis, float("-inf"))
-            tile_max = s.amax(-1) if softcap > 0 else s.amax(-1) * score_mul[..., 0]  # score_mul > 0
+            tile_max = s.amax(-1) if softcap > 0 else s.amax(-1) * row_mul[..., 0]  # row_mul > 0
             m_new = torch.maximum(m_i, tile_max)
             m_use = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
-            s2 = s if softcap > 0 else s * score_mul
+            s2 = s if softcap > 0 else s * row_mul
             p = torch.exp2(s2 - (m_use - LOG2_QMAX)[..., None])
             alpha = torch.exp2(m_i - m_use)
             l_i = l_i * alpha + p.sum(-1)

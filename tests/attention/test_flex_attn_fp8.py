@@ -20,8 +20,8 @@ from magi_kernels.kernels.triton import flex_attn as kern16
 from magi_kernels.kernels.triton import flex_attn_fp8 as kern
 from magi_kernels.kernels.triton.aot import registered_configs
 from magi_kernels.ops.flex_attn import make_args
-from magi_kernels.reference.flex_attn import flex_attn_ref
 from magi_kernels.reference import flex_attn_fp8 as emulation
+from magi_kernels.reference.flex_attn import flex_attn_ref
 from magi_kernels.reference.flex_attn_fp8 import (
     PV_PRECISIONS,
     flex_attn_fp8_ref,
@@ -211,6 +211,32 @@ def test_statistics_kernel_matches_reference():
     assert torch.equal(scale, want_scale) and float(scale[1, 5]) == float(torch.tensor(40.0) / 448.0)
 
 
+@pytest.mark.parametrize("pv", PV_PRECISIONS)
+def test_quantized_kv_layout(pv):
+    """K, its scales and V^T as the quantize kernel writes them (64-key tiles, a ragged last one): K codes in key
+    order; each tile's key scales grouped by the score columns one thread holds (key 8i + 2c + b at slot
+    16c + 2i + b); e4m3 V^T with every 32 keys in the order the step hands P to the MMA (key bits j4 j3 j2 j1 j0
+    at column j4 j2 j1 j3 j0), fp16 V^T in key order; padding keys zero (scale: the floor)."""
+    tk, hk, d, bn, padded = 70, 2, 64, 64, 128
+    k, v = torch.randn(tk, hk, d) + 2.0, torch.randn(tk, hk, d)
+    a = make_args(torch.randn(4, hk, d), k, v, *_ranges([[0, 4]], [[0, tk]], [0]), None, 0.0, False)
+    mean, sv = kv_statistics(k, v)
+    cfg = kern.make_config("quant", k.dtype, d, False, 16, bn, 4, 1, exact_e4m3=True, pv_precision=pv)
+    k8, v8t, k_scale = kern.quantize_kv(a, cfg, mean, sv)
+
+    def pad(x):
+        return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, padded - tk))  # [padded keys, hk, ...]
+
+    want_k8, want_sk = emulation.row_quantize_int8(pad(k - mean))
+    assert torch.equal(k8.view(torch.int8).float(), want_k8.transpose(0, 1))
+    by_slot = want_sk[..., 0].view(padded // bn, bn // 8, 4, 2, hk).permute(0, 2, 1, 3, 4).reshape(padded, hk)
+    torch.testing.assert_close(k_scale, by_slot.T, rtol=0, atol=0)
+    want_v = pad(emulation.pv_round(v / sv, pv))
+    if pv == "e4m3":
+        want_v = want_v.view(padded // 32, 2, 2, 2, 2, 2, hk, d).permute(0, 1, 3, 4, 2, 5, 6, 7).reshape(padded, hk, d)
+    assert torch.equal(v8t.float(), want_v.permute(1, 2, 0))
+
+
 def test_int8_qk_keeps_outlier_scores_close():
     """Per-token int8 Q/K on outlier-dominated scores: the emulation with only Q and K rounded stays within
     3% of float64 (measured 1.4-2.1%), where e4m3 Q/K blocks were off by ~20% (docs/fp8_attention.md)."""
@@ -255,6 +281,8 @@ def test_op_backends_agree_and_reject_bad_input():
         flex_attn_fp8_func(q, k, v, *rng, pv_precision="bf16")
     with pytest.raises(ValueError, match="exact"):
         flex_attn_fp8_ref(q, k, v, *rng, exact=("s",))
+    with pytest.raises(ValueError, match="k_scale must be one of"):
+        flex_attn_fp8_ref(q, k, v, *rng, k_scale="channel")
     with pytest.raises(ValueError, match="forward only"):
         flex_attn_fp8_func(q.float().requires_grad_(), k.float(), v.float(), *rng)
     with pytest.raises(registry.BackendUnavailable, match="head_dim"):

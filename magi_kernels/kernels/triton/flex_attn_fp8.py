@@ -27,6 +27,17 @@ Design (docs/fp8_attention.md explains the accuracy side and the measurements be
   amplify. The int8 dot is exact in the int32 accumulator; ``(dot * sk_j) * (sq_i * mul)`` is its scale.
   Per score this costs one I2F (int32 to fp32; the price of int8) and one FMUL (the per-key scale; a per-block
   K scale would fold into the row's FFMA but measured worse on outlier channels): docs/fp8_attention.md.
+* e4m3 P goes into the PV MMA from registers without a lane exchange. The scores come out of the QK MMA with
+  each thread holding, per 32 keys, the column pairs {2c, 2c+1} of the four 8-key blocks (c = lane % 4); the
+  8-bit A operand wants each thread to hold the runs {4c..4c+3} and {16+4c..16+4c+3}. Both sets are 8 keys
+  per thread per 32, differing by a fixed permutation of the key's bits, so the step permutes P's columns
+  logically (``_pv_key_order``: reshape, permute, reshape, which Triton's linear layouts turn into register
+  renaming only) and the quantize kernel stores V^T with its keys in the same order (``_pv_key_slot``). What
+  remains of the relayout is the byte packing of the converted P. (16-bit P already has the operand's layout.)
+* The key scales multiply those score columns: thread c needs keys {8i + 2c, 8i + 2c + 1} of every 8-key block
+  i. The quantize kernel stores each tile's scales grouped by c (``_key_scale_slot``), so a thread's scales
+  are contiguous and load as wide vectors (sm_90 D=128: 8 shared-memory loads per tile instead of 16);
+  ``_key_scales_in_key_order`` undoes the grouping logically.
 * Smoothing subtracts the same vector from every key, so ``q . k_j`` changes by ``q . mean_k``, the same
   for all keys of a row: softmax is unchanged, so the loop runs on the smoothed scores. The kernel adds
   ``q . mean_k`` (fp32, from the unquantized q) back once per row into the lse (and, under softcap, into
@@ -55,7 +66,11 @@ import triton
 import triton.language as tl
 
 from magi_kernels.kernels.triton import triton_interpreting
-from magi_kernels.kernels.triton._io import check_i32, dummy, ensure_descriptor_allocator
+from magi_kernels.kernels.triton._io import (
+    check_i32,
+    dummy,
+    ensure_descriptor_allocator,
+)
 from magi_kernels.kernels.triton.aot import (
     AotConfig,
     KernelLaunch,
@@ -99,6 +114,37 @@ def _to_pv(x, PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr):
 
 
 @triton.jit
+def _pv_key_slot(j):
+    """Column of the stored V^T that holds key j (e4m3 PV): within each aligned group of 32 keys, key bits
+    (j4 j3 j2 j1 j0) go to column bits (j4 j2 j1 j3 j0), the order in which ``_pv_key_order`` hands P to the
+    MMA (module docstring)."""
+    return (j & -32) | (j & 17) | ((j & 6) << 1) | ((j >> 2) & 2)
+
+
+@triton.jit
+def _pv_key_order(p, COLS: tl.constexpr):
+    """P [rows, COLS] with its columns in the stored V^T's key order: column (j4 j2 j1 j3 j0) of the result is key
+    (j4 j3 j2 j1 j0) of p, per group of 32 keys (``_pv_key_slot``; module docstring)."""
+    rows: tl.constexpr = p.shape[0]
+    bits = tl.reshape(p, [rows, COLS // 32, 2, 2, 2, 2, 2])  # [rows, group, j4, j3, j2, j1, j0]
+    return tl.reshape(tl.permute(bits, [0, 1, 2, 4, 5, 3, 6]), [rows, COLS])
+
+
+@triton.jit
+def _key_scale_slot(j, BLOCK_N: tl.constexpr):
+    """Where key j's scale is stored: within its tile, key 8i + 2c + b at slot c * BLOCK_N / 4 + 2i + b (the
+    scales one thread multiplies its score columns by, contiguous; module docstring)."""
+    t = j % BLOCK_N
+    return (j - t) + ((t // 2) % 4) * (BLOCK_N // 4) + (t // 8) * 2 + t % 2
+
+
+@triton.jit
+def _key_scales_in_key_order(stored, COLS: tl.constexpr):
+    """A tile's key scales [COLS] as stored (``_key_scale_slot``), in key order."""
+    return tl.reshape(tl.permute(tl.reshape(stored, [4, COLS // 8, 2]), [1, 0, 2]), [COLS])
+
+
+@triton.jit
 def _quantize_rows_int8(x):
     """Per row of the 2-D block: (int8 codes of x / s, s [rows]), s = max(amax|row|, floor) / 127, ties away
     from zero (the conversion truncates, so +-0.5 first)."""
@@ -136,6 +182,7 @@ def _kv_statistics_kernel(k_ptr, v_ptr, k_sum_ptr, v_amax_ptr, stride_kt, stride
 def _kv_quantize_kernel(k_ptr, v_ptr, k_mean_ptr, v_scale_ptr, k8_ptr, v8t_ptr, k_scale_ptr, stride_kt, stride_kh,
                         stride_vt, stride_vh, total_k, k_tiles, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                         PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr):
+    PV_KEY_ORDER: tl.constexpr = not PV_FP16 and BLOCK_N % 32 == 0
     n = tl.program_id(0)
     kh = tl.program_id(1)
     cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,12 +195,15 @@ def _kv_quantize_kernel(k_ptr, v_ptr, k_mean_ptr, v_scale_ptr, k8_ptr, v8t_ptr, 
     kc = tl.where(col_ok, k.to(tl.float32) - mean[None, :], 0.0)  # padding keys: code 0
     k8, sk = _quantize_rows_int8(kc)
     tl.store(k8_ptr + (kh * padded + cols64)[:, None] * HEAD_DIM + offs_d[None, :], k8.to(tl.uint8, bitcast=True))
-    tl.store(k_scale_ptr + kh * padded + cols64, sk)
+    tl.store(k_scale_ptr + kh * padded + _key_scale_slot(cols, BLOCK_N), sk)
 
     v = tl.load(v_ptr + cols64[:, None] * stride_vt + kh * stride_vh + offs_d[None, :], mask=col_ok, other=0.0)
     sv = tl.load(v_scale_ptr + kh * HEAD_DIM + offs_d)
     y = tl.minimum(tl.maximum(tl.math.div_rn(v.to(tl.float32), sv[None, :]), -_QMAX), _QMAX)
-    # Transposed store: [Hk, D, padded], keys contiguous (the PV MMA's reduction axis).
+    # Transposed store: [Hk, D, padded], keys contiguous (the PV MMA's reduction axis); e4m3 in the P operand's
+    # key order (whole groups of 32 keys: PV_KEY_ORDER).
+    if PV_KEY_ORDER:
+        cols64 = _pv_key_slot(cols).to(tl.int64)
     tl.store(v8t_ptr + (kh * HEAD_DIM + offs_d.to(tl.int64))[None, :] * padded + cols64[:, None],
              _to_pv(y, PV_FP16, EXACT_E4M3))
 
@@ -261,7 +311,7 @@ def _fp8_load_tile(k8_src, v8t_src, sk_src, col0, padded, COLS: tl.constexpr, HE
         k8 = tl.load(k8_src + cols[:, None] * HEAD_DIM + offs_d[None, :])
         v8t = tl.load(v8t_src + offs_d[:, None] * padded + cols[None, :])
         sk = tl.load(sk_src + cols)
-    return k8.to(tl.int8, bitcast=True), v8t, sk
+    return k8.to(tl.int8, bitcast=True), v8t, _key_scales_in_key_order(sk, COLS)
 
 
 @triton.jit
@@ -303,7 +353,10 @@ def _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, lo, hi, c
         p = tl.exp2(s * mul - (m_use - _LOG2_QMAX)[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(_to_pv(p, PV_FP16, EXACT_E4M3), tl.trans(v8t))
+    p_op = _to_pv(p, PV_FP16, EXACT_E4M3)
+    if not PV_FP16 and COLS % 32 == 0:  # V^T holds its keys in this order (_kv_quantize_kernel)
+        p_op = _pv_key_order(p_op, COLS)
+    acc = acc * alpha[:, None] + tl.dot(p_op, tl.trans(v8t))
     return acc, m_new, l_i
 
 
