@@ -270,9 +270,10 @@ def test_op_backends_agree_and_reject_bad_input():
     ot, lt = flex_attn_fp8_func(q, k, v, *rng, backend="torch")
     oi, li = flex_attn_fp8_func(q, k, v, *rng, backend="triton")
     assert ot.dtype == oi.dtype == torch.bfloat16 and lt.dtype == li.dtype == torch.float32
-    # Different tiles (torch path 128x128, interpreter 128x64 for sm_89): fp8-level agreement, not exact.
-    assert _cos(oi.float(), ot.double()) > 0.999
-    torch.testing.assert_close(li, lt, atol=0.02, rtol=0.0)
+    # The interpreter runs sm_89's tiles, 128x128 like the torch path: the same quantization, so agreement to fp32
+    # rounding and one bf16 ulp.
+    torch.testing.assert_close(oi.float(), ot.float(), atol=2e-3, rtol=2.0**-7)
+    torch.testing.assert_close(li, lt, atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="softcap"):
         flex_attn_fp8_func(q, k, v, *rng, softcap=-1.0)
     with pytest.raises(ValueError, match="softmax_scale"):

@@ -468,9 +468,9 @@ ARCHS = (89, 90)  # int8 QK: IMMA (sm_89) / IGMMA (sm_90); e4m3 PV: QMMA / QGMMA
 # consumer warpgroups), PARTIAL_LAUNCH the PARTIAL pass's warps and stages at the same tiles (both read one plan).
 TILES = {
     (90, 64, "e4m3"): (128, 128, 4, 3), (90, 128, "e4m3"): (128, 128, 4, 2),
-    (89, 64, "e4m3"): (128, 64, 8, 2), (89, 128, "e4m3"): (128, 32, 8, 2),
+    (89, 64, "e4m3"): (128, 128, 8, 2), (89, 128, "e4m3"): (128, 128, 8, 2),
     (90, 64, "fp16"): (128, 128, 4, 3), (90, 128, "fp16"): (128, 128, 4, 2),
-    (89, 64, "fp16"): (128, 64, 8, 2), (89, 128, "fp16"): (128, 32, 8, 2),
+    (89, 64, "fp16"): (128, 128, 8, 2), (89, 128, "fp16"): (128, 64, 8, 2),
 }
 TMA_ARCHS = (90,)
 # (arch, head_dim) -> (num_warps, num_stages) of the PARTIAL pass (whole 128-key tiles per step, 0 spills)
