@@ -51,6 +51,12 @@ Flat int32 tensors (CSR), E entries of which P are PARTIAL:
       A tile one of whose rows sees several disjoint intervals is listed once per interval (the j-th copy holds
       each row's j-th interval: disjoint cells, so no key counts twice). The forward builds its PARTIAL mask
       from these with no loop and no per-slice load. Derived from the arrays above (one copy for both planners).
+  PARTIAL row-bound runs (forward) q_brptr [Mt+1], br_lo [RB], br_hi [RB]
+      the bound entries of q tile m as maximal runs of consecutive k tiles (a tile listed once per interval
+      starts a new run at each copy): runs r in [q_brptr[m], q_brptr[m+1]), run r covers k tiles
+      [br_lo[r], br_hi[r]) and the next br_hi[r] - br_lo[r] bound entries, from q_bptr[m] on in run order. The
+      forward walks them like the FULL runs: with the k tile index affine, no index load is left in its PARTIAL
+      loop. Built by the same function as the FULL runs, from q_bptr and b_kidx.
   PARTIAL q tiles (sm_90 forward) q_partial [Mp], q_slot [Mt]
       the q tiles with at least one PARTIAL entry, most PARTIAL entries first (ties by tile index), and for each
       q tile its position in q_partial (-1 for none). The sm_90 forward runs FULL and PARTIAL tiles in two
@@ -75,7 +81,7 @@ import torch
 PLAN_KEYS_Q = ("q_ptr", "q_nfull", "q_kidx", "q_pptr", "p_mptr", "mask_slices")
 PLAN_KEYS_K = ("k_ptr", "k_nfull", "k_qidx", "k_pptr", "k_pent")
 PLAN_KEYS_RUNS = ("q_rptr", "r_lo", "r_hi", "q_order", "q_partial", "q_slot", "q_bptr", "b_kidx", "b_rows", "k_rptr",
-                  "kr_lo", "kr_hi")
+                  "kr_lo", "kr_hi", "q_brptr", "br_lo", "br_hi")
 PLAN_KEYS = ("slices",) + PLAN_KEYS_Q + PLAN_KEYS_K + PLAN_KEYS_RUNS
 
 
@@ -461,6 +467,8 @@ def build_plan(qr: np.ndarray, kr: np.ndarray, ty: np.ndarray, total_q: int, tot
         heaviest_first(arrays["q_ptr"], arrays["q_nfull"]),) + partial_q_tiles(arrays["q_ptr"], arrays["q_nfull"]) + (
         partial_row_bounds(arrays, tensors["slices"].numpy(), int(total_k), int(block_m), int(block_n))) + (
         full_runs(arrays["k_ptr"], arrays["k_nfull"], arrays["k_qidx"]))
+    q_bptr, b_kidx = runs[6], runs[7]  # every bound entry of a q tile is in a run, so n_full = all of them
+    runs += full_runs(q_bptr, np.diff(q_bptr), b_kidx)
     for k, a in zip(PLAN_KEYS_RUNS, runs):
         tensors[k] = torch.from_numpy(a)
     return AttnPlan(int(block_m), int(block_n), int(total_q), int(total_k), tensors, used)

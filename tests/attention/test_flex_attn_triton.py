@@ -190,6 +190,26 @@ def test_two_pass_forward_over_head_groups(monkeypatch, state_bytes):
     torch.testing.assert_close(lse.double(), lse64, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["one_pass", "tma_two_pass"])
+def test_forward_walks_partial_tiles_as_runs(tma):
+    """PARTIAL tiles as runs of consecutive k tiles: a tile repeated for a row with two disjoint intervals, a run
+    of three, a gap before the last tile; rows that see nothing; odd sizes."""
+    qr = np.array([[0, 1], [0, 1], [0, 1], [0, 1], [0, 1], [1, 5], [6, 21]], np.int32)
+    kr = np.array([[1, 2], [5, 6], [17, 21], [35, 36], [70, 71], [0, 40], [3, 3]], np.int32)
+    ty = np.zeros(7, np.int32)
+    q, k, v = _qkv(21, 77, 2, 1, 64, torch.float32)
+    a = make_args(q, k, v, *_ranges(qr, kr, ty), None, 0.0, False)
+    plan = a.plan(16, 16)
+    assert plan.b_kidx.tolist() == [0, 0, 1, 2, 4] and plan.q_brptr.tolist() == [0, 3, 3]
+    assert plan.br_lo.tolist() == [0, 0, 4] and plan.br_hi.tolist() == [1, 3, 5]
+    out, lse = _nan(q), torch.full((21, 2), float("nan"))
+    kern.launch_fwd(a, out, lse, _fwd_configs(torch.float32, 64, False, 16, 16, tma))
+    o64, lse64, _ = _ref(q, k, v, dense_mask(qr, kr, ty, 21, 77), a.softmax_scale, 0.0, torch.randn_like(q))
+    torch.testing.assert_close(out.double(), o64, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), lse64, atol=2e-5, rtol=1e-5)
+    assert (out[5:] == 0).all() and torch.isneginf(lse[5:]).all()
+
+
 @pytest.mark.parametrize("tiles", [(32, 16), (16, 32)])
 def test_two_pass_forward_writes_only_its_rows_of_a_strided_output(tiles):
     """The FULL pass stores out and the state as a view of the accumulator's register layout: every row and column

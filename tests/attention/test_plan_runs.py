@@ -3,7 +3,7 @@ which the Triton forward and dQ kernels walk by an affine tile index instead of 
 k-major ones (k_rptr, kr_lo, kr_hi) the dK/dV kernel walks the same way; and its launch order
 (q_order), heaviest q tile first; and the q tiles with PARTIAL entries (q_partial, q_slot) through which the sm_90
 forward's two passes hand over their softmax state; and the PARTIAL tiles' per-row key intervals (q_bptr, b_kidx,
-b_rows) from which the forward builds its masks."""
+b_rows) from which the forward builds its masks, with their runs of consecutive k tiles (q_brptr, br_lo, br_hi)."""
 
 import numpy as np
 from hypothesis import given, settings, strategies as st
@@ -124,6 +124,11 @@ def test_row_bounds_rebuild_exactly_each_partial_tiles_mask(layout, bm, bn, plan
         entries = range(t["q_bptr"][m], t["q_bptr"][m + 1])
         assert sorted({t["b_kidx"][b] for b in entries}) == partial_tiles
         assert [t["b_kidx"][b] for b in entries] == sorted(t["b_kidx"][b] for b in entries)  # entry order
+        # The kernels walk the bound entries as runs of consecutive k tiles, the entries in run order.
+        runs = range(t["q_brptr"][m], t["q_brptr"][m + 1])
+        assert all(t["br_lo"][r] < t["br_hi"][r] for r in runs)
+        assert [n for r in runs for n in range(t["br_lo"][r], t["br_hi"][r])] == [t["b_kidx"][b] for b in entries]
+        assert all(t["br_lo"][r] != t["br_hi"][r - 1] for r in runs if r > runs.start)  # maximal
         seen = np.zeros((bm, tk), dtype=np.int64)
         for b in entries:
             lo, hi = (t["b_rows"][b, i][:, None] for i in range(2))

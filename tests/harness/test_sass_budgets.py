@@ -32,7 +32,7 @@ ANCHORS = os.environ.get("MAGI_ANCHORS_DIR") or str(REPO.parent / "shared" / "an
 # (docs/kernel_structure.md) plus ~5% slack.
 BUDGETS = {
     "flex_attn_fwd[sm90 bf16 D=128 BM=128 BN=128 w4 s3 tma ws]": (0.48, 1.02),
-    "flex_attn_fwd_partial[sm90 bf16 D=128 BM=128 BN=128 w8 s2 tma]": (0.76, None),
+    "flex_attn_fwd_partial[sm90 bf16 D=128 BM=128 BN=128 w8 s2 tma]": (0.72, None),
     "flex_attn_fwd[sm89 bf16 D=128 BM=128 BN=64 w8 s3]": (1.08, 1.02),
     "flex_attn_bwd_dq[sm90 bf16 D=128 BM=64 BN=32 w4 s2]": (0.72, None),
     "flex_attn_bwd_dq[sm89 bf16 D=128 BM=64 BN=32 w4 s2]": (1.31, None),
@@ -75,9 +75,10 @@ FP8_STRUCTURE = {
     "fp8_gemm[sm89 large 128x128x128 w8 s3 tensor fast div16 out=bf16]": {"mma/iter": 64, "loads": "cp.async"},
 }
 # Loops that must not load through registers (a plain LDG in the loop is a load the pipeliner did not hide; the
-# FULL runs removed the plan-index LDG from these, the k-major runs from the dK/dV loop).
-NO_PLAIN_LDG = tuple(k for k in BUDGETS if k.startswith(("flex_attn_fwd[", "flex_attn_bwd_dq[", "flex_attn_bwd_dkdv[",
-                                                         "fp8_gemm[")))
+# FULL runs removed the plan-index LDG from these, the k-major runs from the dK/dV loop, the runs of PARTIAL
+# tiles from the sm_90 PARTIAL pass).
+NO_PLAIN_LDG = tuple(k for k in BUDGETS if k.startswith(("flex_attn_fwd[", "flex_attn_fwd_partial[",
+                                                         "flex_attn_bwd_dq[", "flex_attn_bwd_dkdv[", "fp8_gemm[")))
 
 _SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;

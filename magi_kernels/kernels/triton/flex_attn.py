@@ -19,7 +19,8 @@ Design:
   The forward reads a PARTIAL tile's mask instead as the plan's row bounds (the union merged into one key
   interval per row, a tile repeated for rows that see several): two vector loads the pipeliner prefetches, and a
   mask without a loop. The forward (sm_80/89) and dQ kernels walk FULL tiles as the plan's runs of consecutive k
-  tiles, an affine index the pipeliner prefetches one stage deeper than one loaded per tile; q-major kernels take
+  tiles, an affine index the pipeliner prefetches one stage deeper than one loaded per tile (the forward walks its
+  PARTIAL tiles' bound entries the same way); q-major kernels take
   their q tile from the plan's heaviest-first launch order (docs/kernel_structure.md).
 * sm_90 forward: two passes of the same kernel (PASS constexpr). Pass 1 walks the FULL tiles in a warp-specialized
   loop fed by TMA tensor descriptors (a producer warp copies K/V, two consumer warpgroups compute), pass 2 the PARTIAL
@@ -173,9 +174,10 @@ def _fwd_partial_step(acc, m_i, l_i, q, k, v, col0, lo, hi, qk_scale, cap_in, ca
                       SOFTCAP: tl.constexpr):
     """One online-softmax step over keys [col0, col0 + ROWS) of a PARTIAL k tile, of which row i sees the keys in
     [lo[i], hi[i]) (the plan's row bounds): a loop-free mask."""
-    cols = (col0 + tl.arange(0, ROWS))[None, :]
-    # lo <= c < hi as one unsigned compare, (c - lo) < (hi - lo): a subtract and a compare per key.
-    vis = (cols - lo[:, None]).to(tl.uint32) < (hi - lo).to(tl.uint32)[:, None]
+    # lo <= col0 + j < hi as one unsigned compare, (j - (lo - col0)) < (hi - lo): per key a subtract from the
+    # tile-relative column j and a compare (the absolute column col0 + j would cost one more instruction per key).
+    j = tl.arange(0, ROWS)[None, :]
+    vis = (j - (lo - col0)[:, None]).to(tl.uint32) < (hi - lo).to(tl.uint32)[:, None]
     if SOFTCAP:
         s2, _ = _scores_log2(q, tl.trans(k), qk_scale, cap_in, cap_out, SOFTCAP)
         s2 = tl.where(vis, s2, float("-inf"))
@@ -265,7 +267,8 @@ def _softmax_state_save(state_acc_ptr, state_m_ptr, state_l_ptr, q_slot_ptr, m, 
 
 @triton.jit(do_not_specialize=["total_q", "total_k", "groups", "q_heads", "head_base", "state_heads"])
 def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_start_ptr, q_nfull_ptr, q_kidx_ptr,
-                          q_rstart_ptr, run_lo_ptr, run_hi_ptr, q_bstart_ptr, bound_kidx_ptr, bound_rows_ptr,
+                          q_rstart_ptr, run_lo_ptr, run_hi_ptr, q_bstart_ptr, q_brstart_ptr, brun_lo_ptr, brun_hi_ptr,
+                          bound_rows_ptr,
                           q_partial_ptr, q_slot_ptr, state_acc_ptr, state_m_ptr, state_l_ptr,
                           stride_qt, stride_qh, stride_kt, stride_kh,
                           stride_vt, stride_vh, stride_ot, stride_oh, q_heads, total_q, total_k, groups,
@@ -333,16 +336,24 @@ def _flex_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_order_ptr, q_
                                     TMA)
                 acc, m_i, l_i = _fwd_full_step(acc, m_i, l_i, q, k, v, qk_scale, cap_in, cap_out, SOFTCAP)
     if PASS != 1:
-        # PARTIAL tiles by the plan's row bounds: a loop-free mask from two [BLOCK_M] vectors per tile.
+        # PARTIAL tiles by the plan's row bounds: a loop-free mask from two [BLOCK_M] vectors per tile, the tiles
+        # walked as runs of consecutive k tiles like the FULL ones (an affine index: no index load in the loop).
         offs_r = tl.arange(0, BLOCK_M)
-        for b in range(tl.load(q_bstart_ptr + m), tl.load(q_bstart_ptr + m + 1)):
-            n = tl.load(bound_kidx_ptr + b)
-            rows_b = bound_rows_ptr + b * (2 * BLOCK_M) + offs_r  # int32: the launcher checks the size
-            lo = tl.load(rows_b)
-            hi = tl.load(rows_b + BLOCK_M)
-            k, v = _load_kv_tile(k_src, v_src, n * BLOCK_N, offs_d, stride_kt, stride_vt, total_k, BLOCK_N, True, TMA)
-            acc, m_i, l_i = _fwd_partial_step(acc, m_i, l_i, q, k, v, n * BLOCK_N, lo, hi, qk_scale, cap_in, cap_out,
-                                              BLOCK_N, SOFTCAP)
+        b_first = tl.load(q_bstart_ptr + m)  # bound entry of the run's first tile
+        for r in range(tl.load(q_brstart_ptr + m), tl.load(q_brstart_ptr + m + 1)):
+            n_lo = tl.load(brun_lo_ptr + r)
+            n_hi = tl.load(brun_hi_ptr + r)
+            # Tile n's bound entry is b_first + n - n_lo (int32 offsets: the launcher checks the size).
+            rows_run = bound_rows_ptr + (b_first - n_lo) * (2 * BLOCK_M) + offs_r
+            for n in range(n_lo, n_hi):
+                rows_b = rows_run + n * (2 * BLOCK_M)
+                lo = tl.load(rows_b)
+                hi = tl.load(rows_b + BLOCK_M)
+                k, v = _load_kv_tile(k_src, v_src, n * BLOCK_N, offs_d, stride_kt, stride_vt, total_k, BLOCK_N, True,
+                                     TMA)
+                acc, m_i, l_i = _fwd_partial_step(acc, m_i, l_i, q, k, v, n * BLOCK_N, lo, hi, qk_scale, cap_in,
+                                                  cap_out, BLOCK_N, SOFTCAP)
+            b_first += n_hi - n_lo
 
     final = row_ok
     if PASS == 1:
@@ -655,6 +666,7 @@ PLAN_ARGS = {
     "q_rstart_ptr": "q_rptr", "run_lo_ptr": "r_lo", "run_hi_ptr": "r_hi", "q_order_ptr": "q_order",
     "q_partial_ptr": "q_partial", "q_slot_ptr": "q_slot", "q_bstart_ptr": "q_bptr", "bound_kidx_ptr": "b_kidx",
     "bound_rows_ptr": "b_rows", "k_rstart_ptr": "k_rptr", "krun_lo_ptr": "kr_lo", "krun_hi_ptr": "kr_hi",
+    "q_brstart_ptr": "q_brptr", "brun_lo_ptr": "br_lo", "brun_hi_ptr": "br_hi",
 }
 _FP32_ARGS = ("lse_ptr", "dlse_ptr", "lse2_ptr", "delta_ptr", "state_acc_ptr", "state_m_ptr", "state_l_ptr")
 # Every pointer and every token/head stride is compiled as a multiple of 16; the launcher guarantees it.
