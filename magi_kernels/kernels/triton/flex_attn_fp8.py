@@ -141,6 +141,7 @@ def _key_scale_slot(j, BLOCK_N: tl.constexpr):
 @triton.jit
 def _key_scales_in_key_order(stored, COLS: tl.constexpr):
     """A tile's key scales [COLS] as stored (``_key_scale_slot``), in key order."""
+    tl.static_assert(COLS % 8 == 0, "key tiles are whole 8-key blocks")
     return tl.reshape(tl.permute(tl.reshape(stored, [4, COLS // 8, 2]), [1, 0, 2]), [COLS])
 
 
@@ -181,8 +182,7 @@ def _kv_statistics_kernel(k_ptr, v_ptr, k_sum_ptr, v_amax_ptr, stride_kt, stride
 @triton.jit(do_not_specialize=["total_k", "k_tiles"])
 def _kv_quantize_kernel(k_ptr, v_ptr, k_mean_ptr, v_scale_ptr, k8_ptr, v8t_ptr, k_scale_ptr, stride_kt, stride_kh,
                         stride_vt, stride_vh, total_k, k_tiles, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr):
-    PV_KEY_ORDER: tl.constexpr = not PV_FP16 and BLOCK_N % 32 == 0
+                        PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr, PV_KEY_ORDER: tl.constexpr):
     n = tl.program_id(0)
     kh = tl.program_id(1)
     cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -200,8 +200,8 @@ def _kv_quantize_kernel(k_ptr, v_ptr, k_mean_ptr, v_scale_ptr, k8_ptr, v8t_ptr, 
     v = tl.load(v_ptr + cols64[:, None] * stride_vt + kh * stride_vh + offs_d[None, :], mask=col_ok, other=0.0)
     sv = tl.load(v_scale_ptr + kh * HEAD_DIM + offs_d)
     y = tl.minimum(tl.maximum(tl.math.div_rn(v.to(tl.float32), sv[None, :]), -_QMAX), _QMAX)
-    # Transposed store: [Hk, D, padded], keys contiguous (the PV MMA's reduction axis); e4m3 in the P operand's
-    # key order (whole groups of 32 keys: PV_KEY_ORDER).
+    # Transposed store: [Hk, D, padded], keys contiguous (the PV MMA's reduction axis); with PV_KEY_ORDER in the
+    # order the attention step hands P to the PV MMA.
     if PV_KEY_ORDER:
         cols64 = _pv_key_slot(cols).to(tl.int64)
     tl.store(v8t_ptr + (kh * HEAD_DIM + offs_d.to(tl.int64))[None, :] * padded + cols64[:, None],
@@ -323,7 +323,8 @@ def _row_bounds_mask(cols, lo, hi):
 
 @triton.jit
 def _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, lo, hi, cap_out, COLS: tl.constexpr,
-                  MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr):
+                  MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr,
+                  PV_KEY_ORDER: tl.constexpr):
     """One online-softmax step over keys [col0, col0 + COLS) in the log2 domain, with 448-scaled P (module
     docstring). MASKED: row i sees the keys in [lo[i], hi[i]) (a PARTIAL tile's row bounds); else lo and hi
     are unused."""
@@ -354,7 +355,7 @@ def _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, lo, hi, c
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     p_op = _to_pv(p, PV_FP16, EXACT_E4M3)
-    if not PV_FP16 and COLS % 32 == 0:  # V^T holds its keys in this order (_kv_quantize_kernel)
+    if PV_KEY_ORDER:  # V^T holds its keys in this order (_kv_quantize_kernel)
         p_op = _pv_key_order(p_op, COLS)
     acc = acc * alpha[:, None] + tl.dot(p_op, tl.trans(v8t))
     return acc, m_new, l_i
@@ -368,6 +369,7 @@ def _flex_attn_fp8_fwd_kernel(q_ptr, q8_ptr, q_rows_ptr, k8_ptr, v8t_ptr, k_scal
                               k_tiles, q_tiles, groups, head_base, state_heads, qk_mul: tl.float32, cap_out: tl.float32,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                               SOFTCAP: tl.constexpr, PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr,
+                              PV_KEY_ORDER: tl.constexpr,
                               PASS: tl.constexpr):
     """One (q tile, q head) per program. PASS, as in the 16-bit forward (magi_kernels/kernels/triton/flex_attn.py):
 
@@ -413,13 +415,13 @@ def _flex_attn_fp8_fwd_kernel(q_ptr, q8_ptr, q_rows_ptr, k8_ptr, v8t_ptr, k_scal
             col0 = tl.load(q_kidx_ptr + e) * BLOCK_N
             k8, v8t, sk = _fp8_load_tile(k8_src, v8t_src, sk_src, col0, padded, BLOCK_N, HEAD_DIM, TMA)
             acc, m_i, l_i = _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, None, None,
-                                          cap_out, BLOCK_N, False, SOFTCAP, PV_FP16, EXACT_E4M3)
+                                          cap_out, BLOCK_N, False, SOFTCAP, PV_FP16, EXACT_E4M3, PV_KEY_ORDER)
     elif PASS == 0:
         for e in range(e0, e_mid):
             col0 = tl.load(q_kidx_ptr + e) * BLOCK_N
             k8, v8t, sk = _fp8_load_tile(k8_src, v8t_src, sk_src, col0, padded, BLOCK_N, HEAD_DIM, TMA)
             acc, m_i, l_i = _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, None, None,
-                                          cap_out, BLOCK_N, False, SOFTCAP, PV_FP16, EXACT_E4M3)
+                                          cap_out, BLOCK_N, False, SOFTCAP, PV_FP16, EXACT_E4M3, PV_KEY_ORDER)
     if PASS != 1:
         # PARTIAL tiles by the plan's row bounds (bound entries: a tile whose rows see several disjoint key
         # intervals comes once per interval): two [BLOCK_M] vectors per entry and a loop-free mask.
@@ -431,7 +433,7 @@ def _flex_attn_fp8_fwd_kernel(q_ptr, q8_ptr, q_rows_ptr, k8_ptr, v8t_ptr, k_scal
             hi = tl.load(rows_b + BLOCK_M)
             k8, v8t, sk = _fp8_load_tile(k8_src, v8t_src, sk_src, n * BLOCK_N, padded, BLOCK_N, HEAD_DIM, TMA)
             acc, m_i, l_i = _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, n * BLOCK_N, lo, hi, cap_out,
-                                          BLOCK_N, True, SOFTCAP, PV_FP16, EXACT_E4M3)
+                                          BLOCK_N, True, SOFTCAP, PV_FP16, EXACT_E4M3, PV_KEY_ORDER)
 
     final = row_ok
     if PASS == 1:
@@ -513,7 +515,9 @@ def make_config(kind: str, dtype: torch.dtype, head_dim: int, softcap: bool, blo
         consts = {"BLOCK_M": block_m, "HEAD_DIM": head_dim}
         label = f"{arch} {dt} D={head_dim} BM={block_m} w{num_warps}"
     else:
-        consts = {"BLOCK_N": block_n, "HEAD_DIM": head_dim, "PV_FP16": pv16, "EXACT_E4M3": exact_e4m3}
+        # e4m3 V^T in the P operand's key order (module docstring) needs whole groups of 32 keys per tile.
+        consts = {"BLOCK_N": block_n, "HEAD_DIM": head_dim, "PV_FP16": pv16, "EXACT_E4M3": exact_e4m3,
+                  "PV_KEY_ORDER": not pv16 and block_n % 32 == 0}
         label = f"{arch} {dt} D={head_dim} BN={block_n} pv={pv_precision} w{num_warps}"
     if kind in ("fwd", "fwd_partial"):
         consts.update(BLOCK_M=block_m, SOFTCAP=softcap, PASS=2 if kind == "fwd_partial" else 1 if tma else 0)
