@@ -83,6 +83,15 @@ def _fp8_cases(device):
         b8, sb = mk.fp8_quantize(w, "block128x128" if a_gran.startswith("block") else "row")
         yield ("fp8_gemm", name, {"m": m, "n": n, "k": k}, torch.float8_e4m3fn,
                lambda b, a8=a8, sa=sa, b8=b8, sb=sb, epi=epi: mk.fp8_gemm(a8, b8, sa, sb, epilogue=epi, backend=b))
+    # MAGI-1's own fp8 numerics: per-tensor scales, fast accumulation (cuBLASLt FAST_ACCUM), fc1's shape. The
+    # torch reference is exact fp32, so the tolerance covers the tensor core's shorter accumulator: the
+    # accumulator model in docs/fp8.md puts its relative error near 1% at K = 16,384 (less at 6,144); elementwise
+    # maxima run higher, hence 0.1. A GPU run reports the measured error next to it.
+    m, n, k = 21600, 32768, 6144
+    x8, sx = mk.fp8_quantize(torch.randn(m, k, device=device, dtype=torch.bfloat16), "tensor")
+    w8, sw = mk.fp8_quantize(torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02, "tensor")
+    yield ("fp8_gemm", "24B fc1 swiglu tensor fast_accum", {"m": m, "n": n, "k": k, "tol": 0.1}, torch.float8_e4m3fn,
+           lambda b: mk.fp8_gemm(x8, w8, sx, sw, epilogue="swiglu", backend=b, fast_accum=True))
 
 
 CASE_SOURCES = [_qk_cases, _gate_cases, _attn_cases, _fp8_cases]
@@ -126,7 +135,7 @@ def main(argv=None) -> int:
                     continue
                 try:
                     err = _max_rel_err(run(backend), ref)
-                    ok = err <= args.tol
+                    ok = err <= extra.get("tol", args.tol)
                     sec = bench(lambda: run(backend), device)
                 except registry.BackendUnavailable as e:  # declined by the op's own checks: not a failure
                     rows.append({"op": op, "case": name, "backend": backend, "result": f"n/a ({e})",
