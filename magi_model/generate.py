@@ -174,7 +174,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cp_strategy", choices=("cp_ulysses", "cp_shuffle_overlap"), default=None,
                    help="context-parallel attention layout (default: engine_config.cp_strategy)")
     p.add_argument("--attention_precision", choices=("default", "fp8"), default=None,
-                   help="DiT attention: fp8 = e4m3 Q/K/P/V forward, inference only (default: default)")
+                   help="DiT attention: fp8 = 8-bit attention forward (int8 Q/K, e4m3 P/V), inference only "
+                        "(default: default)")
     return p.parse_args(argv)
 
 
