@@ -84,6 +84,7 @@ from magi_kernels.kernels.triton.flex_attn import (
     _scalars,
     _softmax_state_save,
     _softmax_state_start,
+    _store_rows,
     _tanh,
     softmax_state_buffers,
 )
@@ -446,8 +447,16 @@ def _flex_attn_fp8_fwd_kernel(q_ptr, q8_ptr, q_rows_ptr, k8_ptr, v8t_ptr, k_scal
     if not SOFTCAP:
         m_i = m_i + qm  # the smoothing shift, back into the lse
     lse = tl.where(seen, (m_i + tl.log2(l_safe) - _LOG2_QMAX) * 0.6931471805599453, float("-inf"))
-    tl.store(out_ptr + rows64[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=final[:, None])
+    if PASS == 1:
+        # Through the accumulator-layout view (_store_rows): a plain store would convert the tile through a
+        # shared-memory scratch per consumer warpgroup, which the warp-specialized region cannot overlap with the
+        # K/V buffers. Rows past the end, and every row of a q tile the PARTIAL pass finishes, are not written.
+        n_out = tl.where(tl.load(q_slot_ptr + m) >= 0, 0, total_q - m * BLOCK_M)
+        _store_rows(out_ptr + h * stride_oh + (m * BLOCK_M).to(tl.int64) * stride_ot, stride_ot, n_out,
+                    out.to(out_ptr.dtype.element_ty), HEAD_DIM)
+    else:  # (no warp specialization: the conversion scratch reuses the dead pipeline buffers)
+        tl.store(out_ptr + rows64[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=final[:, None])
     tl.store(lse_ptr + rows64 * q_heads + h, lse, mask=final)
 
 
@@ -468,10 +477,12 @@ ARCHS = (89, 90)  # int8 QK: IMMA (sm_89) / IGMMA (sm_90); e4m3 PV: QMMA / QGMMA
 # that compile with 0 spills (aot_check). sm_90 (TMA_ARCHS) runs two passes like the 16-bit forward: these are the
 # warp-specialized FULL pass's (4 warps given; the compiler adds a producer warp and splits the rows over two
 # consumer warpgroups), PARTIAL_LAUNCH the PARTIAL pass's warps and stages at the same tiles (both read one plan).
+# Three stages give the FULL pass three K/V buffers at both head dims: at D=128 they fit (120 KB with e4m3 V, 169 KB
+# with fp16 V) because its epilogue stores need no shared-memory scratch (_store_rows; docs/fp8_attention.md).
 TILES = {
-    (90, 64, "e4m3"): (128, 128, 4, 3), (90, 128, "e4m3"): (128, 128, 4, 2),
+    (90, 64, "e4m3"): (128, 128, 4, 3), (90, 128, "e4m3"): (128, 128, 4, 3),
     (89, 64, "e4m3"): (128, 128, 8, 2), (89, 128, "e4m3"): (128, 128, 8, 2),
-    (90, 64, "fp16"): (128, 128, 4, 3), (90, 128, "fp16"): (128, 128, 4, 2),
+    (90, 64, "fp16"): (128, 128, 4, 3), (90, 128, "fp16"): (128, 128, 4, 3),
     (89, 64, "fp16"): (128, 128, 8, 2), (89, 128, "fp16"): (128, 64, 8, 2),
 }
 TMA_ARCHS = (90,)
