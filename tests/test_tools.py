@@ -175,3 +175,93 @@ def test_sass_counts_every_tensor_core_kind(line, flops):
     (ins,) = parse_sass(f"        /*0010*/                   {line} ;\n")
     assert ins.op in MMA_OPS
     assert mma_flops_per_warp(ins) == flops
+
+
+# --- the hot-loop finder on a warp-specialized kernel (magi_kernels/tools/sass.py) --------------------------
+
+
+def _listing(rows: list[str]) -> tuple[str, dict[str, str]]:
+    """``nvdisasm -c`` text of ``rows`` and its labels by name: "name:" rows become labels (.L_x_<n>, numbered in
+    order of first use), the others instructions at addresses 0x10 apart; "`(name)" in an operand refers to the
+    label."""
+    names: dict[str, str] = {}
+
+    def label(name: str) -> str:
+        return names.setdefault(name, f".L_x_{len(names)}")
+
+    out, addr = [], 0
+    for row in rows:
+        if row.endswith(":"):
+            out.append(label(row[:-1]) + ":")
+            continue
+        text = row
+        for name in [w[2:-1] for w in row.split() if w.startswith("`(")]:
+            text = text.replace(f"`({name})", f"`({label(name)})")
+        out.append(f"        /*{addr:04x}*/                   {text} ;")
+        addr += 0x10
+    return "\n".join(out) + "\n", names
+
+
+def _consumer_loop(p: int) -> list[str]:
+    """One consumer partition's loop: wait for K, int8 QK wgmma, a tanh with a branch on the argument's size
+    (both sides in the body), the softmax, wait for V, e4m3 PV wgmma. Both waits retry out of line."""
+    return [f"loop{p}:", "SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR4+0x20], R3", f"@!P1 BRA `(wait_k{p})",
+            f"k_ready{p}:", "WARPGROUP.ARRIVE", "IGMMA.64x128x32.S32.S8.S8 R24, gdesc[UR12], RZ, gsb0",
+            "WARPGROUP.DEPBAR.LE gsb0, 0x0", "I2FP.F32.S32 R24, R24", "FSETP.GEU.AND P3, PT, |R24|, 9, PT",
+            f"@P3 BRA `(large{p})", "FMUL R25, R24, R24", "FFMA R25, R25, -0.33, R26", "FMUL R24, R24, R25",
+            f"BRA `(tanh_done{p})", f"large{p}:", "MUFU.EX2 R25, R24", "MUFU.RCP R24, R25", f"tanh_done{p}:",
+            "FMNMX R27, R24, R28, !PT", "FFMA R24, R24, R29, -R27", "MUFU.EX2 R24, R24", "FADD R30, R30, R24",
+            "F2FP.SATFINITE.E4M3.F32.PACK_AB_MERGE_C R88, R24, R24, RZ",
+            "SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR4+0x30], R3", f"@!P1 BRA `(wait_v{p})", f"v_ready{p}:",
+            "WARPGROUP.ARRIVE", "QGMMA.64x128x32.F32.E4M3.E4M3 R56, R88, gdesc[UR16], R56, gsb0",
+            "WARPGROUP.DEPBAR.LE gsb0, 0x0", "SYNCS.ARRIVE.TRANS64.ART0 RZ, [UR4+0x40], R5", f"@P4 BRA `(loop{p})"]
+
+
+def _retry(wait: str, back: str) -> list[str]:
+    """An out-of-line mbarrier wait: retries until the phase flips, then jumps back into the loop it left."""
+    return [f"{wait}:", "SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR4+0x20], R3", f"@!P1 BRA `({wait})", f"BRA `({back})"]
+
+
+# A warp-specialized kernel as ptxas lays it out: the producer's TMA loop, two consumer partitions' loops, the
+# epilogue, and after the last EXIT the out-of-line wait retries, whose BRA jumps back into a loop.
+_WS_KERNEL = ([
+    "S2R R0, SR_TID.X", "ISETP.GE.AND P0, PT, R0, 0x80, PT", "@P0 BRA `(consumers)",
+    "producer:", "SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR4+0x10], R2", "@!P1 BRA `(wait_free)", "slot_free:",
+    "UTMALDG.2D [UR8], [UR10]", "UTMALDG.2D [UR9], [UR10]", "@P2 BRA `(producer)", "EXIT",
+    "consumers:", "ISETP.GE.AND P5, PT, R0, 0x100, PT", "@P5 BRA `(partition2)"]
+    + _consumer_loop(1) + ["BRA `(epilogue)", "partition2:"] + _consumer_loop(2)
+    + ["epilogue:", "LDG.E R4, desc[UR4][R6.64]", "STG.E desc[UR4][R8.64], R56", "EXIT"]
+    + _retry("wait_free", "slot_free") + _retry("wait_k1", "k_ready1") + _retry("wait_v1", "v_ready1")
+    + _retry("wait_k2", "k_ready2") + _retry("wait_v2", "v_ready2") + ["pad:", "BRA `(pad)"])
+
+
+def test_hot_loop_is_the_consumer_loop_not_a_retry_jumping_back():
+    from magi_kernels.tools.sass import hot_loop, hot_loop_stats, parse_sass
+
+    sass, names = _listing(_WS_KERNEL)
+    instrs = parse_sass(sass)
+    first = next(i for i, ins in enumerate(instrs) if ins.label == names["loop1"])
+    last = first + sum(not row.endswith(":") for row in _consumer_loop(1)) - 1
+    assert instrs[last].op == "BRA" and instrs[last].operands.endswith(f"({names['loop1']})")
+    # Not the span from where the second partition's V retry jumps back to its own BRA (23 instructions: its PV
+    # wgmma, the epilogue's LDG, the retries), though that span is shorter; of the two partitions, the first.
+    assert hot_loop(instrs) == (first, last)
+    st = hot_loop_stats(sass, "ttg.warp_specialize")
+    # one iteration: every instruction of the body, both sides of the tanh's branch
+    assert st.issued == last - first + 1 == 26 and st.mma_per_iter == 2
+    assert st.mma_kind == "IGMMA.64x128x32.S32.S8.S8+QGMMA.64x128x32" and st.loads == () and st.wgmma_wait == 0
+    assert (st.first_addr, st.last_addr) == (instrs[first].addr, instrs[last].addr)
+
+    from magi_kernels.tools.sass import loops
+
+    # The retries' "BRA back" lands inside a loop from outside it: not a loop. Their own retry is one, and so is
+    # the padding's branch to itself.
+    spans = loops(instrs)
+    heads = ["producer", "loop1", "loop2", "wait_free", "wait_k1", "wait_v1", "wait_k2", "wait_v2", "pad"]
+    assert sorted(instrs[i].label for i, _ in spans) == sorted(names[h] for h in heads)
+    assert all(instrs[j].op == "BRA" and instrs[j].operands.endswith(f"({instrs[i].label})") for i, j in spans)
+    with_mma = [(i, j) for i, j in spans if any(x.op.endswith("MMA") for x in instrs[i:j + 1])]
+    assert len(with_mma) == 2 and with_mma[0] == (first, last)
+    # A listing sliced after the first partition's loop (how the last such loop is found) still has the second.
+    i2, j2 = with_mma[1]
+    assert hot_loop(instrs[last + 1:]) == (i2 - last - 1, j2 - last - 1) and j2 - i2 == last - first
