@@ -170,14 +170,29 @@ def _fwd_full_step(acc, m_i, l_i, q, k, v, qk_scale, cap_in, cap_out, SOFTCAP: t
 
 
 @triton.jit
+def _row_bounds_mask(col0, lo, hi, COLS: tl.constexpr, TILE_RELATIVE: tl.constexpr):
+    """[rows, COLS] visibility of keys col0 + j for rows that see the keys in [lo[i], hi[i]) (the plan's row bounds;
+    an empty row has lo = hi): lo <= col0 + j < hi as one unsigned compare per key, no loop over slices.
+
+    TILE_RELATIVE: (j - (lo - col0)) <u (hi - lo), a subtract from the tile-relative column j per key (lo - col0 is
+    per row), one instruction per key fewer than the absolute column (the 16-bit forward). Else
+    (col0 + j - lo) <u (hi - lo): the quantized forward keeps this form because the tile-relative one costs its
+    register-bound loops spills (sm_89 D=128 and the sm_90 PARTIAL pass; docs/fp8_attention.md).
+    """
+    if TILE_RELATIVE:
+        j = tl.arange(0, COLS)[None, :]
+        return (j - (lo - col0)[:, None]).to(tl.uint32) < (hi - lo).to(tl.uint32)[:, None]
+    else:
+        cols = col0 + tl.arange(0, COLS)
+        return (cols[None, :] - lo[:, None]).to(tl.uint32) < (hi - lo).to(tl.uint32)[:, None]
+
+
+@triton.jit
 def _fwd_partial_step(acc, m_i, l_i, q, k, v, col0, lo, hi, qk_scale, cap_in, cap_out, ROWS: tl.constexpr,
                       SOFTCAP: tl.constexpr):
     """One online-softmax step over keys [col0, col0 + ROWS) of a PARTIAL k tile, of which row i sees the keys in
     [lo[i], hi[i]) (the plan's row bounds): a loop-free mask."""
-    # lo <= col0 + j < hi as one unsigned compare, (j - (lo - col0)) < (hi - lo): per key a subtract from the
-    # tile-relative column j and a compare (the absolute column col0 + j would cost one more instruction per key).
-    j = tl.arange(0, ROWS)[None, :]
-    vis = (j - (lo - col0)[:, None]).to(tl.uint32) < (hi - lo).to(tl.uint32)[:, None]
+    vis = _row_bounds_mask(col0, lo, hi, ROWS, True)
     if SOFTCAP:
         s2, _ = _scores_log2(q, tl.trans(k), qk_scale, cap_in, cap_out, SOFTCAP)
         s2 = tl.where(vis, s2, float("-inf"))

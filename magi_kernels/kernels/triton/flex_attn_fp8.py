@@ -81,6 +81,7 @@ from magi_kernels.kernels.triton.flex_attn import (
     HEAD_DIMS,
     PLAN_ARGS,
     _plan_args,
+    _row_bounds_mask,
     _scalars,
     _softmax_state_save,
     _softmax_state_start,
@@ -316,13 +317,6 @@ def _fp8_load_tile(k8_src, v8t_src, sk_src, col0, padded, COLS: tl.constexpr, HE
 
 
 @triton.jit
-def _row_bounds_mask(cols, lo, hi):
-    """[rows, cols] visibility lo[i] <= c < hi[i] (the plan's row bounds, empty rows lo = hi) as one unsigned
-    compare per key, (c - lo) <u (hi - lo): a subtract and a compare, no loop over slices."""
-    return (cols[None, :] - lo[:, None]).to(tl.uint32) < (hi - lo).to(tl.uint32)[:, None]
-
-
-@triton.jit
 def _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, lo, hi, cap_out, COLS: tl.constexpr,
                   MASKED: tl.constexpr, SOFTCAP: tl.constexpr, PV_FP16: tl.constexpr, EXACT_E4M3: tl.constexpr,
                   PV_KEY_ORDER: tl.constexpr):
@@ -339,7 +333,8 @@ def _fp8_fwd_step(acc, m_i, l_i, q8, qm, score_mul, k8, v8t, sk, col0, lo, hi, c
     if SOFTCAP:
         s = _tanh(s * mul + qm[:, None]) * cap_out
     if MASKED:
-        s = tl.where(_row_bounds_mask(col0 + tl.arange(0, COLS), lo, hi), s, float("-inf"))
+        # The absolute-column form: the tile-relative one spills here (_row_bounds_mask).
+        s = tl.where(_row_bounds_mask(col0, lo, hi, COLS, False), s, float("-inf"))
     if SOFTCAP:
         m_new = tl.maximum(m_i, tl.max(s, 1))
     else:
