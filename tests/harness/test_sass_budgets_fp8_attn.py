@@ -7,10 +7,11 @@ precisions) are compiled in a subprocess without TRITON_INTERPRET by the benchma
 loop must run QK on int8 tensor cores and PV on the declared class, and its issued instructions per 1000 MMA
 FLOPs of one warp must stay within today's static value plus ~3% slack (a regression fails); the PARTIAL loop
 (row-bounds mask, one 128-key step per bound entry on sm_90) must not spill. On sm_90 the structure of the FULL
-pass is asserted too: warp-specialized, and no global load left in the consumer loop (the K, V and key-scale
-boxes go to the producer warp). The budget is on our own loop, not on the ratio to the bf16 kernel, so work on
-the bf16 kernel cannot fail this test; ``python benchmarks/bench_fp8_attention.py --sass`` prints the ratio, and
-docs/fp8_attention.md records it and why the 0.6 target is not met.
+pass is asserted too: warp-specialized, no global load and no CTA-wide barrier left in the consumer loop (the K,
+V and key-scale boxes go to the producer warp), and three K/V buffers with 0 spills (FULL_MIN_BUFFERS). The budget
+is on our own loop, not on the ratio to the bf16 kernel, so work on the bf16 kernel cannot fail this test;
+``python benchmarks/bench_fp8_attention.py --sass`` prints the ratio, and docs/fp8_attention.md records it and
+why the 0.6 target is not met.
 
 The reduced loops at the end pin down why the sm_90 passes read Q's codes and row factors from a separate
 kernel (docs/fp8_attention.md, what Triton 3.9's warp specialization accepts): the quantized step is
@@ -34,12 +35,13 @@ import triton.language as tl
 REPO = Path(__file__).resolve().parents[2]
 
 # (arch, pv_precision) -> (int8 QK MMA, PV MMA, max issued instructions per kFLOP) of the FULL-tile loop. Static
-# values with Triton 3.9 (docs/fp8_attention.md): sm_90 0.574 and 0.595 (e4m3 P handed to the PV MMA without a
-# lane exchange, key scales as wide loads; before: 0.625 and 0.609; the one-pass loop at 128x64 before that 0.860
-# and 0.820), sm_89 0.741 and 0.956 (the row-bounds mask freed the registers for 128-key tiles with e4m3 PV and
-# 64-key ones with fp16 PV, where 32 spilled before; at 32 keys: 1.137 and 1.194).
+# values with Triton 3.9 (docs/fp8_attention.md): sm_90 0.584 and 0.599 with three K/V buffers (two: 0.574 and
+# 0.596; e4m3 P handed to the PV MMA without a lane exchange, key scales as wide loads; before: 0.625 and 0.609;
+# the one-pass loop at 128x64 before that 0.860 and 0.820), sm_89 0.741 and 0.956 (the row-bounds mask freed the
+# registers for 128-key tiles with e4m3 PV and 64-key ones with fp16 PV, where 32 spilled before; at 32 keys:
+# 1.137 and 1.194).
 BUDGETS = {
-    (90, "e4m3"): ("IGMMA", "QGMMA", 0.59),
+    (90, "e4m3"): ("IGMMA", "QGMMA", 0.60),
     (90, "fp16"): ("IGMMA", "HGMMA", 0.615),
     (89, "e4m3"): ("IMMA", "QMMA", 0.765),
     (89, "fp16"): ("IMMA", "HMMA", 0.985),
@@ -48,14 +50,26 @@ BUDGETS = {
 # 0.871 and 0.878 (with the slice-list mask in 64-key steps it was 3.574 and 3.643), sm_89 single pass 0.999 and
 # 1.221 (was 2.548 and 2.766 at 32-key tiles).
 PARTIAL_BUDGETS = {(90, "e4m3"): 0.90, (90, "fp16"): 0.905, (89, "e4m3"): 1.03, (89, "fp16"): 1.26}
+# K/V buffers the sm_90 FULL pass must keep at D=128 (three stages): its epilogue stores go out in the accumulator's
+# layout (_store_rows) with no shared-memory scratch, which is what leaves room for the third K and V tile
+# (120 KB of shared memory with e4m3 V, 169 KB with fp16 V, of the 227 KB sm_90 allows).
+FULL_MIN_BUFFERS = {90: 3}
 
 
 @pytest.fixture(scope="module")
 def loops(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sass") / "loops.json"
-    script = ("import json, sys\nsys.path.insert(0, 'benchmarks')\nimport bench_fp8_attention as b\n"
+    script = ("import json, sys, torch\nsys.path.insert(0, 'benchmarks')\nimport bench_fp8_attention as b\n"
+              "from magi_kernels.kernels.triton import flex_attn_fp8 as fp8\n"
+              "from magi_kernels.tools.aot_check import check_config\n"
+              "def full(arch, pv):\n"
+              "    cfg = next(c for c in fp8.select_configs(torch.bfloat16, 128, False, arch, pv)\n"
+              "               if c.constexprs.get('PASS') in (0, 1))\n"
+              "    r = check_config(cfg, arch)\n"
+              "    return dict(b.fp8_loop(arch, 128, pv), buffers=r.loop.pipeline_buffers, smem=r.smem,\n"
+              "                full_spills=r.stl + r.ldl, cta_barriers=r.loop.cta_barriers)\n"
               "keys = json.loads(sys.argv[1])\n"
-              "open(sys.argv[2], 'w').write(json.dumps([[b.fp8_loop(arch, 128, pv), b.partial_loop(arch, 128, pv)]\n"
+              "open(sys.argv[2], 'w').write(json.dumps([[full(arch, pv), b.partial_loop(arch, 128, pv)]\n"
               "                                         for arch, pv in keys]))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -83,7 +97,14 @@ def test_hot_loop_mma_classes_and_issued_instructions(loops, kind):
 def test_sm90_full_pass_is_warp_specialized_without_loads(loops):
     for (arch, pv), pair in loops.items():
         if arch == 90:
-            assert pair["full"]["warp_specialized"] and not pair["full"]["loads"], (pv, pair["full"])
+            full = pair["full"]
+            assert full["warp_specialized"] and not full["loads"] and not full["cta_barriers"], (pv, full)
+
+
+def test_full_pass_keeps_its_kv_buffers_without_spills(loops):
+    for (arch, pv), pair in loops.items():
+        full = pair["full"]
+        assert full["buffers"] >= FULL_MIN_BUFFERS.get(arch, 1) and full["full_spills"] == 0, (arch, pv, full)
 
 
 def test_partial_loop_does_not_spill(loops):
