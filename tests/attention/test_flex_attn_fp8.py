@@ -42,9 +42,10 @@ def _ranges(qr, kr, ty):
 STATS_CHUNK, STATS_STEP = 24, 8
 
 
-def _run_kernel(q, k, v, rng, softcap, tiles, pv="e4m3", two_pass=False):
+def _run_kernel(q, k, v, rng, softcap, tiles, pv="e4m3", two_pass=False, out=None):
     """launch_fwd with small interpreter tiles; outputs poisoned with NaN first. two_pass: the sm_90 shape (Q
-    quantized by its own kernel, FULL pass on tensor descriptors, PARTIAL pass resuming from the saved state)."""
+    quantized by its own kernel, FULL pass on tensor descriptors, PARTIAL pass resuming from the saved state).
+    ``out``: the output tensor to write (default a new one shaped like q)."""
     a = make_args(q, k, v, *rng, None, softcap, False)
     bm, bn = tiles
     d = q.shape[-1]
@@ -58,7 +59,8 @@ def _run_kernel(q, k, v, rng, softcap, tiles, pv="e4m3", two_pass=False):
                                   pv_precision=pv, tma=True))
     else:
         cfgs += (kern.make_config("fwd", q.dtype, d, softcap > 0, bm, bn, 4, 1, exact_e4m3=True, pv_precision=pv),)
-    out = torch.full_like(q, float("nan"))
+    out = torch.empty_like(q) if out is None else out
+    out.fill_(float("nan"))
     lse = torch.full(q.shape[:2], float("nan"))
     kern.launch_fwd(a, out, lse, pv, cfgs)
     return out, lse
@@ -171,6 +173,25 @@ def test_partial_tiles_with_several_intervals_per_row(two_pass, pv):
     o64, l64 = dense_attn(q, k, v, dense_mask(qr, kr, ty, tq, tk), 64 ** -0.5)
     assert _cos(out[:30], o64[:30]) >= 0.999 and _rel_l2(out[:30], o64[:30]) <= ACCURACY_BOUNDS[pv][1]
     assert (lse[:30].double() - l64[:30]).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("pv", PV_PRECISIONS)
+def test_two_pass_writes_only_its_rows(pv):
+    """The sm_90 FULL pass stores out in the accumulator's layout (_store_rows), in place into an output that is
+    the front of a larger buffer: the ragged last q tile, which sees no key and so is the FULL pass's to finish
+    (zeros), writes no row past the end, and the q tile the PARTIAL pass finishes comes out of the saved state."""
+    tq, hq, tk, d, bm, bn = 40, 2, 56, 64, 16, 16  # 2.5 q tiles
+    q = torch.randn(tq, hq, d).to(torch.bfloat16)
+    k, v = torch.randn(tk, 1, d).to(torch.bfloat16), torch.randn(tk, 1, d).to(torch.bfloat16)
+    # Rows [0, 32) see keys [0, 32) (FULL k tiles), q tile 0 also a causal slice (PARTIAL tiles), rows [32, 40)
+    # nothing.
+    rng = _ranges([[0, 32], [0, 16]], [[0, 32], [32, 56]], [0, 1])
+    buf = torch.full((tq + bm, hq, d), 7.0, dtype=torch.bfloat16)
+    out, lse = _run_kernel(q, k, v, rng, 0.0, (bm, bn), pv, two_pass=True, out=buf[:tq])
+    assert (buf[tq:] == 7.0).all() and (out[32:] == 0).all() and torch.isneginf(lse[32:]).all()
+    ro, rl = flex_attn_fp8_ref(q, k, v, *rng, block_m=bm, block_n=bn, pv_precision=pv)
+    torch.testing.assert_close(lse, rl, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.float(), ro.to(torch.bfloat16).float(), atol=2e-3, rtol=2.0**-7)
 
 
 def test_lse_convention_merges_with_flex_attn():
