@@ -416,7 +416,8 @@ def structure_rows(results: Sequence[CheckResult], anchors: dict[str, AnchorResu
                 "ws": loop.warp_specialized if loop else None, "loads": "+".join(loop.loads) if loop and loop.loads
                 else "-", "CTA bars": loop.cta_barriers if loop else None,
                 "buffers": loop.pipeline_buffers if loop else None,
-                "wgmma wait": loop.wgmma_wait if loop else None, "mma": loop.mma_kind if loop else None}
+                "wgmma wait": loop.wgmma_wait if loop else None, "mma": loop.mma_kind if loop else None,
+                "loop at": f"{loop.first_addr:#x}-{loop.last_addr:#x}" if loop else None}
     out = []
     for r in results:
         cfg = (configs or {}).get(f"{r.kernel}[{r.config}]")
@@ -435,7 +436,7 @@ def _print_structure(rows: Sequence[dict]) -> None:
     cells = [["-" if r[c] is None else str(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     print("\nHot loops (innermost loop with tensor-core instructions; ratio = instr/kFLOP ours / anchor's; "
-          "target: the kernel-structure goal, not enforced)")
+          "target: the kernel-structure goal, not enforced; loop at: SASS addresses of its label and back branch)")
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for x in cells:
         print("  ".join(v.ljust(w) for v, w in zip(x, widths)))

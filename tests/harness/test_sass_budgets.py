@@ -1,6 +1,8 @@
 """Static performance budgets of the hot loops, read from SASS compiled on this machine (no GPU).
 
-One representative config per kernel family (flex_attn forward, the two backward kernels, fp8_gemm) is
+One representative config per kernel family (flex_attn forward, the two backward kernels, fp8_gemm; and the
+quantized forward's soft-capped sm_90 FULL pass, whose long consumer loop is where a finder that does not tell a
+wait retry's branch back from a loop took the wrong range) is
 compiled for sm_90 and sm_89 in a subprocess without TRITON_INTERPRET; its hot loop's issued instructions
 per MMA FLOP must stay within today's measurement plus a small slack (a regression fails), and, when
 Triton's tutorials are available (next to the checkout, or ``MAGI_ANCHORS_DIR``), so must its ratio against the matching tutorial
@@ -43,6 +45,7 @@ BUDGETS = {
     "fp8_gemm[sm89 large 128x128x128 w8 s3 tensor div16 out=bf16]": (0.98, 1.17),
     "fp8_gemm[sm90 large 128x128x128 w4 s3 tma ws tensor fast div16 out=bf16]": (0.12, 1.02),
     "fp8_gemm[sm89 large 128x128x128 w8 s3 tensor fast div16 out=bf16]": (0.87, 1.04),
+    "flex_attn_fp8_fwd[sm90 bf16 D=128 BM=128 BN=128 pv=e4m3 w4 s3 softcap tma ws]": (1.46, None),
 }
 
 # Tiles in flight a loop must keep (sm_90 FULL pass: three K/V buffers beside Q at BLOCK_N=128, 224 KB of the
@@ -58,7 +61,8 @@ MIN_BUFFERS = {"flex_attn_fwd[sm90 bf16 D=128 BM=128 BN=128 w4 s3 tma ws]": 3,
 MAX_REGS = {"flex_attn_fwd[sm89 bf16 D=128 BM=128 BN=64 w8 s3]": 232}
 # The sm_90 forward's FULL loop structure: warp-specialized (ws), no load in the consumer loop (a producer warp
 # issues the TMA copies), and no CTA-wide barrier (the partitions synchronize through mbarriers).
-WARP_SPECIALIZED = ("flex_attn_fwd[sm90 bf16 D=128 BM=128 BN=128 w4 s3 tma ws]",)
+WARP_SPECIALIZED = ("flex_attn_fwd[sm90 bf16 D=128 BM=128 BN=128 w4 s3 tma ws]",
+                    "flex_attn_fp8_fwd[sm90 bf16 D=128 BM=128 BN=128 pv=e4m3 w4 s3 softcap tma ws]")
 # fp8_gemm's structure (docs/kernel_structure.md#fp8_gemm-promotion-warp-specialization-and-the-tutorial-ratio):
 # on sm_90 a warp-specialized consumer loop without CTA-wide barriers (tensor scales: no load at all, a producer
 # issues the TMA copies; block scales: TMA boxes), one 128-wide K step (4 QGMMA) per iteration; on sm_89 one
@@ -73,6 +77,9 @@ FP8_STRUCTURE = {
     "fp8_gemm[sm90 large 128x128x128 w4 s3 tma ws tensor fast div16 out=bf16]": {
         "ws": True, "CTA bars": 0, "loads": "-", "mma/iter": 4, "wgmma wait": 0},
     "fp8_gemm[sm89 large 128x128x128 w8 s3 tensor fast div16 out=bf16]": {"mma/iter": 64, "loads": "cp.async"},
+    # The quantized forward's consumer loop: int8 QK and e4m3 PV, four wgmma each (docs/kernel_structure.md#columns).
+    "flex_attn_fp8_fwd[sm90 bf16 D=128 BM=128 BN=128 pv=e4m3 w4 s3 softcap tma ws]": {
+        "mma/iter": 8, "mma": "IGMMA.64x128x32.S8.S8+QGMMA.64x128x32"},
 }
 # Loops that must not load through registers (a plain LDG in the loop is a load the pipeliner did not hide; the
 # FULL runs removed the plan-index LDG from these, the k-major runs from the dK/dV loop, the runs of PARTIAL
