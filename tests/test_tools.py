@@ -265,3 +265,20 @@ def test_hot_loop_is_the_consumer_loop_not_a_retry_jumping_back():
     # A listing sliced after the first partition's loop (how the last such loop is found) still has the second.
     i2, j2 = with_mma[1]
     assert hot_loop(instrs[last + 1:]) == (i2 - last - 1, j2 - last - 1) and j2 - i2 == last - first
+
+
+def test_loops_that_exit_through_a_call():
+    """sm_80/89 form: ptxas leaves a loop through a guarded CALL.REL.NOINC to the code after it, just before the
+    unguarded backward BRA; the single-pass forward's FULL loop comes first, then its PARTIAL loop."""
+    from magi_kernels.tools.sass import hot_loop, loops, parse_sass
+
+    sass, names = _listing([
+        "S2R R0, SR_TID.X", "full:", "LDGSTS.E.BYPASS.128 [R37], [R22.64]", "HMMA.16816.F32.BF16 R8, R12, R16, R8",
+        "@!P0 CALL.REL.NOINC `(full_done)", "BRA `(full)", "full_done:", "ISETP.GE.AND P1, PT, R0, R2, PT",
+        "partial:", "LDGSTS.E.BYPASS.128 [R37], [R22.64]", "VIMNMX R3, R3, R4, PT",
+        "HMMA.16816.F32.BF16 R8, R12, R16, R8", "@!P1 CALL.REL.NOINC `(partial_done)", "BRA `(partial)",
+        "partial_done:", "EXIT"])
+    instrs = parse_sass(sass)
+    assert instrs[3].op == "CALL" and instrs[3].guard == "@!P0"
+    assert loops(instrs) == [(1, 4), (6, 10)] and hot_loop(instrs) == (1, 4)
+    assert hot_loop(instrs[5:]) == (1, 5)  # the PARTIAL loop, the last one

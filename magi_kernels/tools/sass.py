@@ -105,19 +105,21 @@ _NO_FALLTHROUGH = ("BRA", "EXIT", "RET", "BRX", "JMP", "JMX", "KILL")
 def _control_flow(instrs: list[Instr]) -> tuple[list[int], list[list[int]]]:
     """Basic blocks of a listing: the index of each block's first instruction, and each block's successor blocks.
 
-    A block starts at the first instruction, at every label and after every branch or exit. A ``BRA`` goes to its
-    label's block, and also falls through when its guard can be false; an unguarded exit or indirect branch ends
-    the block without successors (indirect targets are not resolved)."""
+    A block starts at the first instruction, at every label and after every branch, call or exit. A ``BRA`` goes
+    to its label's block, and also falls through when its guard can be false; a ``CALL`` goes to its label's block
+    and falls through (ptxas writes a loop's exit as a guarded ``CALL.REL.NOINC`` to the code after the loop just
+    before the backward ``BRA``; a subroutine returns after the call); an unguarded exit, return or indirect
+    branch ends the block without successors (return addresses and indirect targets are not resolved)."""
     index_of_label = {ins.label: i for i, ins in enumerate(instrs) if ins.label}
     starts = sorted({0} | {i for i, ins in enumerate(instrs) if ins.label}
-                    | {i + 1 for i, ins in enumerate(instrs[:-1]) if ins.op in _NO_FALLTHROUGH})
+                    | {i + 1 for i, ins in enumerate(instrs[:-1]) if ins.op in _NO_FALLTHROUGH + ("CALL",)})
     ends = starts[1:] + [len(instrs)]
     block_of = {i: b for b, (start, end) in enumerate(zip(starts, ends)) for i in range(start, end)}
     succs: list[list[int]] = []
     for b, end in enumerate(ends):
         last = instrs[end - 1]
         out = []
-        if last.op == "BRA" and last.guard != "@!PT":
+        if last.op in ("BRA", "CALL") and last.guard != "@!PT":
             m = _TARGET.search(last.operands)
             if m and m.group(1) in index_of_label:
                 out.append(block_of[index_of_label[m.group(1)]])
