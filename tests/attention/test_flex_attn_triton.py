@@ -27,7 +27,9 @@ from magi_kernels.ranges import Magi1WindowMask
 
 from ._helpers import RTOL, assert_two_sided, dense_attn, dense_mask, slice_layouts
 
-SMALL_TILES = [(16, 16), (16, 32), (32, 16)]  # several tiles per axis at interpreter-friendly sizes
+# (BLOCK_M, BLOCK_N) of the forward and dQ; dK/dV runs the transpose (_run_kernels), so (64, 16) gives it a key tile
+# four times its q tile, the shape of the sm_90 128-key tiles. Several tiles per axis at interpreter-friendly sizes.
+SMALL_TILES = [(16, 16), (16, 32), (32, 16), (64, 16)]
 
 
 def _qkv(tq, tk, hq, hk, d, dtype):
@@ -109,20 +111,49 @@ def test_each_mask_type_multi_tile(mask_type, tma):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-3)
 
 
-def test_dkdv_walks_several_full_runs_per_k_tile_over_a_head_group():
-    """k tiles whose FULL q tiles form several runs (q ranges with gaps and an overlap), then PARTIAL tiles, GQA 3."""
+@pytest.mark.parametrize("tiles", [(16, 16), (64, 16)], ids=["square", "dkdv_16x64"])
+def test_dkdv_walks_several_full_runs_per_k_tile_over_a_head_group(tiles):
+    """k tiles whose FULL q tiles form several runs (q ranges with gaps and an overlap), then PARTIAL tiles, GQA 3;
+    ragged last q and k tiles, and keys no row sees (dK/dV 0). dK/dV runs the transpose of ``tiles``: at
+    (64, 16) a 64-key tile over 16-row q tiles, while dQ walks 16-key tiles of a 64-row q tile (each its own plan)."""
     qr = np.array([[0, 32], [64, 96], [80, 112], [40, 50]], np.int32)
     kr = np.array([[0, 64], [0, 64], [16, 48], [5, 60]], np.int32)
     ty = np.array([0, 0, 0, 1], np.int32)
-    q, k, v = _qkv(128, 64, 3, 1, 64, torch.float32)
-    plan = make_args(q, k, v, *_ranges(qr, kr, ty), None, 0.0, False).plan(16, 16)
+    q, k, v = _qkv(121, 77, 3, 1, 64, torch.float32)
+    plan = make_args(q, k, v, *_ranges(qr, kr, ty), None, 0.0, False).plan(tiles[1], tiles[0])
     runs_per_ktile = np.diff(plan.k_rptr.numpy())
     assert runs_per_ktile.max() >= 2 and plan.k_nfull.numpy().min() < np.diff(plan.k_ptr.numpy()).max()
-    do, dlse = torch.randn_like(q), torch.randn(128, 3)
-    a, _, _, grads = _run_kernels(q, k, v, qr, kr, ty, 0.0, do, dlse, (16, 16))
-    _, _, g64 = _ref(q, k, v, dense_mask(qr, kr, ty, 128, 64), a.softmax_scale, 0.0, do, dlse)
+    do, dlse = torch.randn_like(q), torch.randn(121, 3)
+    a, _, _, grads = _run_kernels(q, k, v, qr, kr, ty, 0.0, do, dlse, tiles)
+    _, _, g64 = _ref(q, k, v, dense_mask(qr, kr, ty, 121, 77), a.softmax_scale, 0.0, do, dlse)
     for name, got, want in zip(("dq", "dk", "dv"), grads, g64):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+    assert (grads[1][64:] == 0).all() and (grads[2][64:] == 0).all()  # keys 64.. are in no slice
+
+
+@pytest.mark.parametrize("softcap", [0.0, 4.0])
+@pytest.mark.parametrize("d", [64, 128])
+def test_backward_at_the_sm90_tiles(monkeypatch, d, softcap):
+    """The sm_90 backward's own tiles (fp32 under the interpreter): dK/dV over 128 keys without softcap (64 with it),
+    dQ over its own tile. Odd sizes (ragged last q and k tiles), GQA 2, causal and overlapping slices, uncovered
+    rows and keys, dlse; every output poisoned."""
+    monkeypatch.setattr(kern, "arch_of", lambda device: 90)
+    qr = np.array([[0, 70], [20, 100], [160, 171]], np.int32)
+    kr = np.array([[0, 200], [30, 150], [140, 141]], np.int32)
+    ty = np.array([1, 3, 0], np.int32)  # rows 100..159 see nothing, keys 200..210 are in no slice
+    q, k, v = _qkv(171, 211, 4, 2, d, torch.float32)
+    a = make_args(q, k, v, *_ranges(qr, kr, ty), None, softcap, False)
+    assert kern.select_config("bwd_dkdv", torch.float32, d, softcap > 0, 90).constexprs["BLOCK_N"] == (
+        64 if softcap else 128)
+    do, dlse = torch.randn_like(q), torch.randn(171, 4)
+    out, lse = torch.empty_like(q), torch.empty(171, 4)
+    kern.launch_fwd(a, out, lse)
+    dq, dk, dv = _nan(q), _nan(k), _nan(v)
+    kern.launch_bwd(a, do, out, lse, dlse, dq, dk, dv)
+    _, _, g64 = _ref(q, k, v, dense_mask(qr, kr, ty, 171, 211), a.softmax_scale, softcap, do, dlse)
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), g64):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+    assert (dk[200:] == 0).all() and (dv[200:] == 0).all() and (dq[100:160] == 0).all()
 
 
 def _check_op_fp16(q, k, v, qr, kr, ty, softcap=0.0):
@@ -292,6 +323,9 @@ def test_shipped_configs_are_registered_and_cover_every_arch():
     shipped = kern.shipped_configs()
     assert shipped and all(registered.get(c.key) == c for c in shipped)
     assert all(c.mma == "f16" for c in shipped)
+    # A (kind, arch, head_dim) has one row for both softcap settings or one row for each, never a mix.
+    for key in kern.TILES:
+        assert len(key) == 3 or (key[:3] not in kern.TILES and (*key[:3], not key[3]) in kern.TILES), key
     for kind in kern.KERNELS:
         for arch in kern.ARCHS:
             for dtype in kern.GPU_DTYPES:
@@ -374,6 +408,33 @@ def test_launchers_pick_registered_configs_with_matching_arg_types(monkeypatch, 
             if name in cfg.divisible_args:
                 assert (val.data_ptr() if isinstance(val, torch.Tensor) else val) % 16 == 0, f"{cfg.key}: {name}"
         assert all(x > 0 for x in grid)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+@pytest.mark.parametrize("d", [64, 128])
+def test_backward_kernels_each_get_the_plan_of_their_own_tile(monkeypatch, d, softcap):
+    """sm_90 ships 128-key dK/dV tiles without softcap and 64-key ones with it, and dQ another tile again: each
+    launch's grid and plan lists (q-major for dQ, k-major runs for dK/dV) follow its own config's tiles."""
+    seen = {}
+    monkeypatch.setattr(KernelLaunch, "run", lambda launch: seen.setdefault(launch.config.name, launch))
+    monkeypatch.setattr(kern, "arch_of", lambda device: 90)
+    tq, tk, hq, hk = 300, 333, 4, 2
+    q, k, v = _qkv(tq, tk, hq, hk, d, torch.float16)
+    a = make_args(q, k, v, *_ranges([[0, 300], [0, 64]], [[0, 333], [200, 333]], [1, 0]), None, softcap, False)
+    kern.launch_bwd(a, torch.randn_like(q), q, torch.empty(tq, hq), None, torch.empty_like(q), torch.empty_like(k),
+                    torch.empty_like(v))
+    dq, dkdv = seen["flex_attn_bwd_dq"], seen["flex_attn_bwd_dkdv"]
+    assert dkdv.config.constexprs["BLOCK_N"] == (64 if softcap else 128)
+    tiles = [(c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"]) for c in (dq.config, dkdv.config)]
+    assert tiles[0] != tiles[1]
+    for launch, rows, lists in ((dq, tq, ("q_start_ptr", "q_rstart_ptr", "run_lo_ptr", "q_kidx_ptr")),
+                                (dkdv, tk, ("k_start_ptr", "k_rstart_ptr", "krun_lo_ptr", "krun_hi_ptr", "k_qidx_ptr"))):
+        bm, bn = launch.config.constexprs["BLOCK_M"], launch.config.constexprs["BLOCK_N"]
+        plan = a.plan(bm, bn)
+        assert launch.grid[0] == -(-rows // (bm if launch is dq else bn))
+        for name in lists:
+            want = plan.tensors[kern.PLAN_ARGS[name]]
+            assert want.numel() and torch.equal(launch.args[name], want), f"{launch.config.key}: {name}"
 
 
 def test_select_config_and_supports_name_the_limit():

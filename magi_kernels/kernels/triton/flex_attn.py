@@ -43,8 +43,8 @@ Design:
        of the group are looped over inside the program, so dK/dV of a kv head are summed in
        registers in a fixed order instead of with atomics.
 * fp32 accumulators everywhere; P and dS are rounded to the input dtype only as tensor-core operands.
-* Configs (tile shapes, warps, stages) are per arch and per kernel; each is registered with the AOT
-  checker (``python -m magi_kernels.tools.aot_check --kernel flex_attn``). Pointer arguments and
+* Configs (tile shapes, warps, stages) are per arch and per kernel, and may differ with softcap (TILES); each is
+  registered with the AOT checker (``python -m magi_kernels.tools.aot_check --kernel flex_attn``). Pointer arguments and
   token/head strides are compiled as divisible by 16; the launcher guarantees it (copying a
   misaligned input, or computing into an aligned temporary), every other integer is marked
   do_not_specialize so the binary that runs is the one the checker inspected.
@@ -656,7 +656,11 @@ ARCHS = (80, 89, 90)
 # * bwd dK/dV holds k, v and two [BN, D] fp32 accumulators: d128 uses 8 warps to spread them. Its FULL loop walks
 #   q tiles by an affine index (the plan's k-major runs), so 3 stages give 2 Q/dO tiles in flight ahead of the one
 #   in use (3 buffers on sm_90); sm_89 d128 stays at 2 stages: a third 64x128 Q/dO stage needs 107.5 KB of shared
-#   memory, over its 99 KB.
+#   memory, over its 99 KB. A 128-key tile halves the loop's instructions per MMA FLOP on sm_90 (d128 32x128: 0.618
+#   against 1.020 at 32x64; d64 64x128: 0.677 against 0.858), but the tanh of the soft-capped loop spills there
+#   (d128: 4 STL, d64: 13 STL), so soft-capped calls keep 64-key tiles. sm_89 d64 takes 32x128 with 8 warps either
+#   way (1.038 / 1.720 against 1.095 / 1.789 with softcap, 0 spills); at sm_89 d128 every 128-key tile spills.
+# A key (kind, arch, head_dim) serves both softcap settings; (kind, arch, head_dim, softcap) rows split them (tile_for).
 TILES = {
     ("fwd", 90, 64): (128, 128, 4, 3), ("fwd", 90, 128): (128, 128, 4, 3),
     ("fwd_partial", 90, 64): (128, 128, 8, 3), ("fwd_partial", 90, 128): (128, 128, 8, 2),
@@ -665,9 +669,10 @@ TILES = {
     ("bwd_dq", 90, 64): (64, 64, 4, 2), ("bwd_dq", 90, 128): (64, 32, 4, 2),
     ("bwd_dq", 80, 64): (64, 64, 4, 2), ("bwd_dq", 80, 128): (64, 32, 4, 2),
     ("bwd_dq", 89, 64): (64, 64, 4, 2), ("bwd_dq", 89, 128): (64, 32, 4, 2),
-    ("bwd_dkdv", 90, 64): (32, 64, 4, 3), ("bwd_dkdv", 90, 128): (32, 64, 8, 3),
+    ("bwd_dkdv", 90, 64, False): (64, 128, 8, 3), ("bwd_dkdv", 90, 64, True): (32, 64, 4, 3),
+    ("bwd_dkdv", 90, 128, False): (32, 128, 8, 3), ("bwd_dkdv", 90, 128, True): (32, 64, 8, 3),
     ("bwd_dkdv", 80, 64): (32, 64, 4, 3), ("bwd_dkdv", 80, 128): (64, 64, 8, 3),
-    ("bwd_dkdv", 89, 64): (32, 64, 4, 3), ("bwd_dkdv", 89, 128): (64, 64, 8, 2),
+    ("bwd_dkdv", 89, 64): (32, 128, 8, 3), ("bwd_dkdv", 89, 128): (64, 64, 8, 2),
 }
 # kind -> archs whose forward configs are the two-pass TMA shape (fwd: PASS 1, fwd_partial: PASS 2).
 TMA_ARCHS = {"fwd": (90,), "fwd_partial": (90,)}
@@ -720,11 +725,19 @@ def make_config(kind: str, dtype: torch.dtype, head_dim: int, softcap: bool, blo
                      divisible_by_16=_DIVISIBLE_BY_16)
 
 
+def tile_for(kind: str, arch: int, head_dim: int, softcap: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a call from TILES: the row for its softcap setting if the
+    table splits the two, else the row they share."""
+    own = TILES.get((kind, arch, head_dim, bool(softcap)))
+    return own if own is not None else TILES[(kind, arch, head_dim)]
+
+
 def _shipped() -> dict:
     cfgs = {}
-    for (kind, arch, d), (bm, bn, w, s) in TILES.items():
-        for dtype in GPU_DTYPES:
-            for cap in (False, True):
+    for kind, arch, d in dict.fromkeys(key[:3] for key in TILES):
+        for cap in (False, True):
+            bm, bn, w, s = tile_for(kind, arch, d, cap)
+            for dtype in GPU_DTYPES:
                 cfgs[(kind, arch, dtype, d, cap)] = make_config(kind, dtype, d, cap, bm, bn, w, s, (arch,),
                                                                 arch in TMA_ARCHS.get(kind, ()))
     return cfgs
@@ -773,7 +786,7 @@ def select_config(kind: str, dtype: torch.dtype, head_dim: int, softcap: bool, a
     if dtype in GPU_DTYPES:
         return _CONFIGS[(kind, arch, dtype, head_dim, bool(softcap))]
     if dtype == torch.float32 and triton_interpreting():
-        bm, bn, w, s = TILES[(kind, arch, head_dim)]
+        bm, bn, w, s = tile_for(kind, arch, head_dim, softcap)
         return make_config(kind, dtype, head_dim, bool(softcap), bm, bn, w, s, (arch,),
                            arch in TMA_ARCHS.get(kind, ()))
     raise ValueError(f"{OP}: the Triton kernels take fp16/bf16 (fp32 only under the interpreter), got {dtype}")
