@@ -421,17 +421,18 @@ def test_backward_kernels_each_get_the_plan_of_their_own_tile(monkeypatch, d, so
     tq, tk, hq, hk = 300, 333, 4, 2
     q, k, v = _qkv(tq, tk, hq, hk, d, torch.float16)
     a = make_args(q, k, v, *_ranges([[0, 300], [0, 64]], [[0, 333], [200, 333]], [1, 0]), None, softcap, False)
-    kern.launch_bwd(a, torch.randn_like(q), q, torch.empty(tq, hq), None, torch.empty_like(q), torch.empty_like(k),
-                    torch.empty_like(v))
+    kern.launch_bwd(a, torch.randn_like(q), torch.empty_like(q), torch.empty(tq, hq), None, torch.empty_like(q),
+                    torch.empty_like(k), torch.empty_like(v))
     dq, dkdv = seen["flex_attn_bwd_dq"], seen["flex_attn_bwd_dkdv"]
     assert dkdv.config.constexprs["BLOCK_N"] == (64 if softcap else 128)
     tiles = [(c.constexprs["BLOCK_M"], c.constexprs["BLOCK_N"]) for c in (dq.config, dkdv.config)]
     assert tiles[0] != tiles[1]
-    for launch, rows, lists in ((dq, tq, ("q_start_ptr", "q_rstart_ptr", "run_lo_ptr", "q_kidx_ptr")),
-                                (dkdv, tk, ("k_start_ptr", "k_rstart_ptr", "krun_lo_ptr", "krun_hi_ptr", "k_qidx_ptr"))):
-        bm, bn = launch.config.constexprs["BLOCK_M"], launch.config.constexprs["BLOCK_N"]
-        plan = a.plan(bm, bn)
-        assert launch.grid[0] == -(-rows // (bm if launch is dq else bn))
+    q_major = ("q_start_ptr", "q_rstart_ptr", "run_lo_ptr", "q_kidx_ptr")
+    k_major = ("k_start_ptr", "k_rstart_ptr", "krun_lo_ptr", "krun_hi_ptr", "k_qidx_ptr")
+    # dQ: one program per q tile of its plan; dK/dV: one per k tile of its own.
+    assert dq.grid[0] == a.plan(*tiles[0]).num_q_tiles and dkdv.grid[0] == a.plan(*tiles[1]).num_k_tiles
+    for launch, lists in ((dq, q_major), (dkdv, k_major)):
+        plan = a.plan(launch.config.constexprs["BLOCK_M"], launch.config.constexprs["BLOCK_N"])
         for name in lists:
             want = plan.tensors[kern.PLAN_ARGS[name]]
             assert want.numel() and torch.equal(launch.args[name], want), f"{launch.config.key}: {name}"
