@@ -408,8 +408,8 @@ def apply_ratios(results: Sequence[CheckResult], anchors: dict[str, AnchorResult
 def structure_rows(results: Sequence[CheckResult], anchors: dict[str, AnchorResult] | None = None,
                    configs: dict[str, AotConfig] | None = None) -> list[dict]:
     """One row per hot loop (ours, then the anchors): the report's and docs/kernel_structure.md's table."""
-    def row(name, arch, regs, loop, ratio=None, anchor=None, target=None):
-        return {"kernel": name, "arch": f"sm_{arch}", "regs": regs,
+    def row(name, arch, regs, loop, ratio=None, anchor=None, target=None, spills=None):
+        return {"kernel": name, "arch": f"sm_{arch}", "regs": regs, "spills": spills,
                 "mma/iter": loop.mma_per_iter if loop else None, "issued/iter": loop.issued if loop else None,
                 "instr/kFLOP": round(loop.issued_per_kflop, 3) if loop else None,
                 "ratio": None if ratio is None else round(ratio, 2), "target": target, "anchor": anchor,
@@ -422,7 +422,8 @@ def structure_rows(results: Sequence[CheckResult], anchors: dict[str, AnchorResu
     for r in results:
         cfg = (configs or {}).get(f"{r.kernel}[{r.config}]")
         name = f"{r.kernel}[{r.config}]" + (f" ({r.loop_error})" if r.loop_error else "")
-        out.append(row(name, r.arch, r.regs, r.loop, r.ratio, r.anchor, target_ratio(cfg, r.arch) if cfg else None))
+        out.append(row(name, r.arch, r.regs, r.loop, r.ratio, r.anchor, target_ratio(cfg, r.arch) if cfg else None,
+                       None if r.stl is None else r.stl + r.ldl))
     for a in (anchors or {}).values():
         out.append(row(a.key.rsplit(" sm_", 1)[0] + (f" ({a.error})" if a.error else ""), a.arch, a.regs, a.loop))
     return out
