@@ -26,6 +26,17 @@ def _plan_arrays(layout, bm, bn, planner) -> dict:
     return {k: v.numpy() for k, v in build_plan(qr, kr, ty, tq, tk, bm, bn, planner=planner).tensors.items()}
 
 
+def _assert_runs_expand_to(t: dict, names: tuple[str, str, str], i: int, want: list) -> None:
+    """Tile i's runs (names: pointer, lo, hi arrays) expand to exactly ``want``, in order; none is empty and no two
+    neighbours could merge (maximal)."""
+    rptr, lo, hi = (t[n] for n in names)
+    runs = list(range(rptr[i], rptr[i + 1]))
+    got = [x for r in runs for x in range(lo[r], hi[r])]
+    assert got == want, (names, i, got, want)
+    assert all(lo[r] < hi[r] for r in runs)
+    assert all(hi[a] != lo[b] for a, b in zip(runs, runs[1:]))
+
+
 @settings(max_examples=150, deadline=None)
 @given(**PLANS)
 def test_runs_expand_to_exactly_the_full_entries_and_are_maximal(layout, bm, bn, planner):
@@ -33,12 +44,7 @@ def test_runs_expand_to_exactly_the_full_entries_and_are_maximal(layout, bm, bn,
     assert t["q_rptr"].shape == t["q_ptr"].shape and t["q_rptr"][0] == 0
     for m in range(t["q_nfull"].shape[0]):
         e0 = t["q_ptr"][m]
-        want = t["q_kidx"][e0:e0 + t["q_nfull"][m]].tolist()
-        runs = list(range(t["q_rptr"][m], t["q_rptr"][m + 1]))
-        got = [n for r in runs for n in range(t["r_lo"][r], t["r_hi"][r])]
-        assert got == want, (m, got, want)
-        assert all(t["r_lo"][r] < t["r_hi"][r] for r in runs)  # no empty run
-        assert all(t["r_hi"][a] != t["r_lo"][b] for a, b in zip(runs, runs[1:]))  # maximal: no two could merge
+        _assert_runs_expand_to(t, ("q_rptr", "r_lo", "r_hi"), m, t["q_kidx"][e0:e0 + t["q_nfull"][m]].tolist())
 
 
 @settings(max_examples=150, deadline=None)
@@ -48,12 +54,8 @@ def test_kmajor_runs_expand_to_exactly_the_full_entries_of_each_k_tile(layout, b
     assert t["k_rptr"].shape == t["k_ptr"].shape and t["k_rptr"][0] == 0
     for n in range(t["k_nfull"].shape[0]):
         f0 = t["k_ptr"][n]
-        want = t["k_qidx"][f0:f0 + t["k_nfull"][n]].tolist()
-        runs = list(range(t["k_rptr"][n], t["k_rptr"][n + 1]))
-        got = [m for r in runs for m in range(t["kr_lo"][r], t["kr_hi"][r])]
-        assert got == want, (n, got, want)  # the dK/dV kernel sums the same q tiles in the same order
-        assert all(t["kr_lo"][r] < t["kr_hi"][r] for r in runs)
-        assert all(t["kr_hi"][a] != t["kr_lo"][b] for a, b in zip(runs, runs[1:]))
+        # the dK/dV kernel sums the same q tiles in the same order
+        _assert_runs_expand_to(t, ("k_rptr", "kr_lo", "kr_hi"), n, t["k_qidx"][f0:f0 + t["k_nfull"][n]].tolist())
     assert all(t[k].dtype == np.int32 for k in ("k_rptr", "kr_lo", "kr_hi"))
 
 
@@ -125,10 +127,7 @@ def test_row_bounds_rebuild_exactly_each_partial_tiles_mask(layout, bm, bn, plan
         assert sorted({t["b_kidx"][b] for b in entries}) == partial_tiles
         assert [t["b_kidx"][b] for b in entries] == sorted(t["b_kidx"][b] for b in entries)  # entry order
         # The kernels walk the bound entries as runs of consecutive k tiles, the entries in run order.
-        runs = range(t["q_brptr"][m], t["q_brptr"][m + 1])
-        assert all(t["br_lo"][r] < t["br_hi"][r] for r in runs)
-        assert [n for r in runs for n in range(t["br_lo"][r], t["br_hi"][r])] == [t["b_kidx"][b] for b in entries]
-        assert all(t["br_lo"][r] != t["br_hi"][r - 1] for r in runs if r > runs.start)  # maximal
+        _assert_runs_expand_to(t, ("q_brptr", "br_lo", "br_hi"), m, [t["b_kidx"][b] for b in entries])
         seen = np.zeros((bm, tk), dtype=np.int64)
         for b in entries:
             lo, hi = (t["b_rows"][b, i][:, None] for i in range(2))
