@@ -11,16 +11,12 @@ without TRITON_INTERPRET, like the SASS budget test.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import triton
 import triton.language as tl
 
-REPO = Path(__file__).resolve().parents[2]
+from ..harness.compiled import run_json_script
 
 # name -> (LOOP, num_warps, WARP_SPECIALIZE)
 VARIANTS = {
@@ -99,13 +95,7 @@ open(sys.argv[2], "w").write(json.dumps(rows))
 @pytest.fixture(scope="module")
 def loops(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("reduced") / "rows.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(VARIANTS), str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    rows = run_json_script(_SCRIPT, json.dumps(VARIANTS), out=out)
     assert all(r["ok"] for r in rows.values()), {k: r["failures"] for k, r in rows.items() if not r["ok"]}
     return rows
 

@@ -8,34 +8,24 @@ TRITON_INTERPRET (this test process has it set by conftest).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from magi_kernels.kernels.triton.aot import registered_configs
 
-REPO = Path(__file__).resolve().parents[2]
+from .compiled import REPO, compile_env
+
 EXPECTED_MMA = {("f16", 90): "HGMMA", ("f16", 89): "HMMA", ("f16", 80): "HMMA", ("fp8", 90): "QGMMA",
                 ("fp8", 89): "QMMA"}
 TENSOR_CORE_OPS = {"HGMMA", "QGMMA", "IGMMA", "HMMA", "QMMA", "IMMA"}
 
 
-def _env(interpret: bool = False) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    return env
-
-
 def _run(args: list[str], interpret: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=_env(interpret), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=compile_env(interpret), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from magi_kernels.tools.sass import hot_loop, hot_loop_stats, mma_flops_per_warp, parse_sass
 
-REPO = Path(__file__).resolve().parents[2]
+from .compiled import REPO, run_json_script
+
 # Triton's tutorial kernels are not part of this project. By default they are looked for beside the
 # repository folder, where this project's CI lays them out (docs/kernel_structure.md#budgets);
 # MAGI_ANCHORS_DIR points elsewhere.
@@ -137,14 +135,9 @@ def report(tmp_path_factory) -> dict:
     script = ("import json, sys\nfrom magi_kernels.tools.aot_check import structure_report\n"
               "rows = structure_report(json.loads(sys.argv[1]), sys.argv[2] or None)\n"
               "open(sys.argv[3], 'w').write(json.dumps(rows))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     anchors = ANCHORS if ANCHORS and os.path.isdir(ANCHORS) else ""
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(list(BUDGETS)), anchors, str(out)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]
-    return {r["kernel"]: r for r in json.loads(out.read_text())}
+    rows = run_json_script(script, json.dumps(list(BUDGETS)), anchors, out=out)
+    return {r["kernel"]: r for r in rows}
 
 
 def test_hot_loop_instructions_per_mma_flop_within_budget(report):

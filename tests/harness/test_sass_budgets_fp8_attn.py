@@ -23,16 +23,12 @@ the Q quantization can move back into the attention kernel.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import triton
 import triton.language as tl
 
-REPO = Path(__file__).resolve().parents[2]
+from .compiled import run_json_script
 
 # (arch, pv_precision) -> (int8 QK MMA, PV MMA, max issued instructions per kFLOP) of the FULL-tile loop. Static
 # values with Triton 3.9 (docs/fp8_attention.md): sm_90 0.584 and 0.599 with three K/V buffers (two: 0.574 and
@@ -71,14 +67,9 @@ def loops(tmp_path_factory) -> dict:
               "keys = json.loads(sys.argv[1])\n"
               "open(sys.argv[2], 'w').write(json.dumps([[full(arch, pv), b.partial_loop(arch, 128, pv)]\n"
               "                                         for arch, pv in keys]))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     keys = list(BUDGETS)
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(keys), str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
-    assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]
-    return {key: dict(zip(("full", "partial"), pair)) for key, pair in zip(keys, json.loads(out.read_text()))}
+    pairs = run_json_script(script, json.dumps(keys), out=out, timeout=900)
+    return {key: dict(zip(("full", "partial"), pair)) for key, pair in zip(keys, pairs)}
 
 
 @pytest.mark.parametrize("kind", ["full", "partial"])
@@ -171,13 +162,7 @@ open(sys.argv[1], "w").write(json.dumps(rows))
 @pytest.fixture(scope="module")
 def reduced(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("reduced") / "rows.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _REDUCED_SCRIPT, str(out)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
-    assert proc.returncode == 0 and out.exists(), proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    return run_json_script(_REDUCED_SCRIPT, out=out)
 
 
 def test_quantized_step_is_warp_specialized_with_the_row_factor_from_a_box(reduced):
