@@ -6,6 +6,7 @@ forward's two passes hand over their softmax state; and the PARTIAL tiles' per-r
 b_rows) from which the forward builds its masks, with their runs of consecutive k tiles (q_brptr, br_lo, br_hi)."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from magi_kernels.plan import build_plan, native_planner
@@ -37,26 +38,23 @@ def _assert_runs_expand_to(t: dict, names: tuple[str, str, str], i: int, want: l
     assert all(hi[a] != lo[b] for a, b in zip(runs, runs[1:]))
 
 
-@settings(max_examples=150, deadline=None)
-@given(**PLANS)
-def test_runs_expand_to_exactly_the_full_entries_and_are_maximal(layout, bm, bn, planner):
-    t = _plan_arrays(layout, bm, bn, planner)
-    assert t["q_rptr"].shape == t["q_ptr"].shape and t["q_rptr"][0] == 0
-    for m in range(t["q_nfull"].shape[0]):
-        e0 = t["q_ptr"][m]
-        _assert_runs_expand_to(t, ("q_rptr", "r_lo", "r_hi"), m, t["q_kidx"][e0:e0 + t["q_nfull"][m]].tolist())
+# q-major: each q tile's FULL k tiles (forward, dQ); k-major: each k tile's FULL q tiles, which the dK/dV kernel
+# sums in the same order. (entry pointer, FULL count, tile index; run pointer, lo, hi)
+MAJORS = {"q": ("q_ptr", "q_nfull", "q_kidx", "q_rptr", "r_lo", "r_hi"),
+          "k": ("k_ptr", "k_nfull", "k_qidx", "k_rptr", "kr_lo", "kr_hi")}
 
 
+@pytest.mark.parametrize("major", list(MAJORS))
 @settings(max_examples=150, deadline=None)
 @given(**PLANS)
-def test_kmajor_runs_expand_to_exactly_the_full_entries_of_each_k_tile(layout, bm, bn, planner):
+def test_runs_expand_to_exactly_the_full_entries_and_are_maximal(major, layout, bm, bn, planner):
+    ptr, nfull, idx, *runs = MAJORS[major]
     t = _plan_arrays(layout, bm, bn, planner)
-    assert t["k_rptr"].shape == t["k_ptr"].shape and t["k_rptr"][0] == 0
-    for n in range(t["k_nfull"].shape[0]):
-        f0 = t["k_ptr"][n]
-        # the dK/dV kernel sums the same q tiles in the same order
-        _assert_runs_expand_to(t, ("k_rptr", "kr_lo", "kr_hi"), n, t["k_qidx"][f0:f0 + t["k_nfull"][n]].tolist())
-    assert all(t[k].dtype == np.int32 for k in ("k_rptr", "kr_lo", "kr_hi"))
+    assert t[runs[0]].shape == t[ptr].shape and t[runs[0]][0] == 0
+    for i in range(t[nfull].shape[0]):
+        e0 = t[ptr][i]
+        _assert_runs_expand_to(t, tuple(runs), i, t[idx][e0:e0 + t[nfull][i]].tolist())
+    assert all(t[k].dtype == np.int32 for k in runs)
 
 
 def test_runs_of_hand_made_entry_lists():
